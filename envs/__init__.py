@@ -1,0 +1,1 @@
+"""textrl environments: token-level text generation envs, reward wrappers and scorers (see issue 3)."""

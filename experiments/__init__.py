@@ -1,0 +1,1 @@
+"""Experiment configs (default.yaml, presets/<env id>.yaml) and runnable studies."""

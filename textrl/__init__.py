@@ -1,0 +1,18 @@
+"""textrl: reinforcement learning on language models, with text generation as a Gymnasium environment.
+
+Import names: ``textrl`` (core maths, rollout, tracking, CLI), ``textrl.agents`` (one module per agent),
+``textrl.envs`` (text envs, wrappers, reward scorers).
+"""
+
+from textrl.advantages import gae, next_values_from
+from textrl.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
+from textrl.losses import entropy_from_logits, explained_variance, kl_estimate, policy_loss, value_loss
+from textrl.masking import masked_mean, masked_sum, masked_var, masked_whiten
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "gae", "next_values_from", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
+    "policy_loss", "value_loss", "entropy_from_logits", "explained_variance", "kl_estimate",
+    "FixedKLController", "AdaptiveKLController", "make_kl_controller", "__version__",
+]

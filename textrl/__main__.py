@@ -1,0 +1,5 @@
+import sys
+
+from textrl.cli import main
+
+sys.exit(main())

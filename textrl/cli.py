@@ -1,0 +1,160 @@
+"""The ``textrl`` command.
+
+    textrl train [CONFIG.yaml] [--agent NAME] [--env ID] [--seed N] [--total-steps N] [--output-dir DIR]
+                 [--resume RUN_DIR] [--<any run or agent config field> VALUE ...]
+
+With no CONFIG and no --env, ``train`` runs the embedded default experiment (experiments/default.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from textrl.config import (
+    TrainConfig, coerce_field, default_config_path, field_docs, from_dict, load_yaml, preset_for,
+)
+
+__all__ = ["main", "resolve_train_config"]
+
+_RUN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "agent_config"]
+
+
+def _layer(data: dict[str, Any], agent: str, known_agents: set[str]) -> tuple[dict, dict]:
+    """Split one YAML layer into (run fields, agent fields); sections named after other agents are dropped."""
+    data = dict(data)
+    agent_fields = dict(data.pop("agent_config", None) or {})
+    agent_fields.update(data.pop(agent, None) or {})
+    for other in known_agents:
+        data.pop(other, None)
+    return data, agent_fields
+
+
+def _prescan(argv: list[str]) -> argparse.Namespace:
+    """Find CONFIG, --agent, --env and --resume before the full parser exists (it depends on the agent).
+    Every textrl flag takes exactly one value, so the positional is the first token no flag consumes."""
+    pre = argparse.Namespace(config=None, agent=None, env=None, resume=None)
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else None
+                i += 1
+            if name in ("agent", "env", "resume"):
+                setattr(pre, name, value)
+        elif token not in ("-h",) and pre.config is None:
+            pre.config = token
+        i += 1
+    return pre
+
+
+def resolve_train_config(argv: list[str]) -> tuple[TrainConfig, bool]:
+    """Parse ``textrl train`` arguments into a validated :class:`TrainConfig` (and the resume flag).
+
+    Layers, later wins: dataclass defaults < env preset < CONFIG file (or the run's config.yaml with
+    --resume) < command-line flags.
+    """
+    from textrl.agents.base import AGENTS, agent_class
+    from textrl.train import config_from_run_dir
+
+    pre = _prescan(argv)
+
+    if pre.resume:
+        if pre.config:
+            raise ValueError("resume: give either CONFIG or --resume RUN_DIR, not both")
+        file_data = config_from_run_dir(pre.resume)
+        file_data["output_dir"] = pre.resume
+    elif pre.config:
+        file_data = load_yaml(pre.config)
+    elif pre.env is None:
+        file_data = load_yaml(default_config_path())
+    else:
+        file_data = {}
+    agent = pre.agent or file_data.get("agent") or TrainConfig.agent
+    env = pre.env or file_data.get("env") or TrainConfig.env
+    agent_cls = agent_class(agent)  # unknown agent -> clear ValueError before anything else
+
+    parser = _train_parser(agent_cls.config_class)
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume")}
+
+    known = set(AGENTS)
+    run, agent_fields = {}, {}
+    for layer in (preset_for(env), file_data):
+        r, a = _layer(layer, agent, known)
+        run.update(r)
+        agent_fields.update(a)
+    agent_names = {f.name for f in dataclasses.fields(agent_cls.config_class)}
+    for key, value in flags.items():
+        (run if key in _RUN_FIELDS else agent_fields)[key] = value
+    unknown = sorted(set(agent_fields) - agent_names)
+    if unknown:
+        raise ValueError(f"agent_config: {agent} has no field(s) {unknown}; its fields are {sorted(agent_names)}")
+    run["agent"], run["env"] = agent, env
+    run["agent_config"] = agent_fields
+    return from_dict(TrainConfig, run), bool(pre.resume)
+
+
+def _train_parser(agent_config_cls: type) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="textrl train",
+        description="Train an agent on a Gymnasium env. Any config field can be given as --field-name VALUE.",
+    )
+    parser.add_argument("config", nargs="?", help="YAML config; default: the embedded default experiment")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    run_group = parser.add_argument_group("run (TrainConfig)")
+    agent_group = parser.add_argument_group(f"agent ({agent_config_cls.__name__})")
+    seen: set[str] = set()
+    for cls, group in ((TrainConfig, run_group), (agent_config_cls, agent_group)):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "agent_config" or f.name in seen:
+                continue
+            seen.add(f.name)
+            default = f.default if f.default is not dataclasses.MISSING else "{}"
+            names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+            group.add_argument(
+                *names, dest=f.name, metavar="V", default=None,
+                type=lambda v, c=cls, n=f.name: coerce_field(c, n, v),
+                help=f"{docs.get(f.name, '')} (default: {default})",
+            )
+    return parser
+
+
+def _train(argv: list[str]) -> int:
+    from textrl.train import train
+
+    cfg, resume = resolve_train_config(argv)
+    train(cfg, resume=resume)
+    return 0
+
+
+COMMANDS = {"train": (_train, "train an agent (PPO …) on a Gymnasium or textrl env")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        usage = "usage: textrl COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"textrl: unknown command {argv[0]!r}; expected one of {sorted(COMMANDS)}\n\n{usage}", file=sys.stderr)
+            return 2
+        print(usage)
+        return 0 if argv else 2
+    try:
+        return COMMANDS[argv[0]][0](argv[1:])
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        if os.environ.get("TEXTRL_DEBUG"):
+            raise
+        print(f"textrl {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

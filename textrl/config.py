@@ -1,0 +1,174 @@
+"""Configs are dataclasses: one for the run (:class:`TrainConfig`), one per agent.
+
+Resolution order, later wins: dataclass defaults < the env's preset (``experiments/presets/<env>.yaml``)
+< the YAML file given on the command line < ``--flags``. The resolved config is written to the run dir
+as ``config.yaml`` and is what ``--resume`` reads back. Field docstrings (the string literal under a
+field) become the ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "TrainConfig", "coerce_field", "field_docs", "from_dict", "to_dict", "load_yaml", "preset_for", "default_config_path",
+]
+
+
+@dataclass
+class TrainConfig:
+    """One training run: which env and agent, how long, where the outputs go."""
+
+    env: str = "CartPole-v1"
+    """Gymnasium env id (built-in, textrl/…, or any id registered with gymnasium.register)."""
+    agent: str = "ppo"
+    """Agent name: one of textrl.agents.AGENTS (ppo …)."""
+    seed: int = 1
+    """Seed for torch, numpy, Python and the envs; the same seed gives the same run on CPU."""
+    total_steps: int = 100_000
+    """Environment steps to train for, summed over sub-envs (for text envs: generated tokens per row)."""
+    num_envs: int = 8
+    """Sub-environments stepped in parallel (rows of the batch)."""
+    output_dir: str | None = None
+    """Run directory; default runs/<env>__<agent>__s<seed>__<time>."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many updates (and at the end); 0 saves only at the end."""
+    device: str = "cpu"
+    """torch device for the agent ("cpu", "cuda", "cuda:1", "auto" = cuda if available)."""
+    torch_threads: int | None = None
+    """torch.set_num_threads for this run; null keeps torch's default."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments passed to gymnasium.make_vec for the env."""
+    agent_config: dict[str, Any] = field(default_factory=dict)
+    """Fields of the agent's config dataclass (in YAML also accepted under a key named after the agent)."""
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "num_envs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}; e.g. --{_flag(name)} 100000")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if self.torch_threads is not None and self.torch_threads <= 0:
+            raise ValueError(f"torch_threads must be > 0 or null, got {self.torch_threads!r}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of a field annotation such as ``float | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), True
+    return tp, False
+
+
+def coerce_field(cls: type, name: str, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise naming the field."""
+    hints = typing.get_type_hints(cls)
+    tp, optional = _base_type(hints[name])
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+        if optional:
+            return None
+        raise ValueError(f"{name}: null is not allowed; expected {tp}")
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+        if typing.get_origin(tp) is tuple:
+            if isinstance(value, str):
+                value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            inner = typing.get_args(tp)[0]
+            return tuple(inner(v) for v in value)
+        if typing.get_origin(tp) is dict or tp is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the list of known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**{k: coerce_field(cls, k, v) for k, v in data.items()})
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(obj)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: no such file {str(path)!r}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def _experiments() -> Any:
+    return resources.files("textrl.experiments")
+
+
+def default_config_path() -> Path:
+    """The embedded default experiment that ``textrl train`` runs with no arguments."""
+    return Path(str(_experiments().joinpath("default.yaml")))
+
+
+def preset_for(env_id: str) -> dict[str, Any]:
+    """The tuned preset for an env id, if ``experiments/presets/<id>.yaml`` exists; else ``{}``."""
+    name = env_id.replace("/", "__") + ".yaml"
+    preset = _experiments().joinpath("presets").joinpath(name)
+    return yaml.safe_load(preset.read_text()) if preset.is_file() else {}
