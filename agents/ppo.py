@@ -238,7 +238,7 @@ class PPO(Agent):
                     ("losses/total", loss), ("policy/entropy", ent), ("policy/approx_kl", pstats["approx_kl"]),
                     ("policy/clipfrac", pstats["clipfrac"]), ("train/grad_norm", grad_norm),
                 ):
-                    sums[key] = sums.get(key, 0.0) + float(val)
+                    sums[key] = sums.get(key, 0.0) + float(val.detach())
             if stop:
                 break
 

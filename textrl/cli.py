@@ -100,6 +100,17 @@ def resolve_train_config(argv: list[str]) -> tuple[TrainConfig, bool]:
     return from_dict(TrainConfig, run), bool(pre.resume)
 
 
+def _field_type(cls: type, name: str):
+    def convert(value: str) -> Any:
+        try:
+            return coerce_field(cls, name, value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = name
+    return convert
+
+
 def _train_parser(agent_config_cls: type) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="textrl train",
@@ -120,7 +131,7 @@ def _train_parser(agent_config_cls: type) -> argparse.ArgumentParser:
             names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
             group.add_argument(
                 *names, dest=f.name, metavar="V", default=None,
-                type=lambda v, c=cls, n=f.name: coerce_field(c, n, v),
+                type=_field_type(cls, f.name),
                 help=f"{docs.get(f.name, '')} (default: {default})",
             )
     return parser
