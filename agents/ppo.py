@@ -141,8 +141,9 @@ class PPO(Agent):
         obs_dim = int(np.prod(envs.single_observation_space.shape))
         n_actions = int(envs.single_action_space.n)
         self.policy = MLPActorCritic(obs_dim, n_actions, self.config.hidden_sizes).to(self.device)
+        # fused Adam: one kernel for all parameters (CPU and CUDA); the per-tensor loop dominates small nets
         self.optimizer = torch.optim.Adam(
-            self.policy.parameters(), lr=self.config.learning_rate, eps=self.config.adam_eps
+            self.policy.parameters(), lr=self.config.learning_rate, eps=self.config.adam_eps, fused=True
         )
 
     @classmethod
@@ -208,8 +209,12 @@ class PPO(Agent):
         for epoch in range(cfg.num_epochs):
             epochs_run = epoch + 1
             stop = False
-            for idx in torch.randperm(n, device=self.device).chunk(cfg.num_minibatches):
-                mb = {k: v[idx] for k, v in data.items()}
+            if cfg.num_minibatches == 1:  # full batch: order does not matter, skip the gather
+                batches = [data]
+            else:
+                perm = torch.randperm(n, device=self.device)
+                batches = [{k: v[idx] for k, v in data.items()} for idx in perm.chunk(cfg.num_minibatches)]
+            for mb in batches:
                 ones = torch.ones_like(mb["logprobs"], dtype=torch.bool)  # every sample here is real
                 logprobs, entropy, values = self._evaluate(mb["obs"], mb["actions"])
                 pg, pstats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], ones, clip)
