@@ -24,6 +24,9 @@ class Agent(ABC):
 
     #: the dataclass that configures this agent; one field per hyperparameter, each with a docstring
     config_class: ClassVar[type]
+    #: this agent's config instance (``num_steps`` sets the rollout length) and torch device
+    config: Any
+    device: torch.device
 
     @abstractmethod
     def act(self, obs: torch.Tensor) -> ActOutput:
@@ -49,7 +52,9 @@ class Agent(ABC):
 
     @classmethod
     def check_env(cls, envs: gym.vector.VectorEnv) -> None:
-        """Raise a clear error if this agent cannot act in ``envs`` (called before training starts)."""
+        """Raise a clear error if this agent cannot act in ``envs`` (called before training starts).
+        The default accepts any env."""
+        return None
 
 
 # name -> "module:Class"; imported lazily so that `textrl --help` stays fast.

@@ -14,10 +14,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from textrl.agents.base import Agent
 from torch import nn
 
 from textrl.advantages import gae
-from textrl.agents.base import Agent
 from textrl.losses import explained_variance, policy_loss, value_loss
 from textrl.masking import masked_mean, masked_whiten
 from textrl.rollout import ActOutput, Rollout

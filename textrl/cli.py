@@ -15,7 +15,13 @@ import sys
 from typing import Any
 
 from textrl.config import (
-    TrainConfig, coerce_field, default_config_path, field_docs, from_dict, load_yaml, preset_for,
+    TrainConfig,
+    coerce_field,
+    default_config_path,
+    field_docs,
+    from_dict,
+    load_yaml,
+    preset_for,
 )
 
 __all__ = ["main", "resolve_train_config"]
