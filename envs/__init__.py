@@ -1,1 +1,15 @@
-"""textrl environments: token-level text generation envs, reward wrappers and scorers (see issue 3)."""
+"""textrl environments: the token-level text generation env, the KL-to-reference wrapper, reward scorers.
+
+Registered ids (on ``import textrl``): ``textrl/TextGen-v0`` — ``gym.make_vec("textrl/TextGen-v0",
+num_envs=B, tokenizer=..., prompts=..., scorer=...)`` builds the natively batched env, ``gym.make(...)``
+its single-env form.
+"""
+
+from textrl.envs.kl_penalty import KLPenalty
+from textrl.envs.scorers import HFRewardModelScorer, Scorer, TokenScorer, check_scores
+from textrl.envs.text_gen import TextGenEnv, TextGenVectorEnv, load_prompts
+
+__all__ = [
+    "KLPenalty", "HFRewardModelScorer", "Scorer", "TokenScorer", "check_scores", "TextGenEnv",
+    "TextGenVectorEnv", "load_prompts",
+]

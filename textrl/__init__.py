@@ -11,6 +11,20 @@ from textrl.masking import masked_mean, masked_sum, masked_var, masked_whiten
 
 __version__ = "0.1.0"
 
+
+def _register_envs() -> None:
+    import gymnasium as gym
+
+    if "textrl/TextGen-v0" not in gym.envs.registry:
+        gym.register(
+            id="textrl/TextGen-v0",
+            entry_point="textrl.envs.text_gen:TextGenEnv",
+            vector_entry_point="textrl.envs.text_gen:TextGenVectorEnv",
+        )
+
+
+_register_envs()
+
 __all__ = [
     "gae", "next_values_from", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
     "policy_loss", "value_loss", "entropy_from_logits", "explained_variance", "kl_estimate",

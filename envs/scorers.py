@@ -1,0 +1,97 @@
+"""Reward scorers: what the text env calls to score a finished completion.
+
+A scorer is any callable ``(prompts: list[str], completions: list[str]) -> tensor[B]``: text in, one score
+per row out, so a reward model may use its own tokenizer. A *token-level* scorer (``token_level = True``)
+instead receives ``(input_ids, attention_mask)`` of prompt + completion in the policy's own tokenizer and
+skips the decode/re-encode round trip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["Scorer", "TokenScorer", "HFRewardModelScorer", "check_scores"]
+
+
+class Scorer(Protocol):
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class TokenScorer(Protocol):
+    token_level: bool
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_scores(scores: Any, n: int, scorer: Callable) -> torch.Tensor:
+    """Validate a scorer's output: ``n`` finite numbers, returned as a float tensor ``[n]``."""
+    name = getattr(scorer, "__name__", type(scorer).__name__)
+    try:
+        t = torch.as_tensor(scores, dtype=torch.float32).detach().flatten().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"scorer {name} must return a tensor or sequence of {n} numbers, got {type(scores).__name__}") from None
+    if t.numel() != n:
+        raise ValueError(f"scorer {name} returned {t.numel()} scores for {n} completions; expected one per completion")
+    if not torch.isfinite(t).all():
+        bad = [i for i, ok in enumerate(torch.isfinite(t).tolist()) if not ok][:5]
+        raise ValueError(f"scorer {name} returned non-finite scores at rows {bad} ({t[bad].tolist()}); "
+                         "scores must be finite numbers")
+    return t
+
+
+class HFRewardModelScorer:
+    """Adapter for a Hugging Face sequence-classification reward model with its own tokenizer.
+
+    Scores ``prompt + completion`` (or a chat-formatted pair via ``format_fn``) in batches, in eval mode,
+    without gradients; the score is logit ``label_index`` of the classification head.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        batch_size: int = 32,
+        max_length: int = 512,
+        label_index: int = 0,
+        format_fn: Callable[[str, str], str] | None = None,
+    ):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token is None:
+            raise ValueError("reward model tokenizer has no pad token; set tokenizer.pad_token before scoring")
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.label_index = label_index
+        self.format_fn = format_fn or (lambda p, c: p + c)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        texts = [self.format_fn(p, c) for p, c in zip(prompts, completions, strict=True)]
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
+                                 truncation=True, max_length=self.max_length).to(self.device)
+            logits = self.model(**enc).logits  # (b, num_labels)
+            out.append(logits[:, self.label_index].float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def clip_and_normalise(scores: torch.Tensor, clip: float | None, scale: float, bias: float) -> torch.Tensor:
+    """score → clip(scale · score + bias, −clip, clip) (clip None: no clipping)."""
+    scores = scores * scale + bias
+    if clip is not None:
+        if not (clip > 0 and math.isfinite(clip)):
+            raise ValueError(f"score_clip must be a finite number > 0, got {clip!r}")
+        scores = scores.clamp(-clip, clip)
+    return scores

@@ -1,0 +1,270 @@
+"""Text generation as a natively batched Gymnasium ``VectorEnv`` at token level.
+
+Layout: each row's tokens live in one buffer ``[B, L]``, ``L = max_prompt_tokens + max_new_tokens``, on
+the model's device. The prompt is left-padded so that it ends at column ``P = max_prompt_tokens``; the
+t-th generated token of a row goes to column ``P + t``.
+
+Spaces (per row):
+    observation: Dict(input_ids = Box(0, V-1, (L,), int64), attention_mask = Box(0, 1, (L,), int64))
+    action:      Discrete(V), the next token id. The vector env takes a LongTensor ``[B]`` or a dict
+                 ``{"token": LongTensor[B], "logprob": FloatTensor[B]}``; wrappers such as
+                 :class:`~textrl.envs.kl_penalty.KLPenalty` read the policy's log-prob from the dict.
+Episodes: EOS ends a row with ``terminated=True``; its ``max_new_tokens``-th token without EOS gives
+``truncated=True``. The reward is 0 except at a row's last real token, where it is the scorer's score
+(minus ``missing_eos_penalty`` if truncated). Rows that ended stay ended — reward 0, ``info["valid"]``
+False, their action ignored — until ``reset``; ``metadata["autoreset_mode"]`` is DISABLED and
+``reset(options={"reset_mask": mask})`` resets just the rows in ``mask``.
+``info``: ``valid`` [B] (this step's token is real), ``score`` [B] with mask ``_score`` (rows scored now).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from textrl.envs.scorers import TokenScorer, check_scores, clip_and_normalise
+
+__all__ = ["TextGenVectorEnv", "TextGenEnv", "load_prompts"]
+
+
+def load_prompts(source: str | Path | Iterable[Any], key: str = "prompt") -> list[str]:
+    """Prompts from a list of strings, a ``.txt`` file (one per line), a ``.jsonl`` file (``{"prompt": ...}``
+    per line) or any iterable of dicts (e.g. a ``datasets.Dataset``)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"prompts: no such file {str(path)!r}")
+        if path.suffix == ".jsonl":
+            prompts = [json.loads(line)[key] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        prompts = [p[key] if isinstance(p, dict) else p for p in source]
+    if not prompts:
+        raise ValueError(f"prompts: the prompt source {source!r} is empty; give at least one prompt")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p]
+    if bad:
+        raise ValueError(f"prompts: entries {bad[:5]} are empty or not strings")
+    return prompts
+
+
+class TextGenVectorEnv(gym.vector.VectorEnv):
+    """Token-level text generation over ``num_envs`` rows at once (no Python loop over rows).
+
+    Args:
+        num_envs: rows B.
+        tokenizer: the policy's tokenizer (encodes prompts, decodes completions for text scorers).
+        prompts: list, file or dataset (see :func:`load_prompts`); sampled with the env's seeded RNG.
+        scorer: ``(prompts, completions) -> [B]`` or a token-level scorer (see :mod:`textrl.envs.scorers`).
+        max_new_tokens: generation length limit (truncation).
+        max_prompt_tokens: prompt budget; longer prompts are rejected at construction. Default: longest prompt.
+        context_length: the model's context; max_prompt_tokens + max_new_tokens must fit. Default: no check.
+        pad_token_id: use this PAD instead of the tokenizer's (needed when the tokenizer's PAD equals EOS).
+        missing_eos_penalty: subtracted from the score of rows that hit max_new_tokens without EOS.
+        score_clip, score_scale, score_bias: score → clip(scale·score + bias, ±clip).
+        device: where the token buffers live (the model's device).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.DISABLED}
+
+    def __init__(
+        self,
+        num_envs: int,
+        tokenizer: Any,
+        prompts: Any,
+        scorer: Any,
+        max_new_tokens: int = 32,
+        max_prompt_tokens: int | None = None,
+        context_length: int | None = None,
+        pad_token_id: int | None = None,
+        missing_eos_penalty: float | None = None,
+        score_clip: float | None = None,
+        score_scale: float = 1.0,
+        score_bias: float = 0.0,
+        device: str | torch.device = "cpu",
+    ):
+        if not isinstance(num_envs, int) or num_envs <= 0:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not callable(scorer):
+            raise TypeError(f"scorer must be callable (prompts, completions) -> scores, got {type(scorer).__name__}")
+        self.num_envs = num_envs
+        self.tokenizer = tokenizer
+        self.scorer = scorer
+        self.device = torch.device(device)
+        self.max_new_tokens = max_new_tokens
+        self.missing_eos_penalty = missing_eos_penalty
+        self.score_clip, self.score_scale, self.score_bias = score_clip, score_scale, score_bias
+        self.eos_token_id = tokenizer.eos_token_id
+        if self.eos_token_id is None:
+            raise ValueError("tokenizer has no eos_token_id; the env needs EOS to end rows")
+        self.pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        if self.pad_token_id is None or self.pad_token_id == self.eos_token_id:
+            raise ValueError(
+                f"PAD and EOS must differ (pad_token_id={self.pad_token_id}, eos_token_id={self.eos_token_id}): "
+                "with PAD == EOS, EOS gets masked as padding and the model never learns to stop. "
+                "Pass pad_token_id=<another token id> (e.g. an unused special token)."
+            )
+        self.vocab_size = len(tokenizer)
+
+        self.prompts = load_prompts(prompts)
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
+        longest = max(len(e) for e in encoded)
+        self.max_prompt_tokens = longest if max_prompt_tokens is None else max_prompt_tokens
+        too_long = [(i, len(e)) for i, e in enumerate(encoded) if len(e) > self.max_prompt_tokens]
+        if too_long:
+            i, n = too_long[0]
+            raise ValueError(f"prompt #{i} has {n} tokens, more than max_prompt_tokens={self.max_prompt_tokens} "
+                             f"({len(too_long)} prompts too long); raise max_prompt_tokens or shorten them")
+        empty = [i for i, e in enumerate(encoded) if not e]
+        if empty:
+            raise ValueError(f"prompts {empty[:5]} encode to zero tokens")
+        total = self.max_prompt_tokens + max_new_tokens
+        if context_length is not None and total > context_length:
+            raise ValueError(f"max_prompt_tokens + max_new_tokens = {self.max_prompt_tokens} + {max_new_tokens} = "
+                             f"{total} exceeds the model's context_length={context_length}; lower one of them")
+        # Prompts pre-encoded once, left-padded to P: (N_prompts, P)
+        P = self.max_prompt_tokens
+        self._prompt_ids = torch.full((len(encoded), P), self.pad_token_id, dtype=torch.long)
+        self._prompt_mask = torch.zeros((len(encoded), P), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            self._prompt_ids[i, P - len(e):] = torch.tensor(e)
+            self._prompt_mask[i, P - len(e):] = 1
+        self._prompt_ids = self._prompt_ids.to(self.device)
+        self._prompt_mask = self._prompt_mask.to(self.device)
+
+        L = total
+        self.single_observation_space = gym.spaces.Dict({
+            "input_ids": gym.spaces.Box(0, self.vocab_size - 1, (L,), np.int64),
+            "attention_mask": gym.spaces.Box(0, 1, (L,), np.int64),
+        })
+        self.single_action_space = gym.spaces.Discrete(self.vocab_size)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+
+        B = num_envs
+        self.input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long, device=self.device)
+        self.attention_mask = torch.zeros((B, L), dtype=torch.long, device=self.device)
+        self.prompt_index = torch.zeros(B, dtype=torch.long, device=self.device)
+        self.num_generated = torch.zeros(B, dtype=torch.long, device=self.device)  # per row
+        self.done = torch.ones(B, dtype=torch.bool, device=self.device)  # must reset first
+        self._rows = torch.arange(B, device=self.device)
+
+    # --- Gymnasium API ----------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        reset_mask = None if options is None else options.get("reset_mask")
+        if reset_mask is None:
+            rows = self._rows
+        else:
+            reset_mask = torch.as_tensor(np.asarray(reset_mask) if not torch.is_tensor(reset_mask) else reset_mask)
+            if reset_mask.dtype != torch.bool or reset_mask.shape != (self.num_envs,):
+                raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},), "
+                                 f"got {reset_mask.dtype} {tuple(reset_mask.shape)}")
+            rows = self._rows[reset_mask.to(self.device)]
+        picks = torch.as_tensor(self.np_random.integers(0, len(self.prompts), size=len(rows)), device=self.device)
+        P = self.max_prompt_tokens
+        self.prompt_index[rows] = picks
+        self.input_ids[rows] = self.pad_token_id
+        self.attention_mask[rows] = 0
+        self.input_ids[rows, :P] = self._prompt_ids[picks]
+        self.attention_mask[rows, :P] = self._prompt_mask[picks]
+        self.num_generated[rows] = 0
+        self.done[rows] = False
+        return self._obs(), {"prompt_index": self.prompt_index.clone()}
+
+    def step(self, actions):
+        tokens = self._tokens_of(actions)
+        valid = ~self.done  # (B,) rows whose token is real this step
+        col = self.max_prompt_tokens + self.num_generated  # (B,) where each row writes
+        col = torch.where(valid, col, torch.zeros_like(col))
+        self.input_ids[self._rows[valid], col[valid]] = tokens[valid]
+        self.attention_mask[self._rows[valid], col[valid]] = 1
+        self.num_generated += valid.long()
+        terminated = valid & (tokens == self.eos_token_id)
+        truncated = valid & ~terminated & (self.num_generated >= self.max_new_tokens)
+        ended = terminated | truncated
+        self.done |= ended
+
+        rewards = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
+        scores = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
+        if ended.any():
+            idx = self._rows[ended]
+            s = self._score(idx).to(self.device)
+            if self.missing_eos_penalty is not None:
+                s = s - self.missing_eos_penalty * truncated[idx].float()
+            scores[idx] = s
+            rewards[idx] = s
+        info = {"valid": valid, "score": scores, "_score": ended}
+        return self._obs(), rewards, terminated, truncated, info
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _tokens_of(self, actions) -> torch.Tensor:
+        if isinstance(actions, dict):
+            if "token" not in actions:
+                raise ValueError(f"action dict needs a 'token' entry, got keys {sorted(actions)}")
+            actions = actions["token"]
+        tokens = torch.as_tensor(actions, device=self.device)
+        if tokens.shape != (self.num_envs,):
+            raise ValueError(f"actions must have shape ({self.num_envs},) (one token per row), got {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise TypeError(f"actions must be integer token ids, got dtype {tokens.dtype}")
+        tokens = tokens.long()
+        live = tokens[~self.done]
+        if live.numel() and (live.min() < 0 or live.max() >= self.vocab_size):
+            bad = live[(live < 0) | (live >= self.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return tokens
+
+    def _obs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def completion_ids(self, rows: torch.Tensor) -> list[list[int]]:
+        P = self.max_prompt_tokens
+        gen = self.input_ids[rows, P:]
+        lens = self.num_generated[rows].tolist()
+        return [g[:n].tolist() for g, n in zip(gen, lens, strict=True)]
+
+    def _score(self, rows: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.scorer, TokenScorer) and getattr(self.scorer, "token_level", False):
+            raw = self.scorer(self.input_ids[rows], self.attention_mask[rows])
+        else:
+            prompts = [self.prompts[i] for i in self.prompt_index[rows].tolist()]
+            completions = self.tokenizer.batch_decode(self.completion_ids(rows), skip_special_tokens=True)
+            raw = self.scorer(prompts, completions)
+        scores = check_scores(raw, len(rows), self.scorer)
+        return clip_and_normalise(scores, self.score_clip, self.score_scale, self.score_bias)
+
+
+class TextGenEnv(gym.Env):
+    """The single-env form (``gym.make``): one row of :class:`TextGenVectorEnv`, numpy in and out,
+    so that ``gymnasium.utils.env_checker.check_env`` applies. Action: an int token id."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, **kwargs):
+        self.vec = TextGenVectorEnv(num_envs=1, **kwargs)
+        self.observation_space = self.vec.single_observation_space
+        self.action_space = self.vec.single_action_space
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        obs, info = self.vec.reset(seed=seed if seed is not None else int(self.np_random.integers(2**31)))
+        return self._np(obs), {"prompt_index": int(info["prompt_index"][0])}
+
+    def step(self, action):
+        if self.vec.done[0]:
+            raise RuntimeError("step() called on an ended episode; call reset() first")
+        obs, r, term, trunc, info = self.vec.step(torch.tensor([int(action)]))
+        return self._np(obs), float(r[0]), bool(term[0]), bool(trunc[0]), {"score": float(info["score"][0])}
+
+    @staticmethod
+    def _np(obs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return {k: v[0].cpu().numpy().astype(np.int64) for k, v in obs.items()}

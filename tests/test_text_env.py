@@ -1,0 +1,236 @@
+"""The token-level text env, the KV-cached KL wrapper and the rollout helper, on tiny local models."""
+
+import copy
+import re
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from textrl.envs import KLPenalty, TextGenVectorEnv
+from textrl.envs.toy import char_tokenizer, tiny_gpt2
+
+import textrl  # noqa: F401  (registers textrl/TextGen-v0)
+from textrl.decoding import sequence_logprobs
+from textrl.losses import kl_estimate
+from textrl.text_rollout import text_rollout
+
+PROMPTS = ["hi", "hello there", "a", "what is the answer?", "good day, friend", "ok"]
+
+
+def length_scorer(prompts, completions):
+    return torch.tensor([float(len(c)) for c in completions])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models(tok):
+    policy = tiny_gpt2(len(tok), seed=0)
+    with torch.no_grad():  # make EOS likely enough that rows end at different times
+        policy.lm_head.weight[tok.eos_token_id] *= 4
+    return policy, tiny_gpt2(len(tok), seed=1)
+
+
+def make_env(tok, B=6, T=24, scorer=length_scorer, **kw):
+    return TextGenVectorEnv(B, tok, PROMPTS, scorer, max_new_tokens=T, **kw)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_cached_logprobs_equal_one_parallel_forward(tok, models, temperature):
+    policy, ref = models
+    env = KLPenalty(make_env(tok), ref, kl_coef=0.1, temperature=temperature)
+    ro = text_rollout(env, policy, temperature=temperature, seed=3, generator=torch.Generator().manual_seed(0))
+    lengths = ro.mask.sum(1)
+    assert ro.terminated.any() and len(set(lengths.tolist())) > 2  # left padding + rows ending at different times
+    assert (ro.prompt_mask == 0).any()
+    P = ro.prompt_ids.shape[1]
+    for model, cached in ((ref, ro.ref_logprobs), (policy, ro.logprobs)):
+        full = sequence_logprobs(model, ro.input_ids, ro.attention_mask, P, temperature)
+        torch.testing.assert_close(cached[ro.mask], full[ro.mask], atol=1e-5, rtol=0)
+
+
+def test_reference_runs_one_token_per_step(tok, models):
+    policy, ref = models
+    ref = copy.deepcopy(ref)
+    shapes = []
+    ref.register_forward_hook(lambda m, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)),
+                              with_kwargs=True)
+    env = KLPenalty(make_env(tok, T=10, scorer=length_scorer), ref)
+    ro = text_rollout(env, policy, seed=0)
+    steps = int(ro.mask.any(0).sum())
+    assert shapes[0][1] > 1  # one prefill over the prompts
+    assert shapes[1:] == [(6, 1)] * (steps - 1)  # then one token per row per step, none after the last
+
+
+def test_kl_is_zero_when_policy_is_reference_and_rewards_are_score_at_last_token(tok, models):
+    policy, _ = models
+    env = KLPenalty(make_env(tok), copy.deepcopy(policy), kl_coef=0.5)
+    ro = text_rollout(env, policy, seed=1)
+    assert torch.all(ro.kl == 0)
+    last = ro.mask.long().cumsum(1).argmax(1)  # index of each row's last real token
+    expected = torch.zeros_like(ro.rewards)
+    expected[torch.arange(6), last] = ro.scores
+    torch.testing.assert_close(ro.rewards, expected)
+    # the score is the scorer's: completion length in characters (EOS is not decoded)
+    decoded = tok.batch_decode([t[m].tolist() for t, m in zip(ro.tokens, ro.mask, strict=True)], skip_special_tokens=True)
+    assert ro.scores.tolist() == [float(len(d)) for d in decoded]
+    assert torch.all(ro.tokens[~ro.mask] == tok.pad_token_id)  # padding after the end
+    assert torch.all(ro.rewards[~ro.mask] == 0)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_reward_sign_and_size(tok, models, estimator):
+    policy, ref = models
+    beta = 0.2
+    env = KLPenalty(make_env(tok), ref, kl_coef=beta, estimator=estimator)
+    ro = text_rollout(env, policy, seed=2)
+    m = ro.mask
+    hand = kl_estimate(ro.logprobs, ro.ref_logprobs, estimator)
+    torch.testing.assert_close(ro.kl[m], hand[m])
+    if estimator == "k1":
+        torch.testing.assert_close(ro.kl[m], ro.logprobs[m] - ro.ref_logprobs[m])
+    torch.testing.assert_close(ro.rewards.sum(1), ro.scores - beta * ro.kl.sum(1))
+
+
+def test_same_seed_same_prompts_and_samples(tok, models):
+    policy, ref = models
+    runs = [text_rollout(KLPenalty(make_env(tok), ref), policy, seed=5, generator=torch.Generator().manual_seed(9))
+            for _ in range(2)]
+    assert torch.equal(runs[0].prompt_index, runs[1].prompt_index)
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    other = text_rollout(KLPenalty(make_env(tok), ref), policy, seed=6, generator=torch.Generator().manual_seed(9))
+    assert not torch.equal(runs[0].prompt_index, other.prompt_index)
+
+
+def test_reset_mask_resets_only_masked_rows(tok):
+    env = make_env(tok, B=4, T=5)
+    obs, _ = env.reset(seed=0)
+    a = torch.full((4,), tok.convert_tokens_to_ids("a"))
+    env.step(a)
+    env.step(a)
+    before = obs["input_ids"].clone()
+    mask = np.array([True, False, True, False])
+    obs, info = env.reset(options={"reset_mask": mask})
+    assert env.num_generated.tolist() == [0, 2, 0, 2]
+    assert torch.equal(obs["input_ids"][1], before[1]) and torch.equal(obs["input_ids"][3], before[3])
+    P = env.max_prompt_tokens
+    assert torch.all(obs["input_ids"][[0, 2], P:] == tok.pad_token_id)
+    with pytest.raises(ValueError, match="reset_mask"):
+        env.reset(options={"reset_mask": np.array([True, False])})
+
+
+def test_termination_truncation_and_missing_eos_penalty(tok):
+    env = make_env(tok, B=2, T=3, missing_eos_penalty=10.0)
+    env.reset(seed=0)
+    a, eos = tok.convert_tokens_to_ids("a"), tok.eos_token_id
+    _, r, term, trunc, info = env.step(torch.tensor([eos, a]))
+    assert term.tolist() == [True, False] and r.tolist() == [0.0, 0.0]
+    _, r, term, trunc, info = env.step(torch.tensor([a, a]))
+    assert info["valid"].tolist() == [False, True] and r[0] == 0  # ended row: masked, reward 0
+    _, r, term, trunc, info = env.step(torch.tensor([a, a]))
+    assert trunc.tolist() == [False, True] and not term[1]
+    assert r[1].item() == 3.0 - 10.0  # "aaa" scores 3, minus the missing-EOS penalty
+
+
+def test_pad_equal_to_eos_is_refused_unless_fixed(tok):
+    same = char_tokenizer()
+    same.pad_token = same.eos_token
+    with pytest.raises(ValueError, match="PAD and EOS must differ"):
+        make_env(same)
+    env = make_env(same, pad_token_id=same.convert_tokens_to_ids("<unk>"))
+    assert env.pad_token_id != env.eos_token_id
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prompts": []}, "empty"),
+        ({"prompts": ["x" * 50], "max_prompt_tokens": 10}, "prompt #0 has 50 tokens, more than max_prompt_tokens=10"),
+        ({"context_length": 16}, "exceeds the model's context_length=16"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"scorer": "not callable"}, "scorer must be callable"),
+    ],
+)
+def test_bad_construction(tok, kwargs, match):
+    args = {"prompts": PROMPTS, "scorer": length_scorer, "max_new_tokens": 8, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=match):
+        TextGenVectorEnv(4, tok, **args)
+
+
+@pytest.mark.parametrize(
+    "action, match",
+    [
+        (torch.tensor([0, 1, 2, 999]), "token id 999 is outside the vocabulary \\[0, 34\\)"),
+        (torch.tensor([0, 1, -1, 2]), "token id -1"),
+        (torch.tensor([1, 2]), "shape \\(4,\\)"),
+        (torch.tensor([1.0, 2.0, 3.0, 4.0]), "integer token ids"),
+    ],
+)
+def test_bad_actions(tok, action, match):
+    env = make_env(tok, B=4)
+    env.reset(seed=0)
+    with pytest.raises((ValueError, TypeError), match=match):
+        env.step(action)
+
+
+@pytest.mark.parametrize(
+    "scorer, match",
+    [
+        (lambda p, c: torch.zeros(len(c) + 1), "returned 2 scores for 1 completions"),
+        (lambda p, c: torch.full((len(c),), float("nan")), "non-finite"),
+        (lambda p, c: [float("inf")] * len(c), "non-finite"),
+    ],
+)
+def test_bad_scorer_output(tok, scorer, match):
+    env = make_env(tok, B=1, T=2, scorer=scorer)
+    env.reset(seed=0)
+    a = torch.tensor([tok.convert_tokens_to_ids("a")])
+    env.step(a)
+    with pytest.raises(ValueError, match=match):
+        env.step(a)
+
+
+def test_kl_wrapper_requires_the_logprob_with_the_action(tok, models):
+    env = KLPenalty(make_env(tok), models[1])
+    env.reset(seed=0)
+    with pytest.raises(TypeError, match="log-prob"):
+        env.step(torch.zeros(6, dtype=torch.long))
+
+
+def test_registered_ids_single_env_passes_check_env_and_make_vec(tok):
+    env = gym.make("textrl/TextGen-v0", tokenizer=tok, prompts=PROMPTS, scorer=length_scorer, max_new_tokens=6)
+    check_env(env.unwrapped, skip_render_check=True)
+    envs = gym.make_vec("textrl/TextGen-v0", num_envs=3, tokenizer=tok, prompts=PROMPTS, scorer=length_scorer)
+    assert isinstance(envs, TextGenVectorEnv) and envs.num_envs == 3
+
+
+def test_readme_custom_env_snippet_runs():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = re.search(r"<!-- custom-env-start -->\n```python\n(.*?)```", readme, re.S).group(1)
+    assert len(snippet.strip().splitlines()) < 25
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["reward"].shape == (4,)
+    assert namespace["terminated"].dtype == torch.bool
+
+
+def test_partial_reset_keeps_the_reference_state_of_running_rows(tok, models):
+    policy, ref = models
+    env = KLPenalty(make_env(tok, B=4, T=8), ref)
+    env.reset(seed=0)
+    a = torch.full((4,), tok.convert_tokens_to_ids("e"))
+    for _ in range(3):
+        env.step({"token": a, "logprob": torch.zeros(4)})
+    before = env.ref.next_logits.clone()
+    env.reset(options={"reset_mask": np.array([True, False, True, False])})
+    torch.testing.assert_close(env.ref.next_logits[[1, 3]], before[[1, 3]], atol=1e-5, rtol=0)
+    fresh = KLPenalty(make_env(tok, B=4, T=8), ref)
+    obs = env.env.unwrapped._obs()
+    fresh_logits = fresh.ref.prefill(obs["input_ids"][[0, 2]], obs["attention_mask"][[0, 2]])
+    torch.testing.assert_close(env.ref.next_logits[[0, 2]], fresh_logits, atol=1e-5, rtol=0)

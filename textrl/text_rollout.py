@@ -1,0 +1,115 @@
+"""Drive a text env with a causal-LM policy and return a token-level batch ``[B, T]`` for agents.
+
+The policy samples with its own KV cache (one token per row per step, never the prefix again), and its
+log-prob of each sampled token goes to the env with the action, so a :class:`~textrl.envs.kl_penalty.KLPenalty`
+wrapper needs no second policy forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+
+from textrl.decoding import CachedDecoder
+
+__all__ = ["TextRollout", "sample_from_logits", "text_rollout"]
+
+
+@dataclass
+class TextRollout:
+    """One batch of completions. Token tensors are ``[B, T]``, T = the env's ``max_new_tokens``;
+    ``mask`` is True on generated tokens up to and including each row's last (EOS or the T-th)."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded prompts
+    prompt_mask: torch.Tensor  # (B, P)
+    tokens: torch.Tensor  # (B, T) generated ids, PAD after a row's end
+    mask: torch.Tensor  # (B, T) bool
+    logprobs: torch.Tensor  # (B, T) log π(a_t|s_t) at the sampling temperature
+    ref_logprobs: torch.Tensor  # (B, T) log π_ref(a_t|s_t) (0 if the env has no KL wrapper)
+    rewards: torch.Tensor  # (B, T) env reward: score at the last token − β·KL per token
+    scores: torch.Tensor  # (B,) task score of each completion
+    kl: torch.Tensor  # (B, T) per-token KL estimate
+    terminated: torch.Tensor  # (B, T) bool, True at an EOS
+    truncated: torch.Tensor  # (B, T) bool, True at the T-th token without EOS
+    prompt_index: torch.Tensor  # (B,) which prompt each row got
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """Prompt + completion, ``[B, P + T]``."""
+        return torch.cat([self.prompt_ids, self.tokens], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.mask.long()], dim=1)
+
+
+def sample_from_logits(
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Sample one token per row from ``logits`` ``[B, V]`` (already temperature-scaled), optionally restricted
+    to the top-k tokens and/or the smallest nucleus of probability ≥ top_p."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def text_rollout(
+    envs: gym.vector.VectorEnv,
+    policy: torch.nn.Module,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> TextRollout:
+    """Reset ``envs`` (all rows), generate until every row has ended, and collect the batch.
+
+    Log-probs are those of the temperature-scaled full distribution (what the update recomputes); with
+    top_k/top_p the sampling distribution is truncated, which makes the samples slightly off-policy —
+    the same convention as TRL.
+    """
+    base = envs.unwrapped
+    obs, info = envs.reset(seed=seed)
+    B, T, P = base.num_envs, base.max_new_tokens, base.max_prompt_tokens
+    dev = base.device
+    pol = CachedDecoder(policy, temperature)
+    pol.prefill(obs["input_ids"], obs["attention_mask"])
+
+    f32 = dict(dtype=torch.float32, device=dev)
+    out = {k: torch.zeros(B, T, **f32) for k in ("logprobs", "ref_logprobs", "rewards", "kl")}
+    flags = {k: torch.zeros(B, T, dtype=torch.bool, device=dev) for k in ("mask", "terminated", "truncated")}
+    scores = torch.zeros(B, **f32)
+    prompt_ids = obs["input_ids"][:, :P].clone()
+    prompt_mask = obs["attention_mask"][:, :P].clone()
+    pad = torch.full((B,), base.pad_token_id, dtype=torch.long, device=dev)
+
+    for t in range(T):
+        tokens = sample_from_logits(pol.next_logits, top_k, top_p, generator)  # (B,)
+        logprob = pol.logprobs_of(tokens)  # (B,)
+        obs, reward, term, trunc, info = envs.step({"token": tokens, "logprob": logprob})
+        valid = info["valid"]
+        out["logprobs"][:, t] = torch.where(valid, logprob, 0.0)
+        out["rewards"][:, t] = reward
+        if "ref_logprob" in info:
+            out["ref_logprobs"][:, t] = info["ref_logprob"]
+            out["kl"][:, t] = info["kl"]
+        flags["mask"][:, t], flags["terminated"][:, t], flags["truncated"][:, t] = valid, term, trunc
+        scores += torch.where(info["_score"], info["score"], 0.0)
+        if base.done.all():
+            break
+        pol.step(torch.where(valid, tokens, pad), valid)
+
+    tokens_bt = obs["input_ids"][:, P:].clone()
+    return TextRollout(prompt_ids, prompt_mask, tokens_bt, flags["mask"], out["logprobs"], out["ref_logprobs"],
+                       out["rewards"], scores, out["kl"], flags["terminated"], flags["truncated"],
+                       base.prompt_index.clone())
