@@ -32,7 +32,8 @@ class KLPenalty(gym.vector.VectorWrapper):
 
     Args:
         env: a :class:`~textrl.envs.text_gen.TextGenVectorEnv` (or a wrapper of one).
-        ref_model: the frozen reference causal LM (put in eval mode with gradients off here).
+        ref_model: the frozen reference causal LM (put in eval mode with gradients off here), or any callable
+            with the same forward signature (e.g. the LoRA policy with adapters disabled, left untouched).
         kl_coef: β as a number, or a Fixed/Adaptive KL controller (its ``value`` is read every step).
         estimator: "k1" (default), "k2" or "k3".
         temperature: the sampling temperature; reference log-probs use logits / temperature.
@@ -51,9 +52,10 @@ class KLPenalty(gym.vector.VectorWrapper):
             raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
         self.controller = kl_coef if hasattr(kl_coef, "value") else FixedKLController(float(kl_coef))
         self.estimator = estimator
-        ref_model.eval()
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
+        if isinstance(ref_model, torch.nn.Module):  # a separate frozen copy; a view of the policy
+            ref_model.eval()                          # (LoRA adapters off) must not freeze its weights
+            for p in ref_model.parameters():
+                p.requires_grad_(False)
         self.ref = CachedDecoder(ref_model, temperature)
 
     @property

