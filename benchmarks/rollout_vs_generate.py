@@ -83,7 +83,7 @@ def main() -> None:
             env = KLPenalty(TextGenVectorEnv(B, tok, PROMPTS, scorer, max_new_tokens=n, pad_token_id=pad_id), ref)
             gen = torch.Generator().manual_seed(0)
 
-            def run_a(env=env, n=n, gen=gen):
+            def run_a(env=env, n=n, gen=gen, policy=policy):
                 ro = text_rollout(env, policy, seed=0, generator=gen, min_new_tokens=n)
                 assert int(ro.mask.sum()) == B * n
 
@@ -91,7 +91,7 @@ def main() -> None:
             enc = tok(prompts, return_tensors="pt", padding=True)
 
             @torch.no_grad()
-            def run_b(enc=enc, n=n):
+            def run_b(enc=enc, n=n, policy=policy, ref=ref, prompts=prompts):
                 out = policy.generate(**enc, do_sample=True, max_new_tokens=n, min_new_tokens=n, top_k=0,
                                       pad_token_id=pad_id)
                 P = enc["input_ids"].shape[1]
