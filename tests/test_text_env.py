@@ -234,3 +234,27 @@ def test_partial_reset_keeps_the_reference_state_of_running_rows(tok, models):
     obs = env.env.unwrapped._obs()
     fresh_logits = fresh.ref.prefill(obs["input_ids"][[0, 2]], obs["attention_mask"][[0, 2]])
     torch.testing.assert_close(env.ref.next_logits[[0, 2]], fresh_logits, atol=1e-5, rtol=0)
+
+
+def test_top_k_and_top_p_restrict_sampling():
+    from textrl.text_rollout import sample_from_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert torch.all(sample_from_logits(logits, top_k=1, generator=g) == 0)
+    assert set(sample_from_logits(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    assert set(sample_from_logits(logits, top_p=0.7, generator=g).tolist()) == {0, 1}  # 0.5 + 0.3 crosses 0.7
+    assert set(sample_from_logits(logits, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample_from_logits(logits, generator=g).tolist()) == {0, 1, 2, 3}
+
+
+def test_score_scale_bias_and_clip(tok):
+    env = make_env(tok, B=2, T=1, scorer=lambda p, c: torch.tensor([100.0, -100.0]), score_scale=0.5,
+                   score_bias=1.0, score_clip=5.0)
+    env.reset(seed=0)
+    _, r, *_ = env.step(torch.tensor([tok.eos_token_id] * 2))
+    assert r.tolist() == [5.0, -5.0]
+    env = make_env(tok, B=2, T=1, scorer=lambda p, c: torch.tensor([2.0, -4.0]), score_scale=0.5, score_bias=1.0)
+    env.reset(seed=0)
+    _, r, *_ = env.step(torch.tensor([tok.eos_token_id] * 2))
+    assert r.tolist() == [2.0, -1.0]
