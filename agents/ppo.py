@@ -17,10 +17,11 @@ import torch
 from textrl.agents.base import Agent
 from torch import nn
 
-from textrl.advantages import gae
+from textrl.advantages import gae, next_values_from
 from textrl.losses import explained_variance, policy_loss, value_loss
 from textrl.masking import masked_mean, masked_whiten
 from textrl.rollout import ActOutput, Rollout
+from textrl.text_rollout import TextRollout
 
 __all__ = ["PPOConfig", "PPO", "MLPActorCritic"]
 
@@ -64,10 +65,14 @@ class PPOConfig:
     """Stop the epochs early once a minibatch's approx_kl exceeds 1.5 × target_kl; null never stops."""
     hidden_sizes: tuple[int, ...] = (64, 64)
     """Hidden layer widths of the MLP policy and value networks (classic envs)."""
+    gradient_accumulation_steps: int = 1
+    """Split each minibatch into this many micro-batches (same gradient, less memory)."""
+    whiten_rewards: bool = False
+    """Text envs: scale per-token rewards to unit variance (mean kept) before GAE."""
 
     def __post_init__(self) -> None:
         self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
-        for name in ("num_steps", "num_epochs", "num_minibatches"):
+        for name in ("num_steps", "num_epochs", "num_minibatches", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -87,16 +92,22 @@ class PPOConfig:
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 or null (off), got {value!r}")
 
-    def check_batch(self, num_envs: int) -> None:
-        """Fail before training if the rollout batch does not split into ``num_minibatches``."""
-        batch = num_envs * self.num_steps
+    def check_batch(self, num_envs: int, rows_only: bool = False) -> None:
+        """Fail before training if the rollout batch does not split into minibatches (and micro-batches).
+        Classic envs: the batch is num_envs × num_steps transitions; text envs (``rows_only``): num_envs rows."""
+        batch = num_envs if rows_only else num_envs * self.num_steps
+        what = f"num_envs = {num_envs}" if rows_only else \
+            f"num_envs × num_steps = {num_envs} × {self.num_steps} = {batch}"
         if batch % self.num_minibatches:
             divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
             raise ValueError(
-                f"num_minibatches={self.num_minibatches} does not divide the batch size "
-                f"num_envs × num_steps = {num_envs} × {self.num_steps} = {batch}; "
+                f"num_minibatches={self.num_minibatches} does not divide the batch size {what}; "
                 f"choose num_minibatches from {divisors} or change num_steps/num_envs"
             )
+        per_mb = batch // self.num_minibatches
+        if per_mb % self.gradient_accumulation_steps:
+            raise ValueError(f"gradient_accumulation_steps={self.gradient_accumulation_steps} does not divide the "
+                             f"minibatch size {per_mb} ({what} / num_minibatches={self.num_minibatches})")
 
 
 def _layer(n_in: int, n_out: int, gain: float) -> nn.Linear:
@@ -129,22 +140,40 @@ class MLPActorCritic(nn.Module):
 
 
 class PPO(Agent):
-    """Actor-critic PPO: GAE advantages, clipped policy and value losses, epochs × minibatches."""
+    """Actor-critic PPO: GAE advantages, clipped policy and value losses, epochs × minibatches.
+
+    Classic envs (Box observations, Discrete actions) get an :class:`MLPActorCritic` and learn from
+    :class:`~textrl.rollout.Rollout` batches of independent transitions. Text envs get the
+    :class:`~textrl.lm_policy.LMActorCritic` passed as ``policy`` and learn from
+    :class:`~textrl.text_rollout.TextRollout` batches, minibatched by row. The optimisation loop is shared.
+    """
 
     config_class = PPOConfig
 
-    def __init__(self, envs: gym.vector.VectorEnv, config: PPOConfig | None = None, device: str = "cpu"):
-        self.check_env(envs)
+    def __init__(
+        self,
+        envs: gym.vector.VectorEnv,
+        config: PPOConfig | None = None,
+        device: str = "cpu",
+        policy: nn.Module | None = None,
+    ):
         self.config = config or PPOConfig()
-        self.config.check_batch(envs.num_envs)
         self.device = torch.device(device)
-        obs_dim = int(np.prod(envs.single_observation_space.shape))
-        n_actions = int(envs.single_action_space.n)
-        self.policy = MLPActorCritic(obs_dim, n_actions, self.config.hidden_sizes).to(self.device)
+        self.is_text = policy is not None
+        if self.is_text:
+            self.policy = policy
+            self.config.check_batch(envs.num_envs, rows_only=True)
+        else:
+            self.check_env(envs)
+            self.config.check_batch(envs.num_envs)
+            obs_dim = int(np.prod(envs.single_observation_space.shape))
+            n_actions = int(envs.single_action_space.n)
+            self.policy = MLPActorCritic(obs_dim, n_actions, self.config.hidden_sizes).to(self.device)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
         # fused Adam: one kernel for all parameters (CPU and CUDA); the per-tensor loop dominates small nets
-        self.optimizer = torch.optim.Adam(
-            self.policy.parameters(), lr=self.config.learning_rate, eps=self.config.adam_eps, fused=True
-        )
+        self.optimizer = torch.optim.Adam(self.params, lr=self.config.learning_rate, eps=self.config.adam_eps,
+                                          fused=True)
+        self.temperature = 1.0  # text envs: the sampling temperature, set by the trainer
 
     @classmethod
     def check_env(cls, envs: gym.vector.VectorEnv) -> None:
@@ -173,96 +202,157 @@ class PPO(Agent):
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.policy(obs)[1]
 
-    def _evaluate(self, obs: torch.Tensor, actions: torch.Tensor):
-        logits, values = self.policy(obs)
+    def _evaluate(self, mb: dict[str, torch.Tensor]):
+        """New log-probs, entropy and values for a minibatch, in the shape of ``mb["mask"]``."""
+        if self.is_text:
+            logprobs, entropy, values, _ = self.policy.evaluate_response(
+                mb["input_ids"], mb["attention_mask"], mb["response_start"], self.temperature)
+            return logprobs, entropy, values
+        logits, values = self.policy(mb["obs"])
         logp_all = torch.log_softmax(logits, dim=-1)  # (N, A)
-        logprobs = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (N,)
+        logprobs = logp_all.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1)  # (N,)
         entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N,)
         return logprobs, entropy, values
 
-    # --- learning -----------------------------------------------------------------------------
-    def update(self, rollout: Rollout, progress_remaining: float) -> dict[str, float]:
+    # --- preparing a batch --------------------------------------------------------------------
+    def _prepare_classic(self, rollout: Rollout) -> tuple[dict, dict]:
         cfg = self.config
-        lr = cfg.learning_rate * (progress_remaining if cfg.anneal_lr else 1.0)
-        clip = cfg.clip_range * (progress_remaining if cfg.anneal_clip_range else 1.0)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
         advantages, returns = gae(
             rollout.rewards, rollout.values, rollout.next_values, rollout.terminated, rollout.truncated,
             rollout.mask, cfg.gamma, cfg.gae_lambda,
         )  # (B, T) each
         m = rollout.mask
+        stats = {"value/explained_variance": float(explained_variance(rollout.values, returns, m))}
         if cfg.norm_adv and int(m.sum()) > 1:
             advantages = masked_whiten(advantages, m)
+        stats["reward/advantage_mean"] = float(masked_mean(advantages, m))
         # Transitions are independent given (s, a): keep the real ones as a flat batch of samples.
+        n = int(m.sum())
         data = {
             "obs": rollout.obs[m], "actions": rollout.actions[m], "logprobs": rollout.logprobs[m],
             "values": rollout.values[m], "advantages": advantages[m], "returns": returns[m],
+            "mask": torch.ones(n, dtype=torch.bool, device=m.device),
         }
-        n = data["actions"].shape[0]
-        if n < cfg.num_minibatches:
-            raise ValueError(f"rollout has {n} real transitions, fewer than num_minibatches={cfg.num_minibatches}")
+        return data, stats
 
+    @torch.no_grad()
+    def _prepare_text(self, ro: TextRollout) -> tuple[dict, dict]:
+        """One no-grad forward recomputes old log-probs and values V(s_0..s_T) (TRL does the same); the
+        recomputed log-probs must equal the sampled ones (a temperature/padding health check)."""
+        cfg = self.config
+        input_ids, attn, P = ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1]
+        m = ro.mask
+        chunks = [self.policy.evaluate_response(input_ids[i : i + 16], attn[i : i + 16], P, self.temperature)
+                  for i in range(0, input_ids.shape[0], 16)]
+        old_logprobs = torch.cat([c[0] for c in chunks])  # (B, T)
+        values = torch.cat([c[2] for c in chunks])  # (B, T) V(s_t)
+        last_values = torch.cat([c[3] for c in chunks])  # (B,) V(s_T)
+        next_values = next_values_from(values, last_values)
+        rewards = ro.rewards
+        if cfg.whiten_rewards and int(m.sum()) > 1:
+            rewards = masked_whiten(rewards, m, shift_mean=False)
+        advantages, returns = gae(rewards, values, next_values, ro.terminated, ro.truncated, m, cfg.gamma,
+                                  cfg.gae_lambda)
+        stats = {
+            "value/explained_variance": float(explained_variance(values, returns, m)),
+            "policy/rollout_logprob_diff": float(((old_logprobs - ro.logprobs).abs() * m).max()),
+        }
+        if cfg.norm_adv and int(m.sum()) > 1:
+            advantages = masked_whiten(advantages, m)
+        stats["reward/advantage_mean"] = float(masked_mean(advantages, m))
+        data = {"input_ids": input_ids, "attention_mask": attn, "mask": m, "logprobs": old_logprobs,
+                "values": values, "advantages": advantages, "returns": returns}
+        return data, stats
+
+    # --- learning -----------------------------------------------------------------------------
+    def update(self, rollout: Rollout | TextRollout, progress_remaining: float) -> dict[str, float]:
+        cfg = self.config
+        lr = cfg.learning_rate * (progress_remaining if cfg.anneal_lr else 1.0)
+        clip = cfg.clip_range * (progress_remaining if cfg.anneal_clip_range else 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if isinstance(rollout, TextRollout):
+            data, stats = self._prepare_text(rollout)
+            response_start = rollout.prompt_ids.shape[1]
+        else:
+            data, stats = self._prepare_classic(rollout)
+            response_start = 0
+        stats.update(self._optimise(data, clip, response_start))
+        stats.update({"charts/learning_rate": lr, "policy/clip_range": clip})
+        return stats
+
+    def _optimise(self, data: dict[str, torch.Tensor], clip: float, response_start: int) -> dict[str, float]:
+        """Epochs × minibatches (× gradient-accumulation micro-batches) over the leading dim of ``data``."""
+        cfg = self.config
+        n = data["mask"].shape[0]
+        if n < cfg.num_minibatches:
+            raise ValueError(f"the batch has {n} samples, fewer than num_minibatches={cfg.num_minibatches}")
         sums: dict[str, float] = {}
         count, nan_skipped, epochs_run, first_ratio_dev = 0, 0, 0, float("nan")
         for epoch in range(cfg.num_epochs):
             epochs_run = epoch + 1
             stop = False
             if cfg.num_minibatches == 1:  # full batch: order does not matter, skip the gather
-                batches = [data]
+                minibatches = [torch.arange(n, device=data["mask"].device)]
             else:
-                perm = torch.randperm(n, device=self.device)
-                batches = [{k: v[idx] for k, v in data.items()} for idx in perm.chunk(cfg.num_minibatches)]
-            for mb in batches:
-                ones = torch.ones_like(mb["logprobs"], dtype=torch.bool)  # every sample here is real
-                logprobs, entropy, values = self._evaluate(mb["obs"], mb["actions"])
-                pg, pstats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], ones, clip)
-                vl, _ = value_loss(values, mb["values"], mb["returns"], ones, cfg.clip_range_vf)
-                ent = entropy.mean()
-                loss = pg + cfg.vf_coef * vl - cfg.ent_coef * ent
-                if count == 0 and nan_skipped == 0:
-                    first_ratio_dev = float(pstats["ratio_max_dev"])  # health check: must be ~0
-                if cfg.target_kl is not None and float(pstats["approx_kl"]) > 1.5 * cfg.target_kl:
-                    stop = True
-                    break
+                minibatches = list(torch.randperm(n, device=data["mask"].device).chunk(cfg.num_minibatches))
+            for idx in minibatches:
                 self.optimizer.zero_grad(set_to_none=True)
-                if not torch.isfinite(loss):
-                    nan_skipped += 1  # skip the step, keep the weights; logged as train/nan_skipped
-                    continue
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                if not torch.isfinite(grad_norm):
+                finite, mb_stats = True, {}
+                micro = idx.chunk(cfg.gradient_accumulation_steps)
+                real_total = max(int(data["mask"][idx].sum()), 1)
+                for j, mi in enumerate(micro):
+                    mb: dict[str, Any] = {k: v[mi] for k, v in data.items()}
+                    mb["response_start"] = response_start
+                    logprobs, entropy, values = self._evaluate(mb)
+                    pg, pstats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], clip)
+                    vl, _ = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.clip_range_vf)
+                    ent = masked_mean(entropy, mb["mask"])
+                    loss = pg + cfg.vf_coef * vl - cfg.ent_coef * ent
+                    if count == 0 and j == 0 and first_ratio_dev != first_ratio_dev:
+                        first_ratio_dev = float(pstats["ratio_max_dev"])  # health check: must be ~0
+                    if cfg.target_kl is not None and float(pstats["approx_kl"]) > 1.5 * cfg.target_kl:
+                        stop = True
+                        break
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    # weight each micro-batch by its share of real tokens: the sum equals the minibatch mean
+                    (loss * (int(mb["mask"].sum()) / real_total)).backward()
+                    for key, val in (
+                        ("losses/policy", pg), ("losses/value", vl), ("losses/entropy", -ent),
+                        ("losses/total", loss), ("policy/entropy", ent), ("policy/approx_kl", pstats["approx_kl"]),
+                        ("policy/clipfrac", pstats["clipfrac"]),
+                    ):
+                        mb_stats[key] = mb_stats.get(key, 0.0) + float(val.detach()) / len(micro)
+                if stop:
+                    break
+                grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if finite else None
+                if not finite or not torch.isfinite(grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
-                    nan_skipped += 1
+                    nan_skipped += 1  # skip the step, keep the weights; logged as train/nan_skipped
                     continue
                 self.optimizer.step()
                 count += 1
-                for key, val in (
-                    ("losses/policy", pg), ("losses/value", vl), ("losses/entropy", -ent),
-                    ("losses/total", loss), ("policy/entropy", ent), ("policy/approx_kl", pstats["approx_kl"]),
-                    ("policy/clipfrac", pstats["clipfrac"]), ("train/grad_norm", grad_norm),
-                ):
-                    sums[key] = sums.get(key, 0.0) + float(val.detach())
+                mb_stats["train/grad_norm"] = float(grad_norm)
+                for key, val in mb_stats.items():
+                    sums[key] = sums.get(key, 0.0) + val
             if stop:
                 break
-
+        self.optimizer.zero_grad(set_to_none=True)
         stats = {k: v / max(count, 1) for k, v in sums.items()}
-        stats.update({
-            "value/explained_variance": float(explained_variance(rollout.values, returns, m)),
-            "charts/learning_rate": lr,
-            "policy/clip_range": clip,
-            "policy/first_ratio_dev": first_ratio_dev,
-            "train/epochs_run": float(epochs_run),
-            "train/nan_skipped": float(nan_skipped),
-            "reward/advantage_mean": float(masked_mean(advantages, m)),
-        })
+        stats.update({"policy/first_ratio_dev": first_ratio_dev, "train/epochs_run": float(epochs_run),
+                      "train/nan_skipped": float(nan_skipped)})
         return stats
 
     # --- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict()}
+        model = {n: p.detach() for n, p in self.policy.named_parameters() if p.requires_grad}
+        return {"model": model, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["model"])
+        missing = self.policy.load_state_dict(state["model"], strict=False).missing_keys
+        trainable = {n for n, p in self.policy.named_parameters() if p.requires_grad}
+        if trainable & set(missing):
+            raise ValueError(f"checkpoint lacks trainable weights {sorted(trainable & set(missing))[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Scorer", "TokenScorer", "HFRewardModelScorer", "check_scores"]
+__all__ = ["Scorer", "TokenScorer", "HFRewardModelScorer", "check_scores", "resolve_scorer"]
 
 
 class Scorer(Protocol):
@@ -26,6 +26,21 @@ class TokenScorer(Protocol):
     token_level: bool
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+
+def resolve_scorer(scorer: Any) -> Any:
+    """A scorer object, or a ``"module:attr"`` string naming one (a class or factory is called without
+    arguments), so that configs can name scorers."""
+    if not isinstance(scorer, str):
+        return scorer
+    import importlib
+    import inspect
+
+    module, sep, attr = scorer.partition(":")
+    if not sep:
+        raise ValueError(f"scorer: expected 'module:attribute', got {scorer!r}")
+    obj = getattr(importlib.import_module(module), attr)
+    return obj() if inspect.isclass(obj) else obj
 
 
 def check_scores(scores: Any, n: int, scorer: Callable) -> torch.Tensor:

@@ -28,7 +28,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
-from textrl.envs.scorers import TokenScorer, check_scores, clip_and_normalise
+from textrl.envs.scorers import TokenScorer, check_scores, clip_and_normalise, resolve_scorer
 
 __all__ = ["TextGenVectorEnv", "TextGenEnv", "load_prompts"]
 
@@ -69,6 +69,9 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         missing_eos_penalty: subtracted from the score of rows that hit max_new_tokens without EOS.
         score_clip, score_scale, score_bias: score → clip(scale·score + bias, ±clip).
         device: where the token buffers live (the model's device).
+        eval_prompts: held-out prompts (same forms as ``prompts``) for evaluation; not used for training.
+        prompt_order: "random" (seeded sampling) or "sequential" (cycle through the prompts in order).
+        model: the default policy model of a registered env (read by ``textrl train``; unused here).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED}
@@ -88,11 +91,21 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         score_scale: float = 1.0,
         score_bias: float = 0.0,
         device: str | torch.device = "cpu",
+        eval_prompts: Any = None,
+        prompt_order: str = "random",
+        model: str | None = None,
     ):
         if not isinstance(num_envs, int) or num_envs <= 0:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        scorer = resolve_scorer(scorer)
+        if prompt_order not in ("random", "sequential"):
+            raise ValueError(f"prompt_order must be 'random' or 'sequential', got {prompt_order!r}")
+        self.prompt_order = prompt_order
+        self._next_prompt = 0
+        self.default_model = model
+        self.eval_prompts = load_prompts(eval_prompts) if eval_prompts is not None else None
         if not callable(scorer):
             raise TypeError(f"scorer must be callable (prompts, completions) -> scores, got {type(scorer).__name__}")
         self.num_envs = num_envs
@@ -169,7 +182,12 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
                 raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},), "
                                  f"got {reset_mask.dtype} {tuple(reset_mask.shape)}")
             rows = self._rows[reset_mask.to(self.device)]
-        picks = torch.as_tensor(self.np_random.integers(0, len(self.prompts), size=len(rows)), device=self.device)
+        if self.prompt_order == "sequential":
+            picks = (torch.arange(len(rows)) + self._next_prompt) % len(self.prompts)
+            self._next_prompt = int(picks[-1] + 1) if len(rows) else self._next_prompt
+            picks = picks.to(self.device)
+        else:
+            picks = torch.as_tensor(self.np_random.integers(0, len(self.prompts), size=len(rows)), device=self.device)
         P = self.max_prompt_tokens
         self.prompt_index[rows] = picks
         self.input_ids[rows] = self.pad_token_id

@@ -30,3 +30,46 @@ def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 32, n_head: int =
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=1,
                      pad_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
+
+
+#: the model name that `textrl.models.load_causal_lm` builds in memory with :func:`tiny_gpt2`
+TINY_MODEL = "textrl/tiny-char-gpt2"
+
+TOY_PROMPTS = [
+    "the cat sat on the", "once upon a time", "my favourite food is", "we went to the", "a quick brown fox",
+    "she said hello to", "the sun rises over", "in the small town", "he opened the door and", "rain fell on the",
+    "the old man and the", "they sang a song about", "under the bright moon", "a letter arrived from",
+    "the river runs past", "at the end of the day",
+]
+TOY_EVAL_PROMPTS = [
+    "the dog ran to the", "a bird sang in the", "we ate bread and", "the ship sailed to", "my friend told me",
+    "a cold wind blew", "the children played", "she wrote a book about", "the market was full of",
+    "he found a key in", "the train left at", "our garden has", "a storm came from", "the baker made",
+    "snow covered the", "the lamp was lit by",
+]
+
+
+class TargetTokenScorer:
+    """Reward = share of the completion's characters that are ``target`` (a toy task a tiny model can learn)."""
+
+    def __init__(self, target: str = "e"):
+        self.target = target
+
+    def __call__(self, prompts, completions):
+        return torch.tensor([c.count(self.target) / max(len(c), 1) for c in completions], dtype=torch.float32)
+
+
+def target_token_env(
+    num_envs: int,
+    tokenizer=None,
+    target: str = "e",
+    prompts=None,
+    max_new_tokens: int = 16,
+    **kwargs,
+):
+    """``textrl/TargetToken-v0``: the tiny char-level model earns the share of ``target`` in its completion."""
+    from textrl.envs.text_gen import TextGenVectorEnv
+
+    kwargs.setdefault("eval_prompts", TOY_EVAL_PROMPTS)
+    return TextGenVectorEnv(num_envs, tokenizer or char_tokenizer(), prompts or TOY_PROMPTS,
+                            TargetTokenScorer(target), max_new_tokens=max_new_tokens, **kwargs)

@@ -21,6 +21,12 @@ def _register_envs() -> None:
             entry_point="textrl.envs.text_gen:TextGenEnv",
             vector_entry_point="textrl.envs.text_gen:TextGenVectorEnv",
         )
+    if "textrl/TargetToken-v0" not in gym.envs.registry:
+        gym.register(
+            id="textrl/TargetToken-v0",
+            vector_entry_point="textrl.envs.toy:target_token_env",
+            kwargs={"model": "textrl/tiny-char-gpt2"},
+        )
 
 
 _register_envs()

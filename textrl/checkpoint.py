@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,13 @@ __all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_DIR"]
 CHECKPOINT_DIR = "checkpoint"
 
 
-def save_checkpoint(run_dir: str | Path, agent_state: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    agent_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the checkpoint; ``write_extra(folder)`` may add files before the folder is swapped into place."""
     run_dir = Path(run_dir)
     final = run_dir / CHECKPOINT_DIR
     tmp = run_dir / (CHECKPOINT_DIR + ".tmp")
@@ -44,6 +51,8 @@ def save_checkpoint(run_dir: str | Path, agent_state: dict[str, Any], trainer_st
         "rng_numpy": _jsonable(np.random.get_state()),
     }
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    if write_extra is not None:
+        write_extra(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

@@ -48,6 +48,31 @@ class TrainConfig:
     """torch device for the agent ("cpu", "cuda", "cuda:1", "auto" = cuda if available)."""
     torch_threads: int | None = None
     """torch.set_num_threads for this run; null keeps torch's default."""
+    # --- text envs (ignored by classic envs) ---
+    model: str | None = None
+    """Text envs: policy model (HF name or path, or the offline "smollm2-135m-instruct"); default: the env's."""
+    lora_r: int = 0
+    """Text envs: LoRA rank (0 = train the full model). With LoRA the reference is the policy with adapters off."""
+    lora_alpha: float = 32.0
+    """Text envs: LoRA alpha (scale = alpha / r)."""
+    lora_targets: tuple[str, ...] = ()
+    """Text envs: module names to adapt; empty = peft's default for the architecture."""
+    temperature: float = 1.0
+    """Text envs: sampling temperature; every log-prob (policy and reference) is of logits / temperature."""
+    top_k: int = 0
+    """Text envs: sample from the k most likely tokens only (0 = off)."""
+    top_p: float = 1.0
+    """Text envs: nucleus sampling threshold (1 = off)."""
+    kl_coef: float = 0.05
+    """Text envs: β of the per-token penalty −β·(log π − log π_ref) (the initial β if kl_target is set)."""
+    kl_target: float | None = None
+    """Text envs: target KL per completion for the adaptive controller (Ziegler et al. 2019); null = fixed β."""
+    kl_horizon: int = 10_000
+    """Text envs: adaptive controller horizon, in completions."""
+    kl_estimator: str = "k1"
+    """Text envs: per-token KL estimator in the reward: k1, k2 or k3."""
+    eval_samples: int = 4
+    """Text envs: held-out prompts quoted in samples.md (before and after training)."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments passed to gymnasium.make_vec for the env."""
     agent_config: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +85,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}; e.g. --{_flag(name)} 100000")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r!r}")
         if self.torch_threads is not None and self.torch_threads <= 0:
             raise ValueError(f"torch_threads must be > 0 or null, got {self.torch_threads!r}")
 

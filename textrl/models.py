@@ -98,6 +98,10 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    from textrl.envs.toy import TINY_MODEL, char_tokenizer
+
+    if name_or_path == TINY_MODEL:
+        return char_tokenizer()
     return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
 
 
@@ -107,6 +111,10 @@ def load_causal_lm(
     """A causal LM with dropout off, by hub name, local path, or ``"smollm2-135m-instruct"`` (offline)."""
     from transformers import AutoModelForCausalLM
 
+    from textrl.envs.toy import TINY_MODEL, char_tokenizer, tiny_gpt2
+
+    if name_or_path == TINY_MODEL:  # built in memory: the toy tasks and tests need no download
+        return tiny_gpt2(len(char_tokenizer()), seed=kwargs.get("seed", 0))
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
     )

@@ -96,6 +96,11 @@ def default_output_dir(cfg: TrainConfig) -> str:
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> RunResult:
     """Train ``cfg.agent`` on ``cfg.env`` for ``cfg.total_steps``; with ``resume`` continue the run in
     ``cfg.output_dir`` from its last checkpoint. Everything is validated before the first step."""
+    check_env_id(cfg.env)
+    from textrl.text_train import is_text_env, train_text
+
+    if is_text_env(cfg):
+        return train_text(cfg, resume=resume, quiet=quiet)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)

@@ -1,0 +1,161 @@
+"""PPO on language models end to end, on the toy text task with a tiny local model."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from textrl.agents.ppo import PPO, PPOConfig
+from textrl.envs import KLPenalty
+from textrl.envs.toy import char_tokenizer, target_token_env, tiny_gpt2
+
+import textrl  # noqa: F401
+from textrl.cli import resolve_train_config
+from textrl.lm_policy import LMActorCritic, add_lora
+from textrl.text_rollout import TextRollout, text_rollout
+from textrl.train import train
+
+
+def toy_cfg(tmp_path, *flags):
+    cfg, _ = resolve_train_config(["--env", "textrl/TargetToken-v0", "--output-dir", str(tmp_path), *flags])
+    return cfg
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.learning
+def test_ppo_raises_the_toy_reward(tmp_path):
+    result = train(toy_cfg(tmp_path, "--seed", "1"), quiet=True)
+    before, after = result.before, result.after
+    assert after.mean >= 0.2, (before, after)  # a random policy scores ~0.03
+    assert after.mean - before.mean > 3 * max(after.se, before.se)
+    m = metrics(tmp_path)
+    assert all(x["policy/first_ratio_dev"] < 1e-5 for x in m)  # ratio = 1 on the first minibatch
+    assert all(x["policy/rollout_logprob_diff"] < 1e-4 for x in m)  # sampled == recomputed log-probs
+    required = {"reward/score_mean", "policy/kl_ref", "policy/entropy", "policy/approx_kl", "policy/clipfrac",
+                "losses/policy", "losses/value", "value/explained_variance", "time/tokens_per_s"}
+    assert required <= set(m[-1])
+    for name in ("curves.png", "samples.md", "config.yaml"):
+        assert (tmp_path / name).is_file()
+    assert "**Before:**" in (tmp_path / "samples.md").read_text()
+
+
+def test_frozen_reference_is_bitwise_unchanged_and_policy_moves(tmp_path, monkeypatch):
+    from textrl import text_train
+
+    seen = {}
+    real_build = text_train.build_policy
+
+    def spy(cfg, device):
+        tok, policy, ref = real_build(cfg, device)
+        seen["ref"], seen["ref0"] = ref, copy.deepcopy(ref.state_dict())
+        seen["policy0"] = copy.deepcopy(policy.lm.state_dict())
+        seen["policy"] = policy
+        return tok, policy, ref
+
+    monkeypatch.setattr(text_train, "build_policy", spy)
+    train(toy_cfg(tmp_path, "--total-steps", "512"), quiet=True)
+    for k, v in seen["ref"].state_dict().items():
+        assert torch.equal(v, seen["ref0"][k]), k
+    assert not seen["ref"].training and not any(p.requires_grad for p in seen["ref"].parameters())
+    moved = [k for k, v in seen["policy"].lm.state_dict().items() if not torch.equal(v, seen["policy0"][k])]
+    assert moved
+
+
+def test_lora_reference_is_the_policy_with_adapters_off(tmp_path):
+    tok = char_tokenizer()
+    base = tiny_gpt2(len(tok))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    frozen0 = {k: v.clone() for k, v in base.state_dict().items()}
+    policy = LMActorCritic(add_lora(base, r=4, alpha=8))
+    ref = policy.reference()
+    assert ref is not None and policy.is_lora
+    env = KLPenalty(target_token_env(8, tok), ref, kl_coef=0.01)
+    ro = text_rollout(env, policy.lm, seed=0)
+    assert torch.all(ro.kl == 0)  # LoRA B starts at 0: adapters off == on
+    agent = PPO(env, PPOConfig(learning_rate=1e-2, num_minibatches=2), policy=policy)
+    agent.update(ro, 1.0)
+    ro2 = text_rollout(env, policy.lm, seed=0)
+    assert ro2.kl[ro2.mask].abs().sum() > 0  # the adapters moved the policy away from the reference
+    for k, v in policy.lm.get_base_model().state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, frozen0[k.replace("base_layer.", "")]), k
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("value_head") for n in trainable)
+    policy.lm.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _pad_rollout(ro: TextRollout, left: int, right: int, pad: int) -> TextRollout:
+    """The same batch with extra all-padding prompt columns on the left and response columns on the right."""
+    B = ro.tokens.shape[0]
+
+    def cat(x, n_left=0, n_right=0, fill=0):
+        parts = [torch.full((B, n_left), fill, dtype=x.dtype)] if n_left else []
+        parts += [x] + ([torch.full((B, n_right), fill, dtype=x.dtype)] if n_right else [])
+        return torch.cat(parts, 1)
+
+    return TextRollout(cat(ro.prompt_ids, left, fill=pad), cat(ro.prompt_mask, left), cat(ro.tokens, 0, right, pad),
+                       cat(ro.mask, 0, right, False), cat(ro.logprobs, 0, right), cat(ro.ref_logprobs, 0, right),
+                       cat(ro.rewards, 0, right), ro.scores, cat(ro.kl, 0, right), cat(ro.terminated, 0, right, False),
+                       cat(ro.truncated, 0, right, False), ro.prompt_index)
+
+
+def test_update_is_invariant_to_padding():
+    tok = char_tokenizer()
+    env = KLPenalty(target_token_env(8, tok), tiny_gpt2(len(tok), seed=1), kl_coef=0.01)
+    policy = LMActorCritic(tiny_gpt2(len(tok)))
+    ro = text_rollout(env, policy.lm, seed=0)
+    results = []
+    for padded in (ro, _pad_rollout(ro, left=3, right=5, pad=tok.pad_token_id)):
+        p = copy.deepcopy(policy)
+        agent = PPO(env, PPOConfig(num_minibatches=1, num_epochs=2), policy=p)
+        torch.manual_seed(0)
+        stats = agent.update(padded, 1.0)
+        results.append((stats, {k: v.detach().clone() for k, v in p.named_parameters()}))
+    (s1, w1), (s2, w2) = results
+    for key in ("losses/policy", "losses/value", "policy/entropy", "value/explained_variance"):
+        assert s1[key] == pytest.approx(s2[key], rel=1e-4, abs=1e-6), key
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    train(toy_cfg(straight, "--total-steps", "1024", "--checkpoint-every", "2"), quiet=True)
+    split = tmp_path / "split"
+    train(toy_cfg(split, "--total-steps", "512", "--checkpoint-every", "2"), quiet=True)  # 2 updates, stop
+    cfg, resume = resolve_train_config(["--resume", str(split), "--total-steps", "1024"])
+    # the first run's LR/clip schedules were for 512 steps; both runs here use constant schedules (preset)
+    train(cfg, resume=resume, quiet=True)
+    a, b = metrics(straight), metrics(split)
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("time/")} for m in ms]  # noqa: E731
+    assert [m["global_step"] for m in b] == [256, 512, 768, 1024]
+    assert strip(a) == strip(b)
+    ckpt = split / "checkpoint"
+    assert (ckpt / "policy" / "model.safetensors").is_file() and (ckpt / "value_head.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(ckpt / "policy")  # plain transformers reads it
+    trained = load_file(str(ckpt / "model.safetensors"))
+    torch.testing.assert_close(reloaded.transformer.h[0].attn.c_attn.weight,
+                               trained["lm.transformer.h.0.attn.c_attn.weight"])
+
+
+def test_text_cli_subprocess(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "textrl", "train", "--env", "textrl/TargetToken-v0", "--agent", "ppo",
+         "--total-steps", "512", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out reward:" in proc.stderr and "->" in proc.stderr
+    m = metrics(tmp_path)
+    assert [x["global_step"] for x in m] == [256, 512] and "reward/score_mean" in m[-1]

@@ -1,0 +1,98 @@
+"""The language-model actor-critic: a causal LM policy with a scalar value head on its shared trunk,
+optionally LoRA through peft. With LoRA the reference policy is the same weights with the adapters
+disabled — no second copy in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from textrl.decoding import positions_from_mask
+from textrl.losses import entropy_from_logits
+from textrl.models import disable_dropout
+
+__all__ = ["LMActorCritic", "AdaptersOff", "add_lora"]
+
+
+def add_lora(model: nn.Module, r: int, alpha: float, target_modules: list[str] | None = None) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters of rank ``r`` (peft); ``target_modules=None`` uses peft's default
+    for the architecture (GPT-2: c_attn; Llama: q_proj, v_proj). LoRA dropout is 0 (RLHF needs no dropout)."""
+    from peft import LoraConfig, get_peft_model
+
+    if r <= 0:
+        raise ValueError(f"lora_r must be > 0 to add LoRA, got {r}")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                     target_modules=list(target_modules) if target_modules else None)
+    return get_peft_model(model, cfg)
+
+
+class AdaptersOff:
+    """The reference policy of a LoRA model: the same forward with the adapters disabled.
+
+    Deliberately not an ``nn.Module``: it owns no parameters, so nothing (a KL wrapper freezing its
+    reference, an optimizer) can touch the policy's weights through it.
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        self.peft_model = peft_model
+
+    def __call__(self, **kwargs: Any):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)
+
+
+class LMActorCritic(nn.Module):
+    """Policy logits and V(s) from one forward of a causal LM.
+
+    The value head reads the last hidden state at each position: V(s_t) for the state ending at that
+    token, i.e. the state in which the next token is chosen.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = disable_dropout(lm)
+        config = lm.config
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.lm, "disable_adapter") and hasattr(self.lm, "peft_config")
+
+    def reference(self) -> AdaptersOff | None:
+        """The reference policy sharing these weights (LoRA), or None when a frozen copy is needed."""
+        return AdaptersOff(self.lm) if self.is_lora else None
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, L]`` → logits ``[B, L, V]`` and values ``[B, L]``."""
+        mask = attention_mask.long()
+        out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                      output_hidden_states=True)
+        values = self.value_head(out.hidden_states[-1].to(self.value_head.weight.dtype)).squeeze(-1)
+        return out.logits, values
+
+    def evaluate_response(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For responses in columns ``>= response_start`` (T of them):
+
+        Returns log π(a_t|s_t) ``[B, T]`` (temperature-scaled), entropy ``[B, T]``, V(s_t) ``[B, T]`` and
+        the value after the last column V(s_T) ``[B]`` (the truncation bootstrap).
+        """
+        logits, values = self(input_ids, attention_mask)
+        logits = logits[:, response_start - 1 : -1].float() / temperature  # (B, T, V): predicts column t
+        logp = torch.log_softmax(logits, dim=-1)
+        actions = input_ids[:, response_start:]
+        logprobs = logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        entropy = entropy_from_logits(logits)  # (B, T)
+        v = values[:, response_start - 1 :].float()  # (B, T + 1): V(s_t) for t = 0..T
+        return logprobs, entropy, v[:, :-1], v[:, -1]

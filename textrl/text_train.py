@@ -1,0 +1,252 @@
+"""Training on text envs: RLHF with PPO on a causal LM, token-level env, KL to a frozen reference.
+
+The loop reads as the classic one: ``rollout = text_rollout(envs, policy)``, ``stats = agent.update(rollout)``,
+``tracker.log(stats)``. Around it: held-out evaluation before and after (``samples.md``, the final
+``held-out reward`` line), ``curves.png``, health-check warnings, full-state checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from textrl.agents.base import agent_class
+from textrl.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from textrl.config import TrainConfig, from_dict, to_dict
+from textrl.envs.kl_penalty import KLPenalty
+from textrl.envs.text_gen import TextGenVectorEnv
+from textrl.kl_control import make_kl_controller
+from textrl.lm_policy import LMActorCritic, add_lora
+from textrl.models import load_causal_lm, load_tokenizer
+from textrl.text_rollout import TextRollout, text_rollout
+from textrl.tracking import Tracker
+
+__all__ = ["is_text_env", "train_text", "TextRunResult", "evaluate"]
+
+
+def is_text_env(cfg: TrainConfig) -> bool:
+    """A run is a text run when a policy model is given or the env's spec names a default one."""
+    return cfg.model is not None or "model" in gym.spec(cfg.env).kwargs
+
+
+@dataclass
+class EvalResult:
+    mean: float
+    se: float
+    kl: float  # mean summed KL per completion
+    samples: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4f} ± {self.se:.4f}"
+
+
+@dataclass
+class TextRunResult:
+    output_dir: Path
+    global_step: int
+    updates: int
+    before: EvalResult | None
+    after: EvalResult | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _text_env(cfg: TrainConfig, tokenizer, device, num_envs: int | None = None, **overrides) -> TextGenVectorEnv:
+    kwargs = {**cfg.env_kwargs, **overrides}
+    return gym.make_vec(cfg.env, num_envs=num_envs or cfg.num_envs, tokenizer=tokenizer, device=device, **kwargs)
+
+
+def build_policy(cfg: TrainConfig, device: torch.device):
+    name = cfg.model or gym.spec(cfg.env).kwargs["model"]
+    tokenizer = load_tokenizer(name)
+    lm = load_causal_lm(name)
+    reference = None
+    if cfg.lora_r > 0:
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, list(cfg.lora_targets) or None)
+    else:
+        reference = copy.deepcopy(lm)  # a frozen copy (the KL wrapper freezes it)
+    policy = LMActorCritic(lm).to(device)
+    reference = policy.reference() if reference is None else reference.to(device)
+    return tokenizer, policy, reference
+
+
+@torch.no_grad()
+def evaluate(cfg: TrainConfig, policy: LMActorCritic, reference, tokenizer, device, prompts: list[str] | None,
+             n_samples: int) -> EvalResult | None:
+    """Score every held-out prompt once (sequential order, fixed sampling seed): mean ± standard error."""
+    if not prompts:
+        return None
+    env = KLPenalty(_text_env(cfg, tokenizer, device, num_envs=len(prompts), prompts=prompts,
+                              prompt_order="sequential"), reference, 0.0, cfg.kl_estimator, cfg.temperature)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
+    ro = text_rollout(env, policy.lm, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed, generator=gen)
+    scores = ro.scores.double()
+    texts = _completions(tokenizer, ro)
+    samples = [(prompts[int(i)], texts[j]) for j, i in enumerate(ro.prompt_index.tolist())][:n_samples]
+    se = float(scores.std() / math.sqrt(len(scores))) if len(scores) > 1 else float("nan")
+    return EvalResult(float(scores.mean()), se, float(ro.kl.sum(1).mean()), samples)
+
+
+def _completions(tokenizer, ro: TextRollout) -> list[str]:
+    ids = [t[m].tolist() for t, m in zip(ro.tokens, ro.mask, strict=True)]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def _check_health(policy: LMActorCritic, envs: TextGenVectorEnv, tracker: Tracker) -> None:
+    live = [m for m in policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    if live:
+        raise ValueError(f"dropout must be off in RLHF models; {len(live)} dropout module(s) have p > 0")
+    tracker.message(f"health: PAD={envs.pad_token_id} != EOS={envs.eos_token_id}; dropout off; "
+                    f"reference = {'policy with LoRA adapters off' if policy.is_lora else 'frozen copy'}")
+
+
+def _write_samples(path: Path, before: EvalResult | None, after: EvalResult | None) -> None:
+    if before is None or after is None:
+        return
+    lines = ["# Held-out samples, before and after training\n",
+             f"held-out reward: {before} -> {after} (kl={after.kl:.3f})\n"]
+    for (prompt, b), (_, a) in zip(before.samples, after.samples, strict=True):
+        lines += [f"## Prompt\n\n{prompt.strip()}\n", f"**Before:** {b.strip()}\n", f"**After:** {a.strip()}\n"]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("reward/score_mean", "reward (score)"), ("policy/kl_ref", "KL to reference (nats/completion)"),
+            ("policy/entropy", "entropy (nats/token)")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    steps = [h["global_step"] for h in history]
+    for ax, (key, label) in zip(axes, keys, strict=True):
+        ax.plot(steps, [h.get(key, float("nan")) for h in history], marker="o", ms=3)
+        ax.set_title(label)
+        ax.set_xlabel("generated tokens (rows × max_new_tokens)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> TextRunResult:
+    from textrl.train import default_output_dir, seed_everything
+
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    seed_everything(cfg.seed)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if cfg.output_dir is None:
+        cfg.output_dir = default_output_dir(cfg)
+    out = Path(cfg.output_dir)
+
+    tokenizer, policy, reference = build_policy(cfg, device)
+    envs = _text_env(cfg, tokenizer, device)
+    if not isinstance(envs.unwrapped, TextGenVectorEnv):
+        raise TypeError(f"env: {cfg.env} is not a textrl text env (got {type(envs.unwrapped).__name__})")
+    cls = agent_class(cfg.agent)
+    agent = cls(envs, from_dict(cls.config_class, cfg.agent_config), device=str(device), policy=policy)
+    agent.temperature = cfg.temperature
+    kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    kl_env = KLPenalty(envs, reference, kl_ctl, cfg.kl_estimator, cfg.temperature)
+    base = envs.unwrapped
+    steps_per_update = cfg.num_envs * base.max_new_tokens
+    num_updates = math.ceil(cfg.total_steps / steps_per_update)
+    sampler = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    start_update, global_step, history = 0, 0, []
+    if resume:
+        agent_state, state = load_checkpoint(out, device=device)
+        agent.load_state_dict(agent_state)
+        start_update, global_step = state["update"], state["global_step"]
+        kl_ctl.load_state_dict(state["kl_controller"])
+        base.np_random.bit_generator.state = state["env_rng"]
+        base._np_random_seed = state.get("env_seed")
+        sampler.set_state(load_file(str(out / CHECKPOINT_DIR / "sampler.safetensors"))["state"])
+        history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][:start_update]
+    else:
+        base.reset(seed=cfg.seed)  # seeds the prompt sampler once; rollouts continue its stream
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {**to_dict(cfg), "agent_config": to_dict(agent.config)}
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    tracker = Tracker(out, resolved, total=num_updates * steps_per_update, initial=global_step,
+                      postfix_keys={"reward/score_mean": "score", "policy/kl_ref": "kl", "losses/policy": "pg"})
+    _check_health(policy, base, tracker)
+    before = None if resume else evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts,
+                                          cfg.eval_samples)
+    if before is not None and not quiet:
+        tracker.message(f"held-out reward before training: {before} (kl={before.kl:.3f})")
+
+    warn_streak = 0
+    start_time, start_step = time.perf_counter(), global_step
+    try:
+        for update in range(start_update, num_updates):
+            ro = text_rollout(kl_env, policy.lm, cfg.temperature, cfg.top_k, cfg.top_p, generator=sampler)
+            global_step += steps_per_update
+            stats = agent.update(ro, progress_remaining=1.0 - update / num_updates)
+            seq_kl = ro.kl.sum(1)  # (B,) summed KL per completion
+            kl_ctl.update(float(seq_kl.mean()), n_steps=cfg.num_envs)
+            n_tokens = int(ro.mask.sum())
+            stats.update({
+                "reward/score_mean": float(ro.scores.mean()),
+                "reward/score_std": float(ro.scores.std()) if len(ro.scores) > 1 else 0.0,
+                "reward/total_mean": float(ro.rewards.sum(1).mean()),
+                "policy/kl_ref": float(seq_kl.mean()),
+                "reward/kl_coef": kl_env.kl_coef,
+                "env/response_length": n_tokens / cfg.num_envs,
+                "env/eos_rate": float(ro.terminated.any(1).float().mean()),
+                "time/tokens_per_s": (global_step - start_step) / (time.perf_counter() - start_time),
+            })
+            tracker.log(stats, global_step)
+            history.append({"global_step": global_step, **stats})
+            if stats.get("policy/approx_kl", 0) > 0.1 or stats.get("policy/clipfrac", 0) > 0.3:
+                warn_streak += 1
+                if warn_streak == 3:
+                    tracker.message("warning: approx_kl > 0.1 or clipfrac > 0.3 for 3 updates: lower the learning "
+                                    "rate, lower clip_range (0.2 -> 0.1) or raise kl_coef (0.05 -> 0.1)")
+            else:
+                warn_streak = 0
+            if stats.get("train/nan_skipped"):
+                tracker.message(f"update {update}: skipped {int(stats['train/nan_skipped'])} non-finite step(s)")
+            last = update + 1 == num_updates
+            if last or (cfg.checkpoint_every and (update + 1) % cfg.checkpoint_every == 0):
+                _save(out, agent, policy, tokenizer, kl_ctl, base, sampler, update + 1, global_step)
+    finally:
+        tracker.close()
+
+    after = evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts, cfg.eval_samples)
+    if history:
+        plot_curves(history, out / "curves.png")
+    _write_samples(out / "samples.md", before, after)
+    if after is not None and not quiet:
+        head = f"{before}" if before is not None else "(resumed)"
+        print(f"held-out reward: {head} -> {after} (kl={after.kl:.3f})", file=sys.stderr)
+    return TextRunResult(out, global_step, num_updates, before, after, history)
+
+
+def _save(out: Path, agent, policy: LMActorCritic, tokenizer, kl_ctl, base, sampler, update: int, step: int) -> None:
+    def extra(ckpt: Path) -> None:
+        save_file({"state": sampler.get_state()}, str(ckpt / "sampler.safetensors"))
+        # The policy in Hugging Face layout (peft adapter or full model) and the value head, for users.
+        policy.lm.save_pretrained(ckpt / "policy", safe_serialization=True)
+        tokenizer.save_pretrained(ckpt / "policy")
+        save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
+                  str(ckpt / "value_head.safetensors"))
+
+    save_checkpoint(out, agent.state_dict(), {
+        "update": update, "global_step": step, "kl_controller": kl_ctl.state_dict(),
+        "env_rng": base.np_random.bit_generator.state, "env_seed": base.np_random_seed,
+    }, write_extra=extra)
