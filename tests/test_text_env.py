@@ -154,7 +154,8 @@ def test_pad_equal_to_eos_is_refused_unless_fixed(tok):
         ({"prompts": ["x" * 50], "max_prompt_tokens": 10}, "prompt #0 has 50 tokens, more than max_prompt_tokens=10"),
         ({"context_length": 16}, "exceeds the model's context_length=16"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
-        ({"scorer": "not callable"}, "scorer must be callable"),
+        ({"scorer": 42}, "scorer must be callable"),
+        ({"scorer": "no colon"}, "scorer: expected 'module:attribute', got 'no colon'"),
     ],
 )
 def test_bad_construction(tok, kwargs, match):
