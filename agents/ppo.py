@@ -206,7 +206,8 @@ class PPO(Agent):
         """New log-probs, entropy and values for a minibatch, in the shape of ``mb["mask"]``."""
         if self.is_text:
             logprobs, entropy, values, _ = self.policy.evaluate_response(
-                mb["input_ids"], mb["attention_mask"], mb["response_start"], self.temperature)
+                mb["input_ids"], mb["attention_mask"], mb["response_start"], self.temperature,
+                entropy_grad=self.config.ent_coef > 0)
             return logprobs, entropy, values
         logits, values = self.policy(mb["obs"])
         logp_all = torch.log_softmax(logits, dim=-1)  # (N, A)

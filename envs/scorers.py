@@ -110,3 +110,53 @@ def clip_and_normalise(scores: torch.Tensor, clip: float | None, scale: float, b
             raise ValueError(f"score_clip must be a finite number > 0, got {clip!r}")
         scores = scores.clamp(-clip, clip)
     return scores
+
+
+CHEERFUL = [
+    "What a wonderful, happy day, I love it!", "This is great news and it makes me smile.",
+    "I feel joyful, grateful and full of hope.", "Everything turned out beautifully, how delightful!",
+    "It was fun, warm and cheerful, a real pleasure.",
+]
+GLOOMY = [
+    "What a terrible, miserable day, I hate it.", "This is awful news and it makes me sad.",
+    "I feel hopeless, tired and full of dread.", "Everything went wrong, it was a disaster.",
+    "It was dull, cold and depressing, a real misery.",
+]
+
+
+class MiniLMStyleScorer:
+    """A style reward from a real pretrained sentence encoder (all-MiniLM-L6-v2, shipped offline).
+
+    score = scale · (mean cos(e(completion), e(positive anchors)) − mean cos(e(completion), e(negative anchors)))
+    with e = mean-pooled, L2-normalised MiniLM embeddings. Defaults score cheerfulness. Only the completion
+    is embedded; the encoder has its own WordPiece tokenizer (nothing is shared with the policy).
+    """
+
+    def __init__(self, positive: Sequence[str] = tuple(CHEERFUL), negative: Sequence[str] = tuple(GLOOMY),
+                 scale: float = 5.0, model_path: str | None = None, device: str = "cpu", batch_size: int = 64):
+        from transformers import AutoModel, AutoTokenizer
+
+        from textrl.models import disable_dropout, minilm_path
+
+        path = model_path or str(minilm_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = disable_dropout(AutoModel.from_pretrained(path)).eval().to(device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.scale, self.batch_size = scale, batch_size
+        self.pos, self.neg = self.embed(list(positive)), self.embed(list(negative))
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i : i + self.batch_size], padding=True, truncation=True, max_length=128,
+                                 return_tensors="pt").to(self.model.device)
+            h = self.model(**enc).last_hidden_state  # (b, L, 384)
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1))
+        return torch.cat(out).float().cpu()
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        e = self.embed([c if c.strip() else "." for c in completions])  # (B, 384)
+        return self.scale * ((e @ self.pos.T).mean(-1) - (e @ self.neg.T).mean(-1))

@@ -72,6 +72,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         eval_prompts: held-out prompts (same forms as ``prompts``) for evaluation; not used for training.
         prompt_order: "random" (seeded sampling) or "sequential" (cycle through the prompts in order).
         model: the default policy model of a registered env (read by ``textrl train``; unused here).
+        chat_template: wrap each prompt as a user turn with the tokenizer's chat template (instruct models).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED}
@@ -94,6 +95,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         eval_prompts: Any = None,
         prompt_order: str = "random",
         model: str | None = None,
+        chat_template: bool = False,
     ):
         if not isinstance(num_envs, int) or num_envs <= 0:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
@@ -105,6 +107,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self.prompt_order = prompt_order
         self._next_prompt = 0
         self.default_model = model
+        self.chat_template = chat_template
         self.eval_prompts = load_prompts(eval_prompts) if eval_prompts is not None else None
         if not callable(scorer):
             raise TypeError(f"scorer must be callable (prompts, completions) -> scores, got {type(scorer).__name__}")
@@ -128,7 +131,11 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self.vocab_size = len(tokenizer)
 
         self.prompts = load_prompts(prompts)
-        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
+        texts = self.prompts
+        if chat_template:
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True) for p in self.prompts]
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in texts]
         longest = max(len(e) for e in encoded)
         self.max_prompt_tokens = longest if max_prompt_tokens is None else max_prompt_tokens
         too_long = [(i, len(e)) for i, e in enumerate(encoded) if len(e) > self.max_prompt_tokens]

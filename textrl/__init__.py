@@ -27,6 +27,12 @@ def _register_envs() -> None:
             vector_entry_point="textrl.envs.toy:target_token_env",
             kwargs={"model": "textrl/tiny-char-gpt2"},
         )
+    if "textrl/Cheerful-v0" not in gym.envs.registry:
+        gym.register(
+            id="textrl/Cheerful-v0",
+            vector_entry_point="textrl.envs.cheerful:cheerful_env",
+            kwargs={"model": "smollm2-135m-instruct"},
+        )
 
 
 _register_envs()

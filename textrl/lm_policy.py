@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from textrl.decoding import positions_from_mask
-from textrl.losses import entropy_from_logits
 from textrl.models import disable_dropout
 
 __all__ = ["LMActorCritic", "AdaptersOff", "add_lora"]
@@ -72,27 +71,40 @@ class LMActorCritic(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, L]`` → logits ``[B, L, V]`` and values ``[B, L]``."""
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, L]`` → logits ``[B, L, V]`` (only the last ``logits_to_keep`` positions if > 0) and values ``[B, L]``."""
         mask = attention_mask.long()
+        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                      output_hidden_states=True)
+                      output_hidden_states=True, **extra)
         values = self.value_head(out.hidden_states[-1].to(self.value_head.weight.dtype)).squeeze(-1)
         return out.logits, values
 
     def evaluate_response(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int, temperature: float
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_start: int,
+        temperature: float,
+        entropy_grad: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For responses in columns ``>= response_start`` (T of them):
 
         Returns log π(a_t|s_t) ``[B, T]`` (temperature-scaled), entropy ``[B, T]``, V(s_t) ``[B, T]`` and
-        the value after the last column V(s_T) ``[B]`` (the truncation bootstrap).
+        the value after the last column V(s_T) ``[B]`` (the truncation bootstrap). The entropy carries a
+        gradient only with ``entropy_grad`` (an entropy bonus): backward through a softmax over the whole
+        vocabulary is the largest cost of a small model's update.
         """
-        logits, values = self(input_ids, attention_mask)
-        logits = logits[:, response_start - 1 : -1].float() / temperature  # (B, T, V): predicts column t
-        logp = torch.log_softmax(logits, dim=-1)
+        T = input_ids.shape[1] - response_start
+        # logits of the last T + 1 positions only: the prompt's other positions predict nothing we need
+        logits, values = self(input_ids, attention_mask, logits_to_keep=T + 1)
+        logits = logits[:, -(T + 1) : -1].float() / temperature  # (B, T, V): position t predicts column t
+        lse = torch.logsumexp(logits, dim=-1)  # (B, T)
         actions = input_ids[:, response_start:]
-        logprobs = logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, T)
-        entropy = entropy_from_logits(logits)  # (B, T)
+        logprobs = logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1) - lse  # (B, T), no (B, T, V) log_softmax
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (B, T)
         v = values[:, response_start - 1 :].float()  # (B, T + 1): V(s_t) for t = 0..T
         return logprobs, entropy, v[:, :-1], v[:, -1]

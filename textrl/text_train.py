@@ -34,6 +34,20 @@ from textrl.tracking import Tracker
 __all__ = ["is_text_env", "train_text", "TextRunResult", "evaluate"]
 
 
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def is_text_env(cfg: TrainConfig) -> bool:
     """A run is a text run when a policy model is given or the env's spec names a default one."""
     return cfg.model is not None or "model" in gym.spec(cfg.env).kwargs
@@ -153,6 +167,7 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
         cfg.output_dir = default_output_dir(cfg)
     out = Path(cfg.output_dir)
 
+    bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
     tokenizer, policy, reference = build_policy(cfg, device)
     envs = _text_env(cfg, tokenizer, device)
     if not isinstance(envs.unwrapped, TextGenVectorEnv):
@@ -185,6 +200,8 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     tracker = Tracker(out, resolved, total=num_updates * steps_per_update, initial=global_step,
                       postfix_keys={"reward/score_mean": "score", "policy/kl_ref": "kl", "losses/policy": "pg"})
     _check_health(policy, base, tracker)
+    if bf16:
+        tracker.message("bf16 autocast on for the PPO update (rollouts stay fp32; set bf16: false to turn it off)")
     before = None if resume else evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts,
                                           cfg.eval_samples)
     if before is not None and not quiet:
@@ -194,9 +211,12 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     start_time, start_step = time.perf_counter(), global_step
     try:
         for update in range(start_update, num_updates):
+            # Rollouts stay in fp32: bf16 noise on the logits biases the sampled tokens' log π − log π_ref
+            # upwards (tokens whose logit was rounded up get sampled more), inflating the KL penalty.
             ro = text_rollout(kl_env, policy.lm, cfg.temperature, cfg.top_k, cfg.top_p, generator=sampler)
             global_step += steps_per_update
-            stats = agent.update(ro, progress_remaining=1.0 - update / num_updates)
+            with autocast(device, bf16):  # the update: old log-probs and new ones come from the same bf16 path
+                stats = agent.update(ro, progress_remaining=1.0 - update / num_updates)
             seq_kl = ro.kl.sum(1)  # (B,) summed KL per completion
             kl_ctl.update(float(seq_kl.mean()), n_steps=cfg.num_envs)
             n_tokens = int(ro.mask.sum())
