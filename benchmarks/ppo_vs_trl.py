@@ -50,10 +50,10 @@ def tokenizer():
 
 def run_textrl(size: str, updates: int) -> list[float]:
     import torch
-    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
-
     from textrl.agents.ppo import PPO, PPOConfig
     from textrl.envs import KLPenalty, TextGenVectorEnv
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
     from textrl.lm_policy import LMActorCritic
     from textrl.text_rollout import text_rollout
 

@@ -65,7 +65,8 @@ def test_config_layers_defaults_preset_file_flags(tmp_path, monkeypatch):
     assert cfg.agent_config["gamma"] == 0.95  # flag over file
     # no arguments: the embedded default experiment
     default, _ = resolve_train_config([])
-    assert default.env == "CartPole-v1" and default.total_steps == 100_000
+    assert default.env == "textrl/Cheerful-v0" and default.lora_r == 16 and default.agent == "ppo"
+    assert default.agent_config["gamma"] == 1.0  # the RLHF seed's defaults in the embedded experiment
 
 
 def test_help_lists_every_field_with_its_doc(capsys):

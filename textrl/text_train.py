@@ -167,7 +167,9 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
         cfg.output_dir = default_output_dir(cfg)
     out = Path(cfg.output_dir)
 
-    bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
+    bf16 = cfg.bf16
+    if bf16 and not bf16_supported(device):
+        raise ValueError(f"bf16: this {device.type} has no bf16 support (avx512_bf16/amx_bf16 or a bf16 GPU); set bf16: false")
     tokenizer, policy, reference = build_policy(cfg, device)
     envs = _text_env(cfg, tokenizer, device)
     if not isinstance(envs.unwrapped, TextGenVectorEnv):
