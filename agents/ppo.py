@@ -205,9 +205,12 @@ class PPO(Agent):
     def _evaluate(self, mb: dict[str, torch.Tensor]):
         """New log-probs, entropy and values for a minibatch, in the shape of ``mb["mask"]``."""
         if self.is_text:
+            # Without an entropy bonus the entropy is not recomputed per minibatch: policy/entropy then comes
+            # from the one no-grad pass over the rollout (the rollout policy's entropy).
+            bonus = self.config.ent_coef > 0
             logprobs, entropy, values, _ = self.policy.evaluate_response(
                 mb["input_ids"], mb["attention_mask"], mb["response_start"], self.temperature,
-                entropy_grad=self.config.ent_coef > 0)
+                entropy_grad=bonus, with_entropy=bonus)
             return logprobs, entropy, values
         logits, values = self.policy(mb["obs"])
         logp_all = torch.log_softmax(logits, dim=-1)  # (N, A)
@@ -246,6 +249,7 @@ class PPO(Agent):
         chunks = [self.policy.evaluate_response(input_ids[i : i + 16], attn[i : i + 16], P, self.temperature)
                   for i in range(0, input_ids.shape[0], 16)]
         old_logprobs = torch.cat([c[0] for c in chunks])  # (B, T)
+        entropy = torch.cat([c[1] for c in chunks])  # (B, T) of the rollout policy
         values = torch.cat([c[2] for c in chunks])  # (B, T) V(s_t)
         last_values = torch.cat([c[3] for c in chunks])  # (B,) V(s_T)
         next_values = next_values_from(values, last_values)
@@ -257,6 +261,7 @@ class PPO(Agent):
         stats = {
             "value/explained_variance": float(explained_variance(values, returns, m)),
             "policy/rollout_logprob_diff": float(((old_logprobs - ro.logprobs).abs() * m).max()),
+            "policy/entropy": float(masked_mean(entropy, m)),
         }
         if cfg.norm_adv and int(m.sum()) > 1:
             advantages = masked_whiten(advantages, m)
@@ -279,6 +284,8 @@ class PPO(Agent):
             data, stats = self._prepare_classic(rollout)
             response_start = 0
         stats.update(self._optimise(data, clip, response_start))
+        if "policy/entropy" in stats and "losses/entropy" not in stats:
+            stats["losses/entropy"] = -stats["policy/entropy"]
         stats.update({"charts/learning_rate": lr, "policy/clip_range": clip})
         return stats
 
@@ -308,8 +315,8 @@ class PPO(Agent):
                     logprobs, entropy, values = self._evaluate(mb)
                     pg, pstats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], clip)
                     vl, _ = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.clip_range_vf)
-                    ent = masked_mean(entropy, mb["mask"])
-                    loss = pg + cfg.vf_coef * vl - cfg.ent_coef * ent
+                    ent = masked_mean(entropy, mb["mask"]) if entropy is not None else None
+                    loss = pg + cfg.vf_coef * vl - (cfg.ent_coef * ent if ent is not None else 0.0)
                     if count == 0 and j == 0 and first_ratio_dev != first_ratio_dev:
                         first_ratio_dev = float(pstats["ratio_max_dev"])  # health check: must be ~0
                     if cfg.target_kl is not None and float(pstats["approx_kl"]) > 1.5 * cfg.target_kl:
@@ -320,11 +327,11 @@ class PPO(Agent):
                         break
                     # weight each micro-batch by its share of real tokens: the sum equals the minibatch mean
                     (loss * (int(mb["mask"].sum()) / real_total)).backward()
-                    for key, val in (
-                        ("losses/policy", pg), ("losses/value", vl), ("losses/entropy", -ent),
-                        ("losses/total", loss), ("policy/entropy", ent), ("policy/approx_kl", pstats["approx_kl"]),
-                        ("policy/clipfrac", pstats["clipfrac"]),
-                    ):
+                    terms = [("losses/policy", pg), ("losses/value", vl), ("losses/total", loss),
+                             ("policy/approx_kl", pstats["approx_kl"]), ("policy/clipfrac", pstats["clipfrac"])]
+                    if ent is not None:
+                        terms += [("losses/entropy", -ent), ("policy/entropy", ent)]
+                    for key, val in terms:
                         mb_stats[key] = mb_stats.get(key, 0.0) + float(val.detach()) / len(micro)
                 if stop:
                     break

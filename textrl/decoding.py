@@ -76,8 +76,8 @@ class CachedDecoder:
     def logprobs_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """log p(token) under the current next-token distribution, ``[B]``."""
         assert self.next_logits is not None, "prefill first"
-        logp = torch.log_softmax(self.next_logits, dim=-1)
-        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        chosen = self.next_logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B,)
+        return chosen - torch.logsumexp(self.next_logits, dim=-1)  # no (B, V) log-softmax tensor
 
 
 def sequence_logprobs(

@@ -89,22 +89,27 @@ class LMActorCritic(nn.Module):
         response_start: int,
         temperature: float,
         entropy_grad: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        with_entropy: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """For responses in columns ``>= response_start`` (T of them):
 
         Returns log π(a_t|s_t) ``[B, T]`` (temperature-scaled), entropy ``[B, T]``, V(s_t) ``[B, T]`` and
         the value after the last column V(s_T) ``[B]`` (the truncation bootstrap). The entropy carries a
         gradient only with ``entropy_grad`` (an entropy bonus): backward through a softmax over the whole
-        vocabulary is the largest cost of a small model's update.
+        vocabulary is the largest cost of a small model's update; ``with_entropy=False`` skips it (None).
         """
         T = input_ids.shape[1] - response_start
         # logits of the last T + 1 positions only: the prompt's other positions predict nothing we need
         logits, values = self(input_ids, attention_mask, logits_to_keep=T + 1)
-        logits = logits[:, -(T + 1) : -1].float() / temperature  # (B, T, V): position t predicts column t
+        logits = logits[:, -(T + 1) : -1].float()  # (B, T, V): position t predicts column t
+        if temperature != 1.0:  # skip a full-vocabulary copy (and its backward) when it changes nothing
+            logits = logits / temperature
         lse = torch.logsumexp(logits, dim=-1)  # (B, T)
         actions = input_ids[:, response_start:]
         logprobs = logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1) - lse  # (B, T), no (B, T, V) log_softmax
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (B, T)
+        entropy = None
+        if with_entropy or entropy_grad:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (B, T)
         v = values[:, response_start - 1 :].float()  # (B, T + 1): V(s_t) for t = 0..T
         return logprobs, entropy, v[:, :-1], v[:, -1]
