@@ -156,8 +156,10 @@ class PPO(Agent):
         config: PPOConfig | None = None,
         device: str = "cpu",
         policy: nn.Module | None = None,
+        accelerator: Any = None,
     ):
         self.config = config or PPOConfig()
+        self.accelerator = accelerator  # accelerate.Accelerator: backward and grad clipping go through it
         self.device = torch.device(device)
         self.is_text = policy is not None
         if self.is_text:
@@ -173,6 +175,8 @@ class PPO(Agent):
         # fused Adam: one kernel for all parameters (CPU and CUDA); the per-tensor loop dominates small nets
         self.optimizer = torch.optim.Adam(self.params, lr=self.config.learning_rate, eps=self.config.adam_eps,
                                           fused=True)
+        if accelerator is not None:
+            self.optimizer = accelerator.prepare_optimizer(self.optimizer)
         self.temperature = 1.0  # text envs: the sampling temperature, set by the trainer
 
     @classmethod
@@ -326,7 +330,7 @@ class PPO(Agent):
                         finite = False
                         break
                     # weight each micro-batch by its share of real tokens: the sum equals the minibatch mean
-                    (loss * (int(mb["mask"].sum()) / real_total)).backward()
+                    self._backward(loss * (int(mb["mask"].sum()) / real_total))
                     terms = [("losses/policy", pg), ("losses/value", vl), ("losses/total", loss),
                              ("policy/approx_kl", pstats["approx_kl"]), ("policy/clipfrac", pstats["clipfrac"])]
                     if ent is not None:
@@ -335,7 +339,7 @@ class PPO(Agent):
                         mb_stats[key] = mb_stats.get(key, 0.0) + float(val.detach()) / len(micro)
                 if stop:
                     break
-                grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if finite else None
+                grad_norm = self._clip_grad_norm() if finite else None
                 if not finite or not torch.isfinite(grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
                     nan_skipped += 1  # skip the step, keep the weights; logged as train/nan_skipped
@@ -352,6 +356,17 @@ class PPO(Agent):
         stats.update({"policy/first_ratio_dev": first_ratio_dev, "train/epochs_run": float(epochs_run),
                       "train/nan_skipped": float(nan_skipped)})
         return stats
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        if self.accelerator is not None:
+            return self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        return nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
 
     # --- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

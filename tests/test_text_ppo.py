@@ -159,3 +159,23 @@ def test_text_cli_subprocess(tmp_path):
     assert "held-out reward:" in proc.stderr and "->" in proc.stderr
     m = metrics(tmp_path)
     assert [x["global_step"] for x in m] == [256, 512] and "reward/score_mean" in m[-1]
+
+
+def test_backward_and_clipping_go_through_accelerate(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    calls = {"backward": 0, "clip": 0}
+    real_backward, real_clip = Accelerator.backward, Accelerator.clip_grad_norm_
+
+    def backward(self, loss, **kw):
+        calls["backward"] += 1
+        return real_backward(self, loss, **kw)
+
+    def clip(self, params, max_norm, **kw):
+        calls["clip"] += 1
+        return real_clip(self, params, max_norm, **kw)
+
+    monkeypatch.setattr(Accelerator, "backward", backward)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
+    train(toy_cfg(tmp_path, "--total-steps", "256"), quiet=True)  # 1 update x 4 epochs x 2 minibatches
+    assert calls == {"backward": 8, "clip": 8}

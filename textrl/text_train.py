@@ -161,8 +161,13 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    from accelerate import Accelerator
+
+    want = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                        ("cpu" if cfg.device == "auto" else cfg.device))
+    # accelerate at the edges: device placement, backward, gradient clipping; the maths and the env are plain torch
+    accelerator = Accelerator(cpu=want.type == "cpu")
+    device = accelerator.device if want.type != "cpu" else want
     if cfg.output_dir is None:
         cfg.output_dir = default_output_dir(cfg)
     out = Path(cfg.output_dir)
@@ -175,7 +180,8 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     if not isinstance(envs.unwrapped, TextGenVectorEnv):
         raise TypeError(f"env: {cfg.env} is not a textrl text env (got {type(envs.unwrapped).__name__})")
     cls = agent_class(cfg.agent)
-    agent = cls(envs, from_dict(cls.config_class, cfg.agent_config), device=str(device), policy=policy)
+    agent = cls(envs, from_dict(cls.config_class, cfg.agent_config), device=str(device), policy=policy,
+                accelerator=accelerator)
     agent.temperature = cfg.temperature
     kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     kl_env = KLPenalty(envs, reference, kl_ctl, cfg.kl_estimator, cfg.temperature)
