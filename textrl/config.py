@@ -57,6 +57,8 @@ class TrainConfig:
     """Text envs: LoRA alpha (scale = alpha / r)."""
     lora_targets: tuple[str, ...] = ()
     """Text envs: module names to adapt; empty = peft's default for the architecture."""
+    quantization: str | None = None
+    """Text envs: load the frozen base weights in "8bit" or "4bit" (nf4) with bitsandbytes (QLoRA: needs lora_r > 0)."""
     temperature: float = 1.0
     """Text envs: sampling temperature; every log-prob (policy and reference) is of logits / temperature."""
     top_k: int = 0
@@ -95,6 +97,11 @@ class TrainConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.quantization not in (None, "8bit", "4bit"):
+            raise ValueError(f"quantization must be null, '8bit' or '4bit', got {self.quantization!r}")
+        if self.quantization and self.lora_r <= 0:
+            raise ValueError(f"quantization={self.quantization!r} freezes the base weights, so the policy needs LoRA "
+                             f"adapters to train: set lora_r > 0 (e.g. --lora-r 16), got lora_r={self.lora_r}")
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r!r}")
         if self.torch_threads is not None and self.torch_threads <= 0:

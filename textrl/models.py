@@ -105,17 +105,56 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
 
 
+def quantization_config(kind: str) -> Any:
+    """A bitsandbytes config for "8bit" or "4bit" (nf4, fp32 compute), or a clear error where it is missing."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:
+        raise ValueError(f"quantization={kind!r} needs bitsandbytes: pip install 'textrl[quant]' ({err})") from None
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    raise ValueError(f"quantization must be '8bit' or '4bit', got {kind!r}")
+
+
 def load_causal_lm(
-    name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs: Any
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    quantization: str | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
-    """A causal LM with dropout off, by hub name, local path, or ``"smollm2-135m-instruct"`` (offline)."""
+    """A causal LM with dropout off, by hub name, local path, or ``"smollm2-135m-instruct"`` (offline).
+
+    With ``quantization`` ("8bit"/"4bit") the weights load through bitsandbytes and the model is left in
+    **train mode** (dropout is 0 anyway): a no-grad forward in eval mode converts 4-bit weights to an
+    inference-only layout after which training fails.
+    """
     from transformers import AutoModelForCausalLM
 
     from textrl.envs.toy import TINY_MODEL, char_tokenizer, tiny_gpt2
 
     if name_or_path == TINY_MODEL:  # built in memory: the toy tasks and tests need no download
+        if quantization:
+            raise ValueError(f"quantization needs a saved model; {TINY_MODEL} is built in memory")
         return tiny_gpt2(len(char_tokenizer()), seed=kwargs.get("seed", 0))
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
-    )
+    if quantization:
+        kwargs = {**kwargs, "quantization_config": quantization_config(quantization),
+                  "device_map": kwargs.get("device_map", "cpu")}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except (RuntimeError, NotImplementedError) as err:
+        if quantization:
+            raise ValueError(f"quantization={quantization!r} is not supported on this platform by the installed "
+                             f"bitsandbytes: {err}") from err
+        raise
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model.train()
     return disable_dropout(model)

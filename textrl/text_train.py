@@ -82,7 +82,7 @@ def _text_env(cfg: TrainConfig, tokenizer, device, num_envs: int | None = None, 
 def build_policy(cfg: TrainConfig, device: torch.device):
     name = cfg.model or gym.spec(cfg.env).kwargs["model"]
     tokenizer = load_tokenizer(name)
-    lm = load_causal_lm(name)
+    lm = load_causal_lm(name, quantization=cfg.quantization)
     reference = None
     if cfg.lora_r > 0:
         for p in lm.parameters():
