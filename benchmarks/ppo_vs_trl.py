@@ -6,7 +6,8 @@ own subprocess so that peak memory is its own.
 Settings (the issue's): a GPT-2 built locally (2 layers n_embd 128, or 6 layers n_embd 384) as policy, a
 reward model of the same architecture (GPT2ForSequenceClassification, 1 label, its own random weights),
 a frozen reference copy, batch 16, 32-token responses, 4 PPO epochs, 1 minibatch, 10 updates, fp32 on
-the CPU. Both sides use the SmolLM2 tokenizer (49 152 tokens) and the same prompts. TRL needs a separate
+the CPU; and SmolLM2-135M-Instruct with LoRA r16 on q/k/v/o (reward and TRL's value model: its trunk
+with a scalar head). Both sides use the SmolLM2 tokenizer (49 152 tokens) and the same prompts. TRL needs a separate
 value model (same architecture); textrl uses a value head on the policy trunk — that is part of what is
 compared. Reports seconds per update (median after the first) and peak RSS, and the ratios.
 """
@@ -29,6 +30,24 @@ PROMPTS = [
     "Our garden in spring", "The train left the station", "A letter arrived from", "The old lighthouse",
 ]
 BATCH, RESPONSE, EPOCHS, LR = 16, 32, 4, 3e-6
+
+
+LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
+
+
+def smollm2_models(num_value_models: int):
+    """SmolLM2-135M-Instruct (offline) policy, and its trunk with a scalar head for reward (and value) models."""
+    from transformers import AutoModelForSequenceClassification
+
+    from textrl.models import load_causal_lm, resolve_model_path
+
+    path = resolve_model_path("smollm2-135m-instruct")
+    heads = []
+    for _ in range(1 + num_value_models):
+        m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        m.config.pad_token_id = tokenizer().pad_token_id
+        heads.append(m)
+    return load_causal_lm("smollm2-135m-instruct"), heads
 
 
 def gpt2_configs(size: str, vocab: int, pad_id: int):
@@ -58,12 +77,22 @@ def run_textrl(size: str, updates: int) -> list[float]:
     from textrl.text_rollout import text_rollout
 
     tok = tokenizer()
-    cfg = gpt2_configs(size, len(tok), tok.pad_token_id)
     torch.manual_seed(0)
-    policy = LMActorCritic(GPT2LMHeadModel(cfg))
-    ref = GPT2LMHeadModel(cfg)
-    ref.load_state_dict(policy.lm.state_dict())
-    rm = GPT2ForSequenceClassification(cfg).eval()
+    if size == "smollm2":  # LoRA: the reference is the policy with adapters off, no copy
+        from textrl.lm_policy import add_lora
+
+        lm, (rm,) = smollm2_models(num_value_models=0)
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        policy = LMActorCritic(add_lora(lm, LORA["r"], LORA["lora_alpha"], LORA["target_modules"]))
+        ref = policy.reference()
+        rm.eval()
+    else:
+        cfg = gpt2_configs(size, len(tok), tok.pad_token_id)
+        policy = LMActorCritic(GPT2LMHeadModel(cfg))
+        ref = GPT2LMHeadModel(cfg)
+        ref.load_state_dict(policy.lm.state_dict())
+        rm = GPT2ForSequenceClassification(cfg).eval()
 
     class RewardModel:  # token-level scorer: same tokenizer, no decode / re-encode
         token_level = True
@@ -94,13 +123,21 @@ def run_trl(size: str, updates: int) -> list[float]:
 
     os.environ.setdefault("WANDB_DISABLED", "true")
     tok = tokenizer()
-    cfg = gpt2_configs(size, len(tok), tok.pad_token_id)
     torch.manual_seed(0)
-    policy = GPT2LMHeadModel(cfg)
-    ref = GPT2LMHeadModel(cfg)
-    ref.load_state_dict(policy.state_dict())
-    rm = GPT2ForSequenceClassification(cfg)
-    value = GPT2ForSequenceClassification(cfg)
+    peft_config = None
+    if size == "smollm2":  # TRL with peft: ref_model=None (adapters off), a separate full value model
+        from peft import LoraConfig
+
+        policy, (rm, value) = smollm2_models(num_value_models=1)
+        ref = None
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **LORA)
+    else:
+        cfg = gpt2_configs(size, len(tok), tok.pad_token_id)
+        policy = GPT2LMHeadModel(cfg)
+        ref = GPT2LMHeadModel(cfg)
+        ref.load_state_dict(policy.state_dict())
+        rm = GPT2ForSequenceClassification(cfg)
+        value = GPT2ForSequenceClassification(cfg)
     ds = Dataset.from_dict({"input_ids": [tok(p)["input_ids"] for p in (PROMPTS * 20)]})
     stamps: list[float] = []
 
@@ -116,7 +153,7 @@ def run_trl(size: str, updates: int) -> list[float]:
             local_rollout_forward_batch_size=BATCH, temperature=1.0, stop_token="eos", logging_steps=1000,
         )
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
-                             train_dataset=ds, value_model=value)
+                             train_dataset=ds, value_model=value, peft_config=peft_config)
         trainer.add_callback(Stamp())
         start = time.perf_counter()
         trainer.train()
@@ -132,7 +169,7 @@ def child(side: str, size: str, updates: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["2l", "6l"])
+    parser.add_argument("--sizes", nargs="+", default=["2l", "6l", "smollm2"])
     parser.add_argument("--updates", type=int, default=10)
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -155,7 +192,8 @@ def main() -> None:
               f"textrl {res['textrl']['peak_mb']:.0f} MB", flush=True)
     print("\n| model | TRL s/update | textrl s/update | speed-up (TRL/textrl) | TRL peak RSS (MB) | textrl peak RSS (MB) | memory ratio (textrl/TRL) |")
     print("|---|---|---|---|---|---|---|")
-    names = {"2l": "GPT-2 2 layers, n_embd 128", "6l": "GPT-2 6 layers, n_embd 384"}
+    names = {"2l": "GPT-2 2 layers, n_embd 128", "6l": "GPT-2 6 layers, n_embd 384",
+             "smollm2": "SmolLM2-135M + LoRA r16"}
     for size, t_trl, t_ours, m_trl, m_ours in rows:
         print(f"| {names[size]} | {t_trl:.3f} | {t_ours:.3f} | {t_trl / t_ours:.2f}x | {m_trl:.0f} | {m_ours:.0f} | "
               f"{m_ours / m_trl:.2f} |")
