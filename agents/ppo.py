@@ -321,7 +321,7 @@ class PPO(Agent):
                     vl, _ = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.clip_range_vf)
                     ent = masked_mean(entropy, mb["mask"]) if entropy is not None else None
                     loss = pg + cfg.vf_coef * vl - (cfg.ent_coef * ent if ent is not None else 0.0)
-                    if count == 0 and j == 0 and first_ratio_dev != first_ratio_dev:
+                    if count == 0 and j == 0 and math.isnan(first_ratio_dev):
                         first_ratio_dev = float(pstats["ratio_max_dev"])  # health check: must be ~0
                     if cfg.target_kl is not None and float(pstats["approx_kl"]) > 1.5 * cfg.target_kl:
                         stop = True
