@@ -58,7 +58,11 @@ class Agent(ABC):
 
 
 # name -> "module:Class"; imported lazily so that `textrl --help` stays fast.
-AGENTS: dict[str, str] = {"ppo": "textrl.agents.ppo:PPO"}
+AGENTS: dict[str, str] = {
+    "ppo": "textrl.agents.ppo:PPO",
+    "rloo": "textrl.agents.rloo:RLOO",
+    "grpo": "textrl.agents.grpo:GRPO",
+}
 
 
 def register_agent(name: str, target: str) -> None:

@@ -171,13 +171,16 @@ class PPO(Agent):
             obs_dim = int(np.prod(envs.single_observation_space.shape))
             n_actions = int(envs.single_action_space.n)
             self.policy = MLPActorCritic(obs_dim, n_actions, self.config.hidden_sizes).to(self.device)
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.params = self._trainable_parameters()
         # fused Adam: one kernel for all parameters (CPU and CUDA); the per-tensor loop dominates small nets
         self.optimizer = torch.optim.Adam(self.params, lr=self.config.learning_rate, eps=self.config.adam_eps,
                                           fused=True)
         if accelerator is not None:
             self.optimizer = accelerator.prepare_optimizer(self.optimizer)
         self.temperature = 1.0  # text envs: the sampling temperature, set by the trainer
+
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
 
     @classmethod
     def check_env(cls, envs: gym.vector.VectorEnv) -> None:
@@ -316,11 +319,7 @@ class PPO(Agent):
                 for j, mi in enumerate(micro):
                     mb: dict[str, Any] = {k: v[mi] for k, v in data.items()}
                     mb["response_start"] = response_start
-                    logprobs, entropy, values = self._evaluate(mb)
-                    pg, pstats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], clip)
-                    vl, _ = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.clip_range_vf)
-                    ent = masked_mean(entropy, mb["mask"]) if entropy is not None else None
-                    loss = pg + cfg.vf_coef * vl - (cfg.ent_coef * ent if ent is not None else 0.0)
+                    loss, terms, pstats = self._loss(mb, clip)
                     if count == 0 and j == 0 and math.isnan(first_ratio_dev):
                         first_ratio_dev = float(pstats["ratio_max_dev"])  # health check: must be ~0
                     if cfg.target_kl is not None and float(pstats["approx_kl"]) > 1.5 * cfg.target_kl:
@@ -331,11 +330,9 @@ class PPO(Agent):
                         break
                     # weight each micro-batch by its share of real tokens: the sum equals the minibatch mean
                     self._backward(loss * (int(mb["mask"].sum()) / real_total))
-                    terms = [("losses/policy", pg), ("losses/value", vl), ("losses/total", loss),
-                             ("policy/approx_kl", pstats["approx_kl"]), ("policy/clipfrac", pstats["clipfrac"])]
-                    if ent is not None:
-                        terms += [("losses/entropy", -ent), ("policy/entropy", ent)]
-                    for key, val in terms:
+                    terms.update({"losses/total": loss, "policy/approx_kl": pstats["approx_kl"],
+                                  "policy/clipfrac": pstats["clipfrac"]})
+                    for key, val in terms.items():
                         mb_stats[key] = mb_stats.get(key, 0.0) + float(val.detach()) / len(micro)
                 if stop:
                     break
@@ -357,6 +354,20 @@ class PPO(Agent):
                       "train/nan_skipped": float(nan_skipped)})
         return stats
 
+    def _loss(self, mb: dict[str, Any], clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        """The minibatch loss: clipped policy loss + vf_coef · value loss − ent_coef · entropy.
+        Returns ``(loss, terms to log, policy_loss stats)``; critic-free agents override this."""
+        cfg = self.config
+        logprobs, entropy, values = self._evaluate(mb)
+        pg, pstats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], clip)
+        vl, _ = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.clip_range_vf)
+        ent = masked_mean(entropy, mb["mask"]) if entropy is not None else None
+        loss = pg + cfg.vf_coef * vl - (cfg.ent_coef * ent if ent is not None else 0.0)
+        terms = {"losses/policy": pg, "losses/value": vl}
+        if ent is not None:
+            terms.update({"losses/entropy": -ent, "policy/entropy": ent})
+        return loss, terms, pstats
+
     def _backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is not None:
             self.accelerator.backward(loss)
@@ -370,12 +381,14 @@ class PPO(Agent):
 
     # --- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        model = {n: p.detach() for n, p in self.policy.named_parameters() if p.requires_grad}
+        trained = {id(p) for p in self.params}
+        model = {n: p.detach() for n, p in self.policy.named_parameters() if id(p) in trained}
         return {"model": model, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = self.policy.load_state_dict(state["model"], strict=False).missing_keys
-        trainable = {n for n, p in self.policy.named_parameters() if p.requires_grad}
+        trained = {id(p) for p in self.params}
+        trainable = {n for n, p in self.policy.named_parameters() if id(p) in trained}
         if trainable & set(missing):
             raise ValueError(f"checkpoint lacks trainable weights {sorted(trainable & set(missing))[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])

@@ -73,6 +73,9 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         prompt_order: "random" (seeded sampling) or "sequential" (cycle through the prompts in order).
         model: the default policy model of a registered env (read by ``textrl train``; unused here).
         chat_template: wrap each prompt as a user turn with the tokenizer's chat template (instruct models).
+        num_generations: k: serve each drawn prompt to k contiguous rows (rows i·k … i·k + k − 1 form group i),
+            so group baselines (RLOO, GRPO) are exact. num_envs must be a multiple of k, and a partial reset
+            must cover whole groups.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED}
@@ -96,11 +99,18 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         prompt_order: str = "random",
         model: str | None = None,
         chat_template: bool = False,
+        num_generations: int = 1,
     ):
         if not isinstance(num_envs, int) or num_envs <= 0:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not isinstance(num_generations, int) or isinstance(num_generations, bool) or num_generations <= 0:
+            raise ValueError(f"num_generations must be a positive integer, got {num_generations!r}")
+        if num_envs % num_generations:
+            raise ValueError(f"num_envs={num_envs} must be a multiple of num_generations={num_generations} "
+                             "(each prompt fills k contiguous rows)")
+        self.num_generations = num_generations
         scorer = resolve_scorer(scorer)
         if prompt_order not in ("random", "sequential"):
             raise ValueError(f"prompt_order must be 'random' or 'sequential', got {prompt_order!r}")
@@ -188,13 +198,18 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
             if reset_mask.dtype != torch.bool or reset_mask.shape != (self.num_envs,):
                 raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},), "
                                  f"got {reset_mask.dtype} {tuple(reset_mask.shape)}")
+            k = self.num_generations
+            if k > 1 and not bool((reset_mask.view(-1, k) == reset_mask.view(-1, k)[:, :1]).all()):
+                raise ValueError(f"options['reset_mask'] must reset whole groups of num_generations={k} rows")
             rows = self._rows[reset_mask.to(self.device)]
+        n = len(rows) // self.num_generations  # prompts to draw: one per group
         if self.prompt_order == "sequential":
-            picks = (torch.arange(len(rows)) + self._next_prompt) % len(self.prompts)
-            self._next_prompt = int(picks[-1] + 1) if len(rows) else self._next_prompt
+            picks = (torch.arange(n) + self._next_prompt) % len(self.prompts)
+            self._next_prompt = int(picks[-1] + 1) if n else self._next_prompt
             picks = picks.to(self.device)
         else:
-            picks = torch.as_tensor(self.np_random.integers(0, len(self.prompts), size=len(rows)), device=self.device)
+            picks = torch.as_tensor(self.np_random.integers(0, len(self.prompts), size=n), device=self.device)
+        picks = picks.repeat_interleave(self.num_generations)
         P = self.max_prompt_tokens
         self.prompt_index[rows] = picks
         self.input_ids[rows] = self.pad_token_id

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gae", "next_values_from"]
+__all__ = ["gae", "next_values_from", "leave_one_out", "group_normalise", "check_groups"]
 
 
 def next_values_from(values: torch.Tensor, last_values: torch.Tensor) -> torch.Tensor:
@@ -78,3 +78,45 @@ def gae(
         advantages[:, t] = torch.where(mask[:, t], step_adv, zero)
     returns = torch.where(mask, advantages + v, zero)
     return advantages, returns
+
+
+def check_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[B]`` → ``[B / k, k]``: rows ``i·k … i·k + k − 1`` are the k completions of one prompt."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B] (one per completion), got shape {tuple(rewards.shape)}")
+    if not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an integer >= 2 (a group baseline needs siblings), got {group_size!r}")
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"batch of {rewards.shape[0]} completions does not split into groups of {group_size}")
+    return rewards.view(-1, group_size)
+
+
+def leave_one_out(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO advantages (Kool et al. 2019; Ahmadian et al. 2024, arXiv:2402.14740, eq. 6).
+
+    A_i = R_i − 1/(k−1) · Σ_{j≠i} R_j  over the k completions of the same prompt,
+    equivalently k/(k−1) · (R_i − mean_j R_j). The baseline excludes the sample itself, so the estimator
+    stays unbiased. ``rewards`` ``[B]``, grouped contiguously (see :func:`check_groups`); returns ``[B]``.
+    """
+    g = check_groups(rewards, group_size)
+    baseline = (g.sum(1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).reshape(-1)
+
+
+def group_normalise(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages (Shao et al. 2024, arXiv:2402.03300, §4.1.2 outcome supervision).
+
+    A_i = (R_i − mean(group)) / (std(group) + eps) with ``scale="group"`` (the paper; std is Bessel-
+    corrected, as TRL's); ``"batch"`` divides by the std of the whole batch instead, ``"none"`` only
+    centres (Dr. GRPO). A group whose rewards are all equal gets advantages exactly 0 (no signal), not
+    0/0. Returns ``[B]``.
+    """
+    g = check_groups(rewards, group_size)
+    centred = g - g.mean(1, keepdim=True)
+    if scale == "group":
+        centred = centred / (g.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    return centred.reshape(-1)

@@ -10,10 +10,12 @@ from typing import Literal
 
 import torch
 
-from textrl.masking import masked_mean, masked_var
+from textrl.masking import masked_mean, masked_sum, masked_var
 
 __all__ = [
     "policy_loss",
+    "sequence_policy_loss",
+    "aggregate",
     "value_loss",
     "entropy_from_logits",
     "explained_variance",
@@ -34,13 +36,17 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    aggregation: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss of PPO (Schulman et al. 2017, eq. 7), negated for minimisation.
 
     r_t = exp(log π_θ(a_t|s_t) − log π_old(a_t|s_t))
     L = −E_m[min(r_t·Â_t, clip(r_t, 1−ε, 1+ε)·Â_t)] = E_m[max(−r_t·Â_t, −clip(r_t)·Â_t)]
 
-    ``old_logprobs`` and ``advantages`` are treated as constants (detached here).
+    ``old_logprobs`` and ``advantages`` are treated as constants (detached here). ``aggregation`` says
+    what E_m averages over: ``"token"`` — every real token of the batch weighs the same (PPO; DAPO's
+    and TRL's ``loss_type="dapo"``); ``"sequence"`` — mean over each row's real tokens, then over rows
+    (GRPO's 1/G Σ_i 1/|o_i| Σ_t; TRL's ``loss_type="grpo"``), so short completions weigh more per token.
 
     Returns:
         ``(loss, stats)`` with stats ``approx_kl`` (k3 form, E[(r − 1) − log r], Schulman's low-variance
@@ -52,12 +58,51 @@ def policy_loss(
     adv = _where_real(advantages.detach(), mask)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation)
     with torch.no_grad():
         stats = {
             "approx_kl": masked_mean((ratio - 1.0) - logratio, mask),
             "clipfrac": masked_mean(((ratio - 1.0).abs() > clip_range).to(ratio.dtype), mask),
             "ratio_max_dev": _where_real((ratio - 1.0).abs(), mask).max(),
+        }
+    return loss, stats
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Average a ``[B, T]`` per-token loss over real tokens: ``"token"`` (all tokens equal) or
+    ``"sequence"`` (per-row mean, then mean over the rows that have a real token)."""
+    if aggregation == "token":
+        return masked_mean(per_token, mask)
+    if aggregation == "sequence":
+        rows = mask.any(-1)
+        return masked_mean(masked_mean(per_token, mask, dim=-1), rows)
+    raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+
+
+def sequence_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate with one ratio per completion, the completion being a single action (RLOO,
+    Ahmadian et al. 2024; TRL's RLOOTrainer):
+
+    ρ_i = exp(Σ_t m_t·(log π_θ − log π_old)),   L = −mean_i min(ρ_i·A_i, clip(ρ_i, 1−ε, 1+ε)·A_i)
+
+    ``logprobs``/``old_logprobs``/``mask`` are ``[B, T]``; ``advantages`` ``[B]``. Stats as :func:`policy_loss`,
+    per completion.
+    """
+    logratio = masked_sum(logprobs - old_logprobs.detach(), mask, dim=-1)  # (B,)
+    ratio = torch.exp(logratio)
+    adv = advantages.detach()
+    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)).mean()
+    with torch.no_grad():
+        stats = {
+            "approx_kl": ((ratio - 1.0) - logratio).mean(),
+            "clipfrac": ((ratio - 1.0).abs() > clip_range).to(ratio.dtype).mean(),
+            "ratio_max_dev": (ratio - 1.0).abs().max(),
         }
     return loss, stats
 

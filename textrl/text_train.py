@@ -59,9 +59,29 @@ class EvalResult:
     se: float
     kl: float  # mean summed KL per completion
     samples: list[tuple[str, str]] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # per held-out prompt, in prompt order
 
     def __str__(self) -> str:
         return f"{self.mean:.4f} ± {self.se:.4f}"
+
+
+def paired_gain(before: EvalResult, after: EvalResult) -> tuple[float, float]:
+    """Mean and standard error of after − before over the same held-out prompts (a paired comparison: the
+    prompt-to-prompt spread of the score cancels; both evaluations also share the sampling seed)."""
+    d = torch.tensor(after.scores, dtype=torch.float64) - torch.tensor(before.scores, dtype=torch.float64)
+    if d.numel() < 2:
+        return float("nan"), float("nan")
+    return float(d.mean()), float(d.std() / math.sqrt(d.numel()))
+
+
+def summary_line(before: EvalResult | None, after: EvalResult) -> str:
+    """``held-out reward: BEFORE ± SE -> AFTER ± SE (kl=K)``, plus the paired gain when both exist."""
+    head = f"{before}" if before is not None else "(resumed)"
+    line = f"held-out reward: {head} -> {after} (kl={after.kl:.3f})"
+    if before is not None and len(before.scores) == len(after.scores):
+        gain, se = paired_gain(before, after)
+        line += f"; paired gain {gain:+.4f} ± {se:.4f} ({gain / se if se > 0 else float('nan'):.1f} SE)"
+    return line
 
 
 @dataclass
@@ -95,6 +115,18 @@ def build_policy(cfg: TrainConfig, device: torch.device):
     return tokenizer, policy, reference
 
 
+def _group_kwargs(cfg: TrainConfig, agent_cfg) -> dict[str, int]:
+    """The env's ``num_generations`` from the agent's (RLOO/GRPO); a conflicting env_kwargs value is an error."""
+    k = getattr(agent_cfg, "num_generations", None)
+    if k is None:
+        return {}
+    given = cfg.env_kwargs.get("num_generations", k)
+    if given != k:
+        raise ValueError(f"env_kwargs.num_generations={given} conflicts with {cfg.agent}.num_generations={k}; "
+                         "set it once, in the agent's section")
+    return {"num_generations": k}
+
+
 @torch.no_grad()
 def evaluate(cfg: TrainConfig, policy: LMActorCritic, reference, tokenizer, device, prompts: list[str] | None,
              n_samples: int) -> EvalResult | None:
@@ -102,14 +134,15 @@ def evaluate(cfg: TrainConfig, policy: LMActorCritic, reference, tokenizer, devi
     if not prompts:
         return None
     env = KLPenalty(_text_env(cfg, tokenizer, device, num_envs=len(prompts), prompts=prompts,
-                              prompt_order="sequential"), reference, 0.0, cfg.kl_estimator, cfg.temperature)
+                              prompt_order="sequential", num_generations=1), reference, 0.0, cfg.kl_estimator, cfg.temperature)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
     ro = text_rollout(env, policy.lm, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed, generator=gen)
     scores = ro.scores.double()
+    by_prompt = torch.zeros(len(prompts), dtype=torch.float64).index_add_(0, ro.prompt_index.cpu(), scores.cpu())
     texts = _completions(tokenizer, ro)
     samples = [(prompts[int(i)], texts[j]) for j, i in enumerate(ro.prompt_index.tolist())][:n_samples]
     se = float(scores.std() / math.sqrt(len(scores))) if len(scores) > 1 else float("nan")
-    return EvalResult(float(scores.mean()), se, float(ro.kl.sum(1).mean()), samples)
+    return EvalResult(float(scores.mean()), se, float(ro.kl.sum(1).mean()), samples, by_prompt.tolist())
 
 
 def _completions(tokenizer, ro: TextRollout) -> list[str]:
@@ -129,7 +162,7 @@ def _write_samples(path: Path, before: EvalResult | None, after: EvalResult | No
     if before is None or after is None:
         return
     lines = ["# Held-out samples, before and after training\n",
-             f"held-out reward: {before} -> {after} (kl={after.kl:.3f})\n"]
+             summary_line(before, after) + "\n"]
     for (prompt, b), (_, a) in zip(before.samples, after.samples, strict=True):
         lines += [f"## Prompt\n\n{prompt.strip()}\n", f"**Before:** {b.strip()}\n", f"**After:** {a.strip()}\n"]
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -175,15 +208,19 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     bf16 = cfg.bf16
     if bf16 and not bf16_supported(device):
         raise ValueError(f"bf16: this {device.type} has no bf16 support (avx512_bf16/amx_bf16 or a bf16 GPU); set bf16: false")
+    cls = agent_class(cfg.agent)
+    agent_cfg = from_dict(cls.config_class, cfg.agent_config)
+    agent_cfg.check_batch(cfg.num_envs, rows_only=True)  # fail before loading any model
     tokenizer, policy, reference = build_policy(cfg, device)
-    envs = _text_env(cfg, tokenizer, device)
+    envs = _text_env(cfg, tokenizer, device, **_group_kwargs(cfg, agent_cfg))
     if not isinstance(envs.unwrapped, TextGenVectorEnv):
         raise TypeError(f"env: {cfg.env} is not a textrl text env (got {type(envs.unwrapped).__name__})")
-    cls = agent_class(cfg.agent)
-    agent = cls(envs, from_dict(cls.config_class, cfg.agent_config), device=str(device), policy=policy,
-                accelerator=accelerator)
+    agent = cls(envs, agent_cfg, device=str(device), policy=policy, accelerator=accelerator)
     agent.temperature = cfg.temperature
-    kl_ctl = make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    # Agents with the KL in their loss (GRPO) get an env penalty of 0; the env still reports ref log-probs and KL.
+    kl_in_reward = getattr(cls, "kl_in_reward", True)
+    kl_ctl = make_kl_controller(cfg.kl_coef if kl_in_reward else 0.0, cfg.kl_target if kl_in_reward else None,
+                                cfg.kl_horizon)
     kl_env = KLPenalty(envs, reference, kl_ctl, cfg.kl_estimator, cfg.temperature)
     base = envs.unwrapped
     steps_per_update = cfg.num_envs * base.max_new_tokens
@@ -208,6 +245,9 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     tracker = Tracker(out, resolved, total=num_updates * steps_per_update, initial=global_step,
                       postfix_keys={"reward/score_mean": "score", "policy/kl_ref": "kl", "losses/policy": "pg"})
     _check_health(policy, base, tracker)
+    if not kl_in_reward:
+        tracker.message(f"{cfg.agent}: KL to the reference is a loss term (beta={getattr(agent.config, 'beta', 0)}); "
+                        "the env's reward carries no KL penalty (kl_coef ignored)")
     if bf16:
         tracker.message("bf16 autocast on for the PPO update (rollouts stay fp32; set bf16: false to turn it off)")
     before = None if resume else evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts,
@@ -260,8 +300,7 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
         plot_curves(history, out / "curves.png")
     _write_samples(out / "samples.md", before, after)
     if after is not None and not quiet:
-        head = f"{before}" if before is not None else "(resumed)"
-        print(f"held-out reward: {head} -> {after} (kl={after.kl:.3f})", file=sys.stderr)
+        print(summary_line(before, after), file=sys.stderr)
     return TextRunResult(out, global_step, num_updates, before, after, history)
 
 
