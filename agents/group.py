@@ -108,8 +108,9 @@ class GroupAgent(PPO):
         super().__init__(envs, config, device, policy=policy, accelerator=accelerator)
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
-        head = {id(p) for p in getattr(self.policy, "value_head", nn.Module()).parameters()}
-        return [p for p in self.policy.parameters() if p.requires_grad and id(p) not in head]  # no critic
+        critic = [getattr(self.policy, "value_head", None), getattr(self.policy, "critic", None)]
+        skip = {id(p) for m in critic if m is not None for p in m.parameters()}
+        return [p for p in self.policy.parameters() if p.requires_grad and id(p) not in skip]  # no critic
 
     # --- what subclasses define -------------------------------------------------------------------
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:

@@ -263,7 +263,11 @@ class PPO(Agent):
         rewards = ro.rewards
         if cfg.whiten_rewards and int(m.sum()) > 1:
             rewards = masked_whiten(rewards, m, shift_mean=False)
-        advantages, returns = gae(rewards, values, next_values, ro.terminated, ro.truncated, m, cfg.gamma,
+        # A text episode's score is paid at its last token whether it ended at EOS or at max_new_tokens, so
+        # both ends are terminal for the advantage: bootstrapping a truncated completion from V(s_T) would add
+        # the critic's guess of a score that was already paid (the critic's target would chase itself).
+        ended = ro.terminated | ro.truncated
+        advantages, returns = gae(rewards, values, next_values, ended, torch.zeros_like(ended), m, cfg.gamma,
                                   cfg.gae_lambda)
         stats = {
             "value/explained_variance": float(explained_variance(values, returns, m)),

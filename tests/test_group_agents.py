@@ -187,6 +187,9 @@ def test_agent_raises_the_toy_reward(tmp_path, agent):
     assert all(x["policy/first_ratio_dev"] < 1e-4 for x in m)  # on-policy: ratio = 1 on the first minibatch
     assert {"reward/score_mean", "policy/kl_ref", "policy/entropy", "losses/policy", "reward/group_std"} <= set(m[-1])
     assert "losses/value" not in m[-1]
+    # RLOO keeps the KL in the env's reward (the run's kl_coef); GRPO moves it into its loss (env β = 0)
+    assert all(x["reward/kl_coef"] == (0.0 if agent == "grpo" else cfg.kl_coef) for x in m)
+    assert ("losses/kl" in m[-1]) == (agent == "grpo")
 
 
 def test_swapping_agent_is_the_only_cli_change(tmp_path):

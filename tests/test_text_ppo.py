@@ -179,3 +179,51 @@ def test_backward_and_clipping_go_through_accelerate(tmp_path, monkeypatch):
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
     train(toy_cfg(tmp_path, "--total-steps", "256"), quiet=True)  # 1 update x 4 epochs x 2 minibatches
     assert calls == {"backward": 8, "clip": 8}
+
+
+def test_separate_value_model_from_the_policy_or_a_path(tmp_path):
+    """value_model: "policy" = a trainable copy of the policy's trunk; a path = a critic loaded from there;
+    the policy's own weights are not the critic's, and the checkpoint holds the critic in HF layout."""
+    from textrl.text_train import build_policy
+
+    cfg = toy_cfg(tmp_path / "run", "--value-model", "policy", "--total-steps", "512", "--lora-r", "4")
+    tokenizer, policy, _ = build_policy(cfg, torch.device("cpu"))
+    assert policy.critic is not None
+    assert not {id(p) for p in policy.critic.parameters()} & {id(p) for p in policy.lm.parameters()}
+    critic0 = {k: v.clone() for k, v in policy.critic.state_dict().items()}
+    result = train(cfg, quiet=True)
+    assert result.updates == 2
+    saved = load_file(str(tmp_path / "run" / "checkpoint" / "critic" / "model.safetensors"))
+    assert any(not torch.equal(saved[k], critic0[k]) for k in saved if k in critic0)  # the critic trained
+    m = metrics(tmp_path / "run")
+    assert all(x["policy/first_ratio_dev"] < 1e-5 for x in m) and "value/explained_variance" in m[-1]
+
+    # a critic initialised from a saved model (e.g. a reward model) by path
+    tiny_gpt2(len(tokenizer), seed=7).save_pretrained(tmp_path / "rm")
+    cfg2 = toy_cfg(tmp_path / "run2", "--value-model", str(tmp_path / "rm"), "--total-steps", "256")
+    _, policy2, _ = build_policy(cfg2, torch.device("cpu"))
+    ref = tiny_gpt2(len(tokenizer), seed=7)
+    torch.testing.assert_close(policy2.critic.transformer.wte.weight, ref.transformer.wte.weight)
+    # a critic with a smaller vocabulary cannot read the policy's token ids
+    tiny_gpt2(8).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="vocabulary of 8 tokens"):
+        build_policy(toy_cfg(tmp_path / "run3", "--value-model", str(tmp_path / "small")), torch.device("cpu"))
+
+
+def test_text_episodes_never_bootstrap_past_the_paid_score():
+    """The score is paid at a completion's last token whether it hit EOS or max_new_tokens, so the return of
+    the last token is its reward — never reward + V(s_T) (that would add a guess of a score already paid)."""
+    tok = char_tokenizer()
+    env = KLPenalty(target_token_env(8, tok), tiny_gpt2(len(tok), seed=1), kl_coef=0.0)
+    policy = LMActorCritic(tiny_gpt2(len(tok)))
+    torch.nn.init.constant_(policy.value_head.bias, 5.0)  # V ≡ 5 everywhere: a bootstrap would show
+    ro = text_rollout(env, policy.lm, seed=0)
+    assert ro.truncated.any()  # most toy completions run to max_new_tokens
+    agent = PPO(env, PPOConfig(num_minibatches=1, gae_lambda=1.0), policy=policy)
+    data, _ = agent._prepare_text(ro)
+    last = ro.mask.long().cumsum(1).argmax(1)  # index of each row's last real token
+    rows = torch.arange(8)
+    torch.testing.assert_close(data["returns"][rows, last], ro.rewards[rows, last])
+    # λ = 1, γ = 1: every return is the sum of the rewards still to come (the score), at every token
+    future = ro.rewards.flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(data["returns"][ro.mask], future[ro.mask], atol=1e-5, rtol=1e-5)

@@ -57,6 +57,11 @@ class TrainConfig:
     """Text envs: LoRA alpha (scale = alpha / r)."""
     lora_targets: tuple[str, ...] = ()
     """Text envs: module names to adapt; empty = peft's default for the architecture."""
+    value_model: str = "head"
+    """Text envs: where V(s) comes from. "head" = a scalar head on the policy's trunk (one model copy);
+    "policy" = a separate critic initialised from the policy's base weights (fully trained, one more copy);
+    any other value = a model name or path (e.g. a trained reward model) to initialise the critic from —
+    it must use the policy's tokenizer."""
     quantization: str | None = None
     """Text envs: load the frozen base weights in "8bit" or "4bit" (nf4) with bitsandbytes (QLoRA: needs lora_r > 0)."""
     temperature: float = 1.0

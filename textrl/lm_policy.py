@@ -57,10 +57,13 @@ class LMActorCritic(nn.Module):
     explained variance < 0 for a whole run). With the scale a step moves V by ~lr·√hidden.
     """
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, critic: nn.Module | None = None):
         super().__init__()
         self.lm = disable_dropout(lm)
-        config = lm.config
+        # A separate critic trunk (TRL/OpenRLHF style: initialised from the policy or the reward model);
+        # None = the value head reads the policy's own last hidden state (one forward, one copy).
+        self.critic = disable_dropout(critic) if critic is not None else None
+        config = (critic if critic is not None else lm).config
         hidden = getattr(config, "hidden_size", None) or config.n_embd
         self.value_head = nn.Linear(hidden, 1)
         self.value_scale = 1.0 / math.sqrt(hidden)
@@ -84,9 +87,15 @@ class LMActorCritic(nn.Module):
         """``[B, L]`` → logits ``[B, L, V]`` (only the last ``logits_to_keep`` positions if > 0) and values ``[B, L]``."""
         mask = attention_mask.long()
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-        out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                      output_hidden_states=True, **extra)
-        hidden = out.hidden_states[-1].to(self.value_head.weight.dtype) * self.value_scale
+        positions = positions_from_mask(mask)
+        out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                      output_hidden_states=self.critic is None, **extra)
+        if self.critic is None:
+            hidden = out.hidden_states[-1]
+        else:
+            hidden = self.critic(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                 output_hidden_states=True).hidden_states[-1]
+        hidden = hidden.to(self.value_head.weight.dtype) * self.value_scale
         values = self.value_head(hidden).squeeze(-1)
         return out.logits, values
 

@@ -99,10 +99,29 @@ def _text_env(cfg: TrainConfig, tokenizer, device, num_envs: int | None = None, 
     return gym.make_vec(cfg.env, num_envs=num_envs or cfg.num_envs, tokenizer=tokenizer, device=device, **kwargs)
 
 
+def build_critic(cfg: TrainConfig, policy_name: str, lm: torch.nn.Module) -> torch.nn.Module | None:
+    """The separate critic trunk of ``value_model`` (None for "head"), fully trainable, checked against the
+    policy's vocabulary (the critic reads the policy's token ids)."""
+    if cfg.value_model == "head":
+        return None
+    if cfg.quantization and cfg.value_model == "policy":
+        raise ValueError("value_model: 'policy' copies the policy's weights, which are quantised here; "
+                         "give the critic's model name/path instead, or use value_model: head")
+    critic = copy.deepcopy(lm) if cfg.value_model == "policy" else load_causal_lm(cfg.value_model)
+    vocab, need = critic.get_input_embeddings().num_embeddings, lm.get_input_embeddings().num_embeddings
+    if vocab < need:
+        raise ValueError(f"value_model: {cfg.value_model!r} has a vocabulary of {vocab} tokens, the policy "
+                         f"{policy_name!r} {need}; the critic must share the policy's tokenizer")
+    for p in critic.parameters():
+        p.requires_grad_(True)
+    return critic
+
+
 def build_policy(cfg: TrainConfig, device: torch.device):
     name = cfg.model or gym.spec(cfg.env).kwargs["model"]
     tokenizer = load_tokenizer(name)
     lm = load_causal_lm(name, quantization=cfg.quantization)
+    critic = build_critic(cfg, name, lm)
     reference = None
     if cfg.lora_r > 0:
         for p in lm.parameters():
@@ -110,7 +129,7 @@ def build_policy(cfg: TrainConfig, device: torch.device):
         lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, list(cfg.lora_targets) or None)
     else:
         reference = copy.deepcopy(lm)  # a frozen copy (the KL wrapper freezes it)
-    policy = LMActorCritic(lm).to(device)
+    policy = LMActorCritic(lm, critic).to(device)
     reference = policy.reference() if reference is None else reference.to(device)
     return tokenizer, policy, reference
 
@@ -312,6 +331,8 @@ def _save(out: Path, agent, policy: LMActorCritic, tokenizer, kl_ctl, base, samp
         tokenizer.save_pretrained(ckpt / "policy")
         save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
                   str(ckpt / "value_head.safetensors"))
+        if policy.critic is not None:  # the separate critic's trunk, in Hugging Face layout
+            policy.critic.save_pretrained(ckpt / "critic", safe_serialization=True)
 
     save_checkpoint(out, agent.state_dict(), {
         "update": update, "global_step": step, "kl_controller": kl_ctl.state_dict(),
