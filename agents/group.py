@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 
 import gymnasium as gym
 import torch
+from textrl.agents.ppo import PPO
 from torch import nn
 
-from textrl.agents.ppo import PPO
 from textrl.masking import masked_mean
 from textrl.text_rollout import TextRollout
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from textrl.agents.group import GroupAgent, GroupConfig
 
 from textrl.advantages import group_normalise
-from textrl.agents.group import GroupAgent, GroupConfig
 from textrl.losses import aggregate, kl_estimate, policy_loss
 
 __all__ = ["GRPOConfig", "GRPO"]

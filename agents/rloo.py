@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from textrl.agents.group import GroupAgent, GroupConfig
 
 from textrl.advantages import leave_one_out
-from textrl.agents.group import GroupAgent, GroupConfig
 from textrl.losses import sequence_policy_loss
 
 __all__ = ["RLOOConfig", "RLOO"]

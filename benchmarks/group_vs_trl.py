@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_vs_trl import PROMPTS, gpt2_configs, tokenizer  # noqa: E402
+from ppo_vs_trl import PROMPTS, gpt2_configs, timed_train, tokenizer  # noqa: E402
 
 K, BATCH, RESPONSE, LR = 4, 16, 32, 3e-6
 BETA = {"rloo": 0.05, "grpo": 0.04}
@@ -69,10 +69,10 @@ def run_textrl(agent_name: str, root: Path, updates: int) -> list[float]:
     base = TextGenVectorEnv(BATCH, tok, PROMPTS, RewardModel(), max_new_tokens=RESPONSE, num_generations=K)
     common = dict(num_generations=K, num_epochs=1, num_minibatches=1, learning_rate=LR)
     if agent_name == "rloo":
-        env = KLPenalty(base, ref, kl_coef=BETA["rloo"])
+        env = KLPenalty(base, ref, kl_coef=BETA["rloo"], reference_pass="sequence")
         agent = RLOO(env, RLOOConfig(**common), policy=policy)
     else:
-        env = KLPenalty(base, ref, kl_coef=0.0)  # GRPO: KL in the loss; the env only reports ref log-probs
+        env = KLPenalty(base, ref, kl_coef=0.0, reference_pass="sequence")  # GRPO: KL in the loss; the env only reports ref log-probs
         agent = GRPO(env, GRPOConfig(**common, beta=BETA["grpo"], loss_type="sequence"), policy=policy)
     gen = torch.Generator().manual_seed(0)
     stamps = [time.perf_counter()]
@@ -88,7 +88,6 @@ def run_trl(agent_name: str, root: Path, updates: int) -> list[float]:
 
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
 
     os.environ.setdefault("WANDB_DISABLED", "true")
     if agent_name == "rloo":
@@ -102,12 +101,6 @@ def run_trl(agent_name: str, root: Path, updates: int) -> list[float]:
     tok = tokenizer()
     torch.manual_seed(0)
     ds = Dataset.from_dict({"prompt": PROMPTS * 10})
-    stamps: list[float] = []
-
-    class Stamp(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
-
     with tempfile.TemporaryDirectory() as out:
         args = Config(
             output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, num_generations=K,
@@ -117,11 +110,7 @@ def run_trl(agent_name: str, root: Path, updates: int) -> list[float]:
         )
         trainer = Trainer(model=str(root / "policy"), reward_funcs=str(root / "reward"), args=args,
                           train_dataset=ds, processing_class=tok)
-        trainer.add_callback(Stamp())
-        start = time.perf_counter()
-        trainer.train()
-    stamps.insert(0, start)
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        return timed_train(trainer)
 
 
 def child(side: str, agent: str, root: Path, updates: int) -> None:

@@ -30,6 +30,7 @@ PROMPTS = [
     "Our garden in spring", "The train left the station", "A letter arrived from", "The old lighthouse",
 ]
 BATCH, RESPONSE, EPOCHS, LR = 16, 32, 4, 3e-6
+REFERENCE_PASS = "sequence"  # textrl train's default: one parallel reference forward after each rollout
 
 
 LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
@@ -101,7 +102,8 @@ def run_textrl(size: str, updates: int) -> list[float]:
         def __call__(self, input_ids, attention_mask):
             return rm(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
 
-    env = KLPenalty(TextGenVectorEnv(BATCH, tok, PROMPTS, RewardModel(), max_new_tokens=RESPONSE), ref, kl_coef=0.05)
+    env = KLPenalty(TextGenVectorEnv(BATCH, tok, PROMPTS, RewardModel(), max_new_tokens=RESPONSE), ref, kl_coef=0.05,
+                    reference_pass=REFERENCE_PASS)
     agent = PPO(env, PPOConfig(num_epochs=EPOCHS, num_minibatches=1, learning_rate=LR, anneal_lr=True), policy=policy)
     gen = torch.Generator().manual_seed(0)
     stamps = [time.perf_counter()]
@@ -118,7 +120,7 @@ def run_trl(size: str, updates: int) -> list[float]:
 
     import torch
     from datasets import Dataset
-    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, TrainerCallback
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     os.environ.setdefault("WANDB_DISABLED", "true")
@@ -139,12 +141,6 @@ def run_trl(size: str, updates: int) -> list[float]:
         rm = GPT2ForSequenceClassification(cfg)
         value = GPT2ForSequenceClassification(cfg)
     ds = Dataset.from_dict({"input_ids": [tok(p)["input_ids"] for p in (PROMPTS * 20)]})
-    stamps: list[float] = []
-
-    class Stamp(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
-
     with tempfile.TemporaryDirectory() as out:
         args = PPOConfig(
             output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, num_mini_batches=1,
@@ -154,10 +150,22 @@ def run_trl(size: str, updates: int) -> list[float]:
         )
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
                              train_dataset=ds, value_model=value, peft_config=peft_config)
-        trainer.add_callback(Stamp())
-        start = time.perf_counter()
-        trainer.train()
-    stamps.insert(0, start)
+        return timed_train(trainer)
+
+
+def timed_train(trainer) -> list[float]:
+    """Run a transformers Trainer and return the wall time of each optimisation step (generation included)."""
+    from transformers import TrainerCallback
+
+    stamps = [time.perf_counter()]
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    trainer.add_callback(Stamp())
+    stamps[0] = time.perf_counter()
+    trainer.train()
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 

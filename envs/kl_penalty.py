@@ -20,7 +20,7 @@ from typing import Any
 import gymnasium as gym
 import torch
 
-from textrl.decoding import CachedDecoder
+from textrl.decoding import CachedDecoder, sequence_logprobs
 from textrl.kl_control import AdaptiveKLController, FixedKLController
 from textrl.losses import KLEstimator, kl_estimate
 
@@ -37,6 +37,12 @@ class KLPenalty(gym.vector.VectorWrapper):
         kl_coef: β as a number, or a Fixed/Adaptive KL controller (its ``value`` is read every step).
         estimator: "k1" (default), "k2" or "k3".
         temperature: the sampling temperature; reference log-probs use logits / temperature.
+        reference_pass: "per_token" — the reference steps with the env in its own KV cache, and every
+            ``step`` reward already carries −β·KL_t (what a user stepping the env by hand sees); "sequence"
+            — ``step`` returns the task reward only and :meth:`penalise` applies the KL after the episode
+            from one parallel reference forward over the finished sequences (what TRL does after
+            ``generate``; cheaper than a decode step per token). :func:`~textrl.text_rollout.text_rollout`
+            handles both; the batches they return are equal (tested to 1e-5).
     """
 
     def __init__(
@@ -46,8 +52,13 @@ class KLPenalty(gym.vector.VectorWrapper):
         kl_coef: float | FixedKLController | AdaptiveKLController = 0.05,
         estimator: KLEstimator = "k1",
         temperature: float = 1.0,
+        reference_pass: str = "per_token",
     ):
         super().__init__(env)
+        if reference_pass not in ("per_token", "sequence"):
+            raise ValueError(f"reference_pass must be 'per_token' or 'sequence', got {reference_pass!r}")
+        self.deferred = reference_pass == "sequence"
+        self.ref_model, self.temperature = ref_model, temperature
         if estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
         self.controller = kl_coef if hasattr(kl_coef, "value") else FixedKLController(float(kl_coef))
@@ -65,8 +76,19 @@ class KLPenalty(gym.vector.VectorWrapper):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
         # Any reset (full or by mask) re-encodes the current buffers: rows still generating keep their prefix.
-        self.ref.prefill(obs["input_ids"], obs["attention_mask"])
+        if not self.deferred:
+            self.ref.prefill(obs["input_ids"], obs["attention_mask"])
         return obs, info
+
+    @torch.no_grad()
+    def penalise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
+                 logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The reference pass "sequence": log π_ref of every response token from one parallel forward, and
+        the per-token KL and penalty β·KL_t (0 where ``mask`` is False). Shapes ``[B, T]``."""
+        ref_logprob = sequence_logprobs(self.ref_model, input_ids, attention_mask, response_start, self.temperature)
+        ref_logprob = torch.where(mask, ref_logprob, 0.0)
+        kl = torch.where(mask, kl_estimate(logprobs.to(ref_logprob.device), ref_logprob, self.estimator), 0.0)
+        return {"ref_logprob": ref_logprob, "kl": kl, "kl_penalty": self.controller.value * kl}
 
     def step(self, actions: Any):
         if not isinstance(actions, dict) or "logprob" not in actions:
@@ -74,6 +96,8 @@ class KLPenalty(gym.vector.VectorWrapper):
                 "KLPenalty needs the policy's log-prob of each chosen token with the action: "
                 "step({'token': LongTensor[B], 'logprob': FloatTensor[B]}) (log-prob at the sampling temperature)"
             )
+        if self.deferred:  # the KL comes later, from penalise(): the task reward only
+            return self.env.step(actions)
         tokens = torch.as_tensor(actions["token"]).long()
         logprob = torch.as_tensor(actions["logprob"], dtype=torch.float32)
         ref_logprob = self.ref.logprobs_of(tokens.to(self.ref.next_logits.device))  # (B,) before the env moves on

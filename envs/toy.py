@@ -65,11 +65,13 @@ def target_token_env(
     target: str = "e",
     prompts=None,
     max_new_tokens: int = 16,
+    scorer=None,
     **kwargs,
 ):
-    """``textrl/TargetToken-v0``: the tiny char-level model earns the share of ``target`` in its completion."""
+    """``textrl/TargetToken-v0``: the tiny char-level model earns the share of ``target`` in its completion
+    (or whatever ``scorer`` says, e.g. a trained reward model)."""
     from textrl.envs.text_gen import TextGenVectorEnv
 
     kwargs.setdefault("eval_prompts", TOY_EVAL_PROMPTS)
     return TextGenVectorEnv(num_envs, tokenizer or char_tokenizer(), prompts or TOY_PROMPTS,
-                            TargetTokenScorer(target), max_new_tokens=max_new_tokens, **kwargs)
+                            scorer or TargetTokenScorer(target), max_new_tokens=max_new_tokens, **kwargs)

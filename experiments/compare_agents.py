@@ -62,7 +62,8 @@ def summarise(rows: list[dict]) -> str:
             runs = [r for r in rows if r["task"] == task and r["agent"] == agent]
             if not runs:
                 continue
-            mean = lambda key: statistics.fmean(r[key] for r in runs)  # noqa: E731
+            def mean(key: str, runs: list[dict] = runs) -> float:
+                return statistics.fmean(r[key] for r in runs)
             if len(runs) > 1:  # across seeds: SE of the mean of the per-seed results
                 se = statistics.stdev(r["after"] for r in runs) / len(runs) ** 0.5
                 after = f"{mean('after'):.3f} ± {se:.3f} (over seeds)"

@@ -16,7 +16,7 @@ import textrl  # noqa: F401
 from textrl.advantages import group_normalise, leave_one_out
 from textrl.cli import resolve_train_config
 from textrl.lm_policy import LMActorCritic
-from textrl.losses import aggregate, kl_estimate, policy_loss, sequence_policy_loss
+from textrl.losses import aggregate, kl_estimate, sequence_policy_loss
 from textrl.text_rollout import text_rollout
 from textrl.train import train
 
@@ -70,7 +70,7 @@ def test_sequence_policy_loss_is_one_ratio_per_completion():
     adv = torch.tensor([1.0, -0.5, 2.0])
     loss, stats = sequence_policy_loss(new, old, adv, mask, clip_range=0.05)
     ratios = [torch.exp((new[i] - old[i])[mask[i]].sum()) for i in range(3)]
-    naive = torch.stack([torch.maximum(-a * r, -a * r.clamp(0.95, 1.05)) for a, r in zip(adv, ratios)]).mean()
+    naive = torch.stack([torch.maximum(-a * r, -a * r.clamp(0.95, 1.05)) for a, r in zip(adv, ratios, strict=True)]).mean()
     torch.testing.assert_close(loss, naive)
     loss.backward()
     assert torch.all(new.grad[~mask] == 0)  # padding gets no gradient
@@ -205,3 +205,21 @@ def test_swapping_agent_is_the_only_cli_change(tmp_path):
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [x["global_step"] for x in lines] == [256, 512]
         assert f"agent: {agent}" in (out / "config.yaml").read_text()
+
+
+def test_group_agent_resume_reproduces_an_uninterrupted_run(tmp_path):
+    def run(out, steps, *extra):
+        cfg, resume = resolve_train_config([*extra, "--total-steps", str(steps)] if extra else
+                                           ["--env", "textrl/TargetToken-v0", "--agent", "grpo", "--seed", "2",
+                                            "--checkpoint-every", "2", "--total-steps", str(steps),
+                                            "--output-dir", str(out)])
+        train(cfg, resume=resume, quiet=True)
+
+    run(tmp_path / "straight", 1024)
+    run(tmp_path / "split", 512)
+    run(tmp_path / "split", 1024, "--resume", str(tmp_path / "split"))
+    read = lambda d: [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")}  # noqa: E731
+                      for x in (d / "metrics.jsonl").read_text().splitlines()]
+    a, b = read(tmp_path / "straight"), read(tmp_path / "split")
+    assert [m["global_step"] for m in b] == [256, 512, 768, 1024]
+    assert a == b

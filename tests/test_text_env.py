@@ -55,6 +55,30 @@ def test_cached_logprobs_equal_one_parallel_forward(tok, models, temperature):
         torch.testing.assert_close(cached[ro.mask], full[ro.mask], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_sequence_reference_pass_equals_the_per_token_one(tok, models, estimator):
+    """reference_pass="sequence" (one parallel reference forward after the episode) gives the same batch as
+    the KV-cached per-token reference, with one reference forward per 16 rows instead of one per token."""
+    policy, ref = models
+    ref = copy.deepcopy(ref)
+    calls = []
+    ref.register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
+                              with_kwargs=True)
+    batches = []
+    for mode in ("per_token", "sequence"):
+        calls.clear()
+        env = KLPenalty(make_env(tok), ref, kl_coef=0.3, estimator=estimator, temperature=0.8, reference_pass=mode)
+        batches.append(text_rollout(env, policy, temperature=0.8, seed=3, generator=torch.Generator().manual_seed(0)))
+        n_calls = len(calls)
+    a, b = batches
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask) and a.terminated.any()
+    for name in ("ref_logprobs", "kl", "rewards"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=0, msg=name)
+    assert n_calls == 1  # 6 rows: one chunk, one forward
+    with pytest.raises(ValueError, match="reference_pass must be"):
+        KLPenalty(make_env(tok), ref, reference_pass="fused")
+
+
 def test_reference_runs_one_token_per_step(tok, models):
     policy, ref = models
     ref = copy.deepcopy(ref)

@@ -2,6 +2,7 @@
 
     textrl train [CONFIG.yaml] [--agent NAME] [--env ID] [--seed N] [--total-steps N] [--output-dir DIR]
                  [--resume RUN_DIR] [--<any run or agent config field> VALUE ...]
+    textrl train-rm [CONFIG.yaml] --data PREFS.jsonl [--model NAME_OR_PATH] [--output-dir DIR] [--<field> VALUE ...]
 
 With no CONFIG and no --env, ``train`` runs the embedded default experiment (experiments/default.yaml).
 """
@@ -151,7 +152,31 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": (_train, "train an agent (PPO …) on a Gymnasium or textrl env")}
+def _train_rm(argv: list[str]) -> int:
+    from textrl.reward_model import RewardModelConfig, train_reward_model
+
+    parser = argparse.ArgumentParser(
+        prog="textrl train-rm",
+        description="Train a Bradley–Terry reward model from preference pairs (JSONL rows with prompt, chosen, "
+                    "rejected). Any field can be given as --field-name VALUE.")
+    parser.add_argument("config", nargs="?", help="YAML file with any of the fields below")
+    group = parser.add_argument_group("reward model (RewardModelConfig)")
+    docs = field_docs(RewardModelConfig)
+    for f in dataclasses.fields(RewardModelConfig):
+        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        group.add_argument(*names, dest=f.name, metavar="V", default=None, type=_field_type(RewardModelConfig, f.name),
+                           help=f"{docs.get(f.name, '')} (default: {f.default})")
+    args = parser.parse_args(argv)
+    values = dict(load_yaml(args.config)) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    train_reward_model(from_dict(RewardModelConfig, values))
+    return 0
+
+
+COMMANDS = {
+    "train": (_train, "train an agent (PPO, RLOO, GRPO …) on a Gymnasium or textrl env"),
+    "train-rm": (_train_rm, "train a reward model from preference pairs (Bradley–Terry)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

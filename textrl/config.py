@@ -57,6 +57,12 @@ class TrainConfig:
     """Text envs: LoRA alpha (scale = alpha / r)."""
     lora_targets: tuple[str, ...] = ()
     """Text envs: module names to adapt; empty = peft's default for the architecture."""
+    reference_pass: str = "sequence"
+    """Text envs: how the reference's log-probs are computed: "sequence" = one parallel forward after each
+    rollout (cheaper); "per_token" = stepping with the env in its own KV cache. The batches are equal."""
+    reward_model: str | None = None
+    """Text envs: score completions with a reward model saved by `textrl train-rm` (its directory), replacing
+    the env's own scorer; its stored gain and bias apply."""
     value_model: str = "head"
     """Text envs: where V(s) comes from. "head" = a scalar head on the policy's trunk (one model copy);
     "policy" = a separate critic initialised from the policy's base weights (fully trained, one more copy);
@@ -98,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        if self.reference_pass not in ("sequence", "per_token"):
+            raise ValueError(f"reference_pass must be 'sequence' or 'per_token', got {self.reference_pass!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:

@@ -86,6 +86,7 @@ def sequence_logprobs(
     attention_mask: torch.Tensor,
     response_start: int,
     temperature: float = 1.0,
+    chunk_rows: int = 16,
 ) -> torch.Tensor:
     """One parallel forward over full sequences: log p(x_t | x_<t) for every response position.
 
@@ -93,8 +94,15 @@ def sequence_logprobs(
     after; returns ``[B, L - response_start]``. This is the sequence-level path (what TRL does after
     ``generate``) and the reference the KV-cached path is tested against.
     """
-    mask = attention_mask.long()
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
-    logits = logits[:, response_start - 1 : -1].float() / temperature  # (B, T, V) predicts columns >= start
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(-1, input_ids[:, response_start:].unsqueeze(-1)).squeeze(-1)
+    out = []
+    T = input_ids.shape[1] - response_start
+    for i in range(0, input_ids.shape[0], chunk_rows):  # bounds the [rows, T, V] logits
+        ids, mask = input_ids[i : i + chunk_rows], attention_mask[i : i + chunk_rows].long()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                       logits_to_keep=T + 1).logits
+        logits = logits[:, -(T + 1) : -1].float()  # (b, T, V): position t predicts column response_start + t
+        if temperature != 1.0:
+            logits = logits / temperature
+        chosen = logits.gather(-1, ids[:, response_start:].unsqueeze(-1)).squeeze(-1)
+        out.append(chosen - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out)

@@ -94,8 +94,17 @@ class TextRunResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+_REWARD_MODELS: dict[str, object] = {}  # one loaded reward model per path, shared by the train and eval envs
+
+
 def _text_env(cfg: TrainConfig, tokenizer, device, num_envs: int | None = None, **overrides) -> TextGenVectorEnv:
     kwargs = {**cfg.env_kwargs, **overrides}
+    if cfg.reward_model:
+        from textrl.reward_model import TrainedRewardScorer
+
+        if cfg.reward_model not in _REWARD_MODELS:
+            _REWARD_MODELS[cfg.reward_model] = TrainedRewardScorer(cfg.reward_model, device=device)
+        kwargs["scorer"] = _REWARD_MODELS[cfg.reward_model]
     return gym.make_vec(cfg.env, num_envs=num_envs or cfg.num_envs, tokenizer=tokenizer, device=device, **kwargs)
 
 
@@ -153,7 +162,8 @@ def evaluate(cfg: TrainConfig, policy: LMActorCritic, reference, tokenizer, devi
     if not prompts:
         return None
     env = KLPenalty(_text_env(cfg, tokenizer, device, num_envs=len(prompts), prompts=prompts,
-                              prompt_order="sequential", num_generations=1), reference, 0.0, cfg.kl_estimator, cfg.temperature)
+                              prompt_order="sequential", num_generations=1), reference, 0.0, cfg.kl_estimator, cfg.temperature,
+                     cfg.reference_pass)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
     ro = text_rollout(env, policy.lm, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed, generator=gen)
     scores = ro.scores.double()
@@ -240,7 +250,7 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     kl_in_reward = getattr(cls, "kl_in_reward", True)
     kl_ctl = make_kl_controller(cfg.kl_coef if kl_in_reward else 0.0, cfg.kl_target if kl_in_reward else None,
                                 cfg.kl_horizon)
-    kl_env = KLPenalty(envs, reference, kl_ctl, cfg.kl_estimator, cfg.temperature)
+    kl_env = KLPenalty(envs, reference, kl_ctl, cfg.kl_estimator, cfg.temperature, cfg.reference_pass)
     base = envs.unwrapped
     steps_per_update = cfg.num_envs * base.max_new_tokens
     num_updates = math.ceil(cfg.total_steps / steps_per_update)
