@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
           f"pairwise accuracy {rm['eval_accuracy']:.3f}", flush=True)
 
     env = cheerful_env(32, tokenizer, max_new_tokens=T, prompts=train_prompts[args.prompts:], scorer=proxy)
-    kl_env = KLPenalty(env, reference, args.kl_coef, "k1", temp)
+    kl_env = KLPenalty(env, reference, args.kl_coef, "k1", temp, reference_pass="sequence")
     agent = PPO(env, PPOConfig(num_epochs=2, num_minibatches=2, learning_rate=5e-4, gamma=1.0, gae_lambda=0.95,
                                vf_coef=0.1), policy=policy)
     agent.temperature = temp

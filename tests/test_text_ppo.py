@@ -227,3 +227,23 @@ def test_text_episodes_never_bootstrap_past_the_paid_score():
     # λ = 1, γ = 1: every return is the sum of the rewards still to come (the score), at every token
     future = ro.rewards.flip(1).cumsum(1).flip(1)
     torch.testing.assert_close(data["returns"][ro.mask], future[ro.mask], atol=1e-5, rtol=1e-5)
+
+
+def test_evaluation_averages_several_answers_per_prompt(tmp_path):
+    """eval_generations = k: each held-out prompt's score is the mean of k answers; the SE is over prompts."""
+    from textrl.text_train import build_policy, evaluate
+
+    cfg = toy_cfg(tmp_path, "--eval-generations", "3")
+    tok, policy, ref = build_policy(cfg, torch.device("cpu"))
+    from textrl.envs.toy import TOY_EVAL_PROMPTS
+
+    res = evaluate(cfg, policy, ref, tok, torch.device("cpu"), list(TOY_EVAL_PROMPTS), 2)
+    assert len(res.scores) == len(TOY_EVAL_PROMPTS) and len(res.samples) == 2
+    s = torch.tensor(res.scores, dtype=torch.float64)
+    assert res.mean == pytest.approx(float(s.mean())) and res.se == pytest.approx(float(s.std() / len(s) ** 0.5))
+    assert abs(res.kl) < 1e-5  # the policy is still the reference (sampled vs parallel forward: fp32 noise)
+    # the 3 answers of a prompt differ: its mean is not one answer's score repeated
+    single = evaluate(toy_cfg(tmp_path), policy, ref, tok, torch.device("cpu"), list(TOY_EVAL_PROMPTS), 2)
+    assert len(single.scores) == len(res.scores) and single.scores != res.scores
+    with pytest.raises(ValueError, match="eval_generations must be an integer >= 1"):
+        toy_cfg(tmp_path, "--eval-generations", "0")

@@ -88,6 +88,9 @@ class TrainConfig:
     """Text envs: bf16 autocast for the PPO update (about 2x faster on CPUs with avx512_bf16/AMX; rollouts stay
     fp32). Off by default: in bf16 a small LoRA update is rounded away inside an update, so the PPO ratio stays
     1, clipping never acts and the policy drifts across updates (seen on SmolLM2 + LoRA r16)."""
+    eval_generations: int = 1
+    """Text envs: answers sampled per held-out prompt at evaluation; a prompt's score is their mean (more
+    answers shrink the sampling noise of the before/after comparison)."""
     eval_samples: int = 4
     """Text envs: held-out prompts quoted in samples.md (before and after training)."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        if not isinstance(self.eval_generations, int) or self.eval_generations < 1:
+            raise ValueError(f"eval_generations must be an integer >= 1, got {self.eval_generations!r}")
         if self.reference_pass not in ("sequence", "per_token"):
             raise ValueError(f"reference_pass must be 'sequence' or 'per_token', got {self.reference_pass!r}")
         if not self.temperature > 0:

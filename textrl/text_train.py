@@ -158,20 +158,31 @@ def _group_kwargs(cfg: TrainConfig, agent_cfg) -> dict[str, int]:
 @torch.no_grad()
 def evaluate(cfg: TrainConfig, policy: LMActorCritic, reference, tokenizer, device, prompts: list[str] | None,
              n_samples: int) -> EvalResult | None:
-    """Score every held-out prompt once (sequential order, fixed sampling seed): mean ± standard error."""
+    """Answer every held-out prompt ``eval_generations`` times (sequential order, fixed sampling seed, rows of
+    at most 64). A prompt's score is the mean of its answers; the result is the mean over prompts ± the
+    standard error of that mean (prompts are the independent units)."""
     if not prompts:
         return None
-    env = KLPenalty(_text_env(cfg, tokenizer, device, num_envs=len(prompts), prompts=prompts,
-                              prompt_order="sequential", num_generations=1), reference, 0.0, cfg.kl_estimator, cfg.temperature,
-                     cfg.reference_pass)
+    k = cfg.eval_generations
+    rows = [p for p in prompts for _ in range(k)]
+    per_prompt = torch.zeros(len(prompts), dtype=torch.float64)
+    samples, kl_sum = [], 0.0
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
-    ro = text_rollout(env, policy.lm, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed, generator=gen)
-    scores = ro.scores.double()
-    by_prompt = torch.zeros(len(prompts), dtype=torch.float64).index_add_(0, ro.prompt_index.cpu(), scores.cpu())
-    texts = _completions(tokenizer, ro)
-    samples = [(prompts[int(i)], texts[j]) for j, i in enumerate(ro.prompt_index.tolist())][:n_samples]
-    se = float(scores.std() / math.sqrt(len(scores))) if len(scores) > 1 else float("nan")
-    return EvalResult(float(scores.mean()), se, float(ro.kl.sum(1).mean()), samples, by_prompt.tolist())
+    chunk = max(k, 64 // k * k)
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        env = KLPenalty(_text_env(cfg, tokenizer, device, num_envs=len(part), prompts=part,
+                                  prompt_order="sequential", num_generations=1),
+                        reference, 0.0, cfg.kl_estimator, cfg.temperature, cfg.reference_pass)
+        ro = text_rollout(env, policy.lm, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed, generator=gen)
+        first = start // k  # rows are prompt-major: row j answers prompt first + j // k
+        per_prompt.index_add_(0, first + torch.arange(len(part)) // k, ro.scores.double().cpu() / k)
+        kl_sum += float(ro.kl.sum(1).sum())
+        texts = _completions(tokenizer, ro)
+        samples += [(part[j], texts[j]) for j in range(0, len(part), k)]  # the first answer of each prompt
+    n = len(prompts)
+    se = float(per_prompt.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return EvalResult(float(per_prompt.mean()), se, kl_sum / len(rows), samples[:n_samples], per_prompt.tolist())
 
 
 def _completions(tokenizer, ro: TextRollout) -> list[str]:
