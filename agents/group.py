@@ -133,10 +133,7 @@ class GroupAgent(PPO):
         advantages = self.advantages(rewards)
         old_logprobs = ro.logprobs  # the sampling policy's log-probs: the weights have not moved since
         if torch.is_autocast_enabled(ro.input_ids.device.type):  # the update runs another numeric path: recompute
-            P = ro.prompt_ids.shape[1]
-            old_logprobs = torch.cat([self.policy.evaluate_response(ro.input_ids[i:i + 16], ro.attention_mask[i:i + 16],
-                                                                    P, self.temperature, with_entropy=False)[0]
-                                      for i in range(0, ro.input_ids.shape[0], 16)])
+            old_logprobs = torch.cat([c[0] for c in self._rollout_forward(ro, with_entropy=False)])
         std = rewards.view(-1, k).std(1)
         stats = {"reward/advantage_mean": float(advantages.mean()),
                  "reward/group_std": float(std.mean()),

@@ -251,10 +251,9 @@ class PPO(Agent):
         """One no-grad forward recomputes old log-probs and values V(s_0..s_T) (TRL does the same); the
         recomputed log-probs must equal the sampled ones (a temperature/padding health check)."""
         cfg = self.config
-        input_ids, attn, P = ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1]
+        input_ids, attn = ro.input_ids, ro.attention_mask
         m = ro.mask
-        chunks = [self.policy.evaluate_response(input_ids[i : i + 16], attn[i : i + 16], P, self.temperature)
-                  for i in range(0, input_ids.shape[0], 16)]
+        chunks = self._rollout_forward(ro)
         old_logprobs = torch.cat([c[0] for c in chunks])  # (B, T)
         entropy = torch.cat([c[1] for c in chunks])  # (B, T) of the rollout policy
         values = torch.cat([c[2] for c in chunks])  # (B, T) V(s_t)
@@ -280,6 +279,14 @@ class PPO(Agent):
         data = {"input_ids": input_ids, "attention_mask": attn, "mask": m, "logprobs": old_logprobs,
                 "values": values, "advantages": advantages, "returns": returns}
         return data, stats
+
+    @torch.no_grad()
+    def _rollout_forward(self, ro: TextRollout, with_entropy: bool = True, rows: int = 16) -> list[tuple]:
+        """``evaluate_response`` over the rollout in chunks of ``rows`` (bounds the [rows, T, V] logits)."""
+        P = ro.prompt_ids.shape[1]
+        ids, attn = ro.input_ids, ro.attention_mask
+        return [self.policy.evaluate_response(ids[i : i + rows], attn[i : i + rows], P, self.temperature,
+                                              with_entropy=with_entropy) for i in range(0, ids.shape[0], rows)]
 
     # --- learning -----------------------------------------------------------------------------
     def update(self, rollout: Rollout | TextRollout, progress_remaining: float) -> dict[str, float]:

@@ -121,9 +121,8 @@ def text_rollout(
 
     tokens_bt = obs["input_ids"][:, P:].clone()
     if getattr(envs, "deferred", False):  # KLPenalty(reference_pass="sequence"): one reference forward now
-        full = obs["input_ids"][:, : P + T]
         attn = torch.cat([prompt_mask, flags["mask"].long()], dim=1)
-        kl = envs.penalise(full, attn, P, out["logprobs"], flags["mask"])
+        kl = envs.penalise(obs["input_ids"], attn, P, out["logprobs"], flags["mask"])
         out["ref_logprobs"], out["kl"] = kl["ref_logprob"], kl["kl"]
         out["rewards"] = out["rewards"] - kl["kl_penalty"]
     return TextRollout(prompt_ids, prompt_mask, tokens_bt, flags["mask"], out["logprobs"], out["ref_logprobs"],
