@@ -21,11 +21,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_vs_trl import PROMPTS, gpt2_configs, timed_train, tokenizer  # noqa: E402
+from ppo_vs_trl import PROMPTS, gpt2_configs, timed_train, timed_updates, tokenizer  # noqa: E402
 
 K, BATCH, RESPONSE, LR = 4, 16, 32, 3e-6
 BETA = {"rloo": 0.05, "grpo": 0.04}
@@ -52,7 +51,6 @@ def run_textrl(agent_name: str, root: Path, updates: int) -> list[float]:
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
     from textrl.lm_policy import LMActorCritic
-    from textrl.text_rollout import text_rollout
 
     tok = tokenizer()
     policy = LMActorCritic(GPT2LMHeadModel.from_pretrained(root / "policy"))
@@ -74,13 +72,7 @@ def run_textrl(agent_name: str, root: Path, updates: int) -> list[float]:
     else:
         env = KLPenalty(base, ref, kl_coef=0.0, reference_pass="sequence")  # GRPO: KL in the loss; the env only reports ref log-probs
         agent = GRPO(env, GRPOConfig(**common, beta=BETA["grpo"], loss_type="sequence"), policy=policy)
-    gen = torch.Generator().manual_seed(0)
-    stamps = [time.perf_counter()]
-    for u in range(updates):
-        ro = text_rollout(env, policy.lm, generator=gen)
-        agent.update(ro, 1.0 - u / updates)
-        stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return timed_updates(env, policy, agent, updates)
 
 
 def run_trl(agent_name: str, root: Path, updates: int) -> list[float]:

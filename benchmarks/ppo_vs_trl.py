@@ -75,7 +75,6 @@ def run_textrl(size: str, updates: int) -> list[float]:
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
     from textrl.lm_policy import LMActorCritic
-    from textrl.text_rollout import text_rollout
 
     tok = tokenizer()
     torch.manual_seed(0)
@@ -105,6 +104,15 @@ def run_textrl(size: str, updates: int) -> list[float]:
     env = KLPenalty(TextGenVectorEnv(BATCH, tok, PROMPTS, RewardModel(), max_new_tokens=RESPONSE), ref, kl_coef=0.05,
                     reference_pass=REFERENCE_PASS)
     agent = PPO(env, PPOConfig(num_epochs=EPOCHS, num_minibatches=1, learning_rate=LR, anneal_lr=True), policy=policy)
+    return timed_updates(env, policy, agent, updates)
+
+
+def timed_updates(env, policy, agent, updates: int) -> list[float]:
+    """textrl's side: rollout + update, ``updates`` times; the wall time of each."""
+    import torch
+
+    from textrl.text_rollout import text_rollout
+
     gen = torch.Generator().manual_seed(0)
     stamps = [time.perf_counter()]
     for u in range(updates):
