@@ -132,3 +132,17 @@ def test_train_rm_cli_says_how_many_rows_it_skipped(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 bad row(s)" in proc.stderr and "held-out pairwise accuracy" in proc.stderr
     assert json.loads((tmp_path / "rm" / "summary.json").read_text())["skipped_rows"] == 1
+
+
+def test_lora_reward_model_is_merged_into_a_plain_checkpoint(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", preference_rows(SUBJECTS[:8]))
+    summary = train_reward_model(RewardModelConfig(data=str(train), output_dir=str(tmp_path / "rm"), num_epochs=1,
+                                                   lora_r=4, lora_targets=("query", "value"), learning_rate=1e-3),
+                                 quiet=True)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "rm" / "model.safetensors")).keys()
+    assert not any("lora" in k for k in keys) and any("classifier" in k for k in keys)
+    scorer = TrainedRewardScorer(tmp_path / "rm")  # plain transformers loads the merged model
+    assert scorer(["Tell me about the zoo."], ["The zoo was lovely."]).shape == (1,)
+    assert summary["train_pairs"] + summary["eval_pairs"] == 32
