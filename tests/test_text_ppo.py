@@ -247,3 +247,18 @@ def test_evaluation_averages_several_answers_per_prompt(tmp_path):
     assert len(single.scores) == len(res.scores) and single.scores != res.scores
     with pytest.raises(ValueError, match="eval_generations must be an integer >= 1"):
         toy_cfg(tmp_path, "--eval-generations", "0")
+
+
+def test_value_head_starts_at_zero_and_reads_scaled_hidden_states():
+    """V ≡ 0 at initialisation (first advantages = returns, not noise), and one unit of weight change moves V by
+    |h|/√hidden, not |h|: pretrained trunks' hidden states have norm ~√hidden."""
+    tok = char_tokenizer()
+    policy = LMActorCritic(tiny_gpt2(len(tok)))
+    ids = torch.randint(3, len(tok), (2, 7))
+    _, values = policy(ids, torch.ones_like(ids))
+    assert torch.equal(values, torch.zeros(2, 7))
+    with torch.no_grad():
+        policy.value_head.weight.fill_(1.0)
+        _, v = policy(ids, torch.ones_like(ids))
+        h = policy.lm(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(v, h.sum(-1) / policy.lm.config.n_embd ** 0.5)
