@@ -146,3 +146,20 @@ def test_lora_reward_model_is_merged_into_a_plain_checkpoint(tmp_path):
     scorer = TrainedRewardScorer(tmp_path / "rm")  # plain transformers loads the merged model
     assert scorer(["Tell me about the zoo."], ["The zoo was lovely."]).shape == (1,)
     assert summary["train_pairs"] + summary["eval_pairs"] == 32
+
+
+def test_decoder_backbone_trains_and_scores(tmp_path):
+    """Any Hugging Face causal LM works as a backbone (last-token scalar head); here the tiny local GPT-2."""
+    from textrl.envs.toy import char_tokenizer, tiny_gpt2
+
+    tok = char_tokenizer()
+    tiny_gpt2(len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    train = write_jsonl(tmp_path / "train.jsonl", preference_rows(SUBJECTS[:24]))
+    summary = train_reward_model(RewardModelConfig(data=str(train), model=str(tmp_path / "base"), num_epochs=3,
+                                                   output_dir=str(tmp_path / "rm"), learning_rate=1e-3), quiet=True)
+    m = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert m[-1]["train/loss"] < m[0]["train/loss"]
+    assert summary["eval_accuracy"] > summary["eval_accuracy_before"]
+    scores = TrainedRewardScorer(tmp_path / "rm")(["Tell me about x."] * 2, ["X was wonderful.", "X was awful."])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
