@@ -19,6 +19,7 @@ import torch
 from textrl.agents.ppo import PPO
 from torch import nn
 
+from textrl.distributed import Shard, gather_rows
 from textrl.masking import masked_mean
 from textrl.text_rollout import TextRollout
 
@@ -105,12 +106,15 @@ class GroupAgent(PPO):
             raise ValueError(f"num_generations: the env serves each prompt {served} time(s) per batch but {name} "
                              f"expects {config.num_generations}; build the env with "
                              f"num_generations={config.num_generations} (textrl train does this for you)")
+        # No critic: its parameters are frozen, so neither the optimiser nor DDP (which insists that every
+        # trainable parameter gets a gradient) sees them.
+        for module in (getattr(policy, "value_head", None), getattr(policy, "critic", None)):
+            for p in module.parameters() if module is not None else ():
+                p.requires_grad_(False)
         super().__init__(envs, config, device, policy=policy, accelerator=accelerator)
 
-    def _trainable_parameters(self) -> list[nn.Parameter]:
-        critic = [getattr(self.policy, "value_head", None), getattr(self.policy, "critic", None)]
-        skip = {id(p) for m in critic if m is not None for p in m.parameters()}
-        return [p for p in self.policy.parameters() if p.requires_grad and id(p) not in skip]  # no critic
+    #: RLOO's and GRPO's default losses average over completions (GRPO's loss_type="token" over tokens)
+    loss_unit: ClassVar[str] = "row"
 
     # --- what subclasses define -------------------------------------------------------------------
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -129,13 +133,15 @@ class GroupAgent(PPO):
         if not bool((groups == groups[:, :1]).all()):
             raise ValueError(f"rollout rows are not grouped by prompt in runs of num_generations={k}: build the "
                              f"env with num_generations={k} and reset all rows together")
-        rewards = self.sequence_rewards(ro)
-        advantages = self.advantages(rewards)
+        # Advantages over the global batch (groups never straddle processes, but RLOO's normalisation and
+        # GRPO's scale_rewards="batch" use batch statistics): computed on the union, this process's rows kept.
+        rewards = gather_rows(self.sequence_rewards(ro))
+        advantages = Shard.current().take(self.advantages(rewards), ro.input_ids.shape[0])
         old_logprobs = ro.logprobs  # the sampling policy's log-probs: the weights have not moved since
         if torch.is_autocast_enabled(ro.input_ids.device.type):  # the update runs another numeric path: recompute
             old_logprobs = torch.cat([c[0] for c in self._rollout_forward(ro, with_entropy=False)])
         std = rewards.view(-1, k).std(1)
-        stats = {"reward/advantage_mean": float(advantages.mean()),
+        stats = {"reward/advantage_mean": float(gather_rows(advantages).mean()),
                  "reward/group_std": float(std.mean()),
                  "reward/frac_zero_std": float((std == 0).float().mean())}
         data = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "mask": ro.mask,
@@ -144,8 +150,8 @@ class GroupAgent(PPO):
 
     def _policy_forward(self, mb: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """New log-probs ``[b, T]`` (with gradient) and the entropy (no gradient, for logging)."""
-        logprobs, entropy, _, _ = self.policy.evaluate_response(
-            mb["input_ids"], mb["attention_mask"], mb["response_start"], self.temperature, with_entropy=True)
+        logprobs, entropy, _, _ = self.model(mb["input_ids"], mb["attention_mask"], response_start=mb["response_start"],
+                                             temperature=self.temperature, with_entropy=True)
         return logprobs, entropy
 
     @staticmethod

@@ -56,6 +56,12 @@ class GRPO(GroupAgent):
     config_class = GRPOConfig
     kl_in_reward = False
 
+    token_mean_stats = frozenset({"policy/entropy", "losses/entropy", "policy/approx_kl", "policy/clipfrac"})
+
+    @property
+    def loss_unit(self) -> str:  # type: ignore[override]
+        return "row" if self.config.loss_type == "sequence" else "token"
+
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         return group_normalise(rewards, cfg.num_generations, cfg.scale_rewards, cfg.adv_eps)

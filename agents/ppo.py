@@ -7,6 +7,7 @@ One implementation for every Gymnasium vector env with a Discrete action space. 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from textrl.agents.base import Agent
 from torch import nn
 
 from textrl.advantages import gae, next_values_from
+from textrl.distributed import Shard, all_max, all_sum, gather_rows, world_size
 from textrl.losses import explained_variance, policy_loss, value_loss
 from textrl.masking import masked_mean, masked_whiten
 from textrl.rollout import ActOutput, Rollout
@@ -175,8 +177,12 @@ class PPO(Agent):
         # fused Adam: one kernel for all parameters (CPU and CUDA); the per-tensor loop dominates small nets
         self.optimizer = torch.optim.Adam(self.params, lr=self.config.learning_rate, eps=self.config.adam_eps,
                                           fused=True)
+        # ``model`` is what the update calls: the policy itself, or accelerate's wrapper of it (DDP when several
+        # processes run, a DeepSpeed engine under DeepSpeed) that synchronises the gradients. ``policy`` stays
+        # the plain module (rollouts, checkpoints).
+        self.model = self.policy
         if accelerator is not None:
-            self.optimizer = accelerator.prepare_optimizer(self.optimizer)
+            self.model, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
         self.temperature = 1.0  # text envs: the sampling temperature, set by the trainer
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
@@ -215,11 +221,11 @@ class PPO(Agent):
             # Without an entropy bonus the entropy is not recomputed per minibatch: policy/entropy then comes
             # from the one no-grad pass over the rollout (the rollout policy's entropy).
             bonus = self.config.ent_coef > 0
-            logprobs, entropy, values, _ = self.policy.evaluate_response(
-                mb["input_ids"], mb["attention_mask"], mb["response_start"], self.temperature,
-                entropy_grad=bonus, with_entropy=bonus)
+            logprobs, entropy, values, _ = self.model(
+                mb["input_ids"], mb["attention_mask"], response_start=mb["response_start"],
+                temperature=self.temperature, entropy_grad=bonus, with_entropy=bonus)
             return logprobs, entropy, values
-        logits, values = self.policy(mb["obs"])
+        logits, values = self.model(mb["obs"])
         logp_all = torch.log_softmax(logits, dim=-1)  # (N, A)
         logprobs = logp_all.gather(-1, mb["actions"].unsqueeze(-1)).squeeze(-1)  # (N,)
         entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N,)
@@ -260,25 +266,38 @@ class PPO(Agent):
         last_values = torch.cat([c[3] for c in chunks])  # (B,) V(s_T)
         next_values = next_values_from(values, last_values)
         rewards = ro.rewards
-        if cfg.whiten_rewards and int(m.sum()) > 1:
-            rewards = masked_whiten(rewards, m, shift_mean=False)
+        if cfg.whiten_rewards:
+            rewards = self._whiten(rewards, m, shift_mean=False)
         # A text episode's score is paid at its last token whether it ended at EOS or at max_new_tokens, so
         # both ends are terminal for the advantage: bootstrapping a truncated completion from V(s_T) would add
         # the critic's guess of a score that was already paid (the critic's target would chase itself).
         ended = ro.terminated | ro.truncated
         advantages, returns = gae(rewards, values, next_values, ended, torch.zeros_like(ended), m, cfg.gamma,
                                   cfg.gae_lambda)
+        # statistics over the whole (global) batch: the union of the processes' shards
+        u_m, u_values, u_returns = gather_rows(m), gather_rows(values), gather_rows(returns)
         stats = {
-            "value/explained_variance": float(explained_variance(values, returns, m)),
-            "policy/rollout_logprob_diff": float(((old_logprobs - ro.logprobs).abs() * m).max()),
-            "policy/entropy": float(masked_mean(entropy, m)),
+            "value/explained_variance": float(explained_variance(u_values, u_returns, u_m)),
+            "policy/rollout_logprob_diff": float(all_max(((old_logprobs - ro.logprobs).abs() * m).max())),
+            "policy/entropy": float(masked_mean(gather_rows(entropy), u_m)),
         }
-        if cfg.norm_adv and int(m.sum()) > 1:
-            advantages = masked_whiten(advantages, m)
-        stats["reward/advantage_mean"] = float(masked_mean(advantages, m))
+        if cfg.norm_adv:
+            advantages = self._whiten(advantages, m)
+        stats["reward/advantage_mean"] = float(masked_mean(gather_rows(advantages), u_m))
         data = {"input_ids": input_ids, "attention_mask": attn, "mask": m, "logprobs": old_logprobs,
                 "values": values, "advantages": advantages, "returns": returns}
         return data, stats
+
+    @staticmethod
+    def _whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """:func:`masked_whiten` with the statistics of the global batch (all processes' rows); unchanged
+        when it has fewer than two real positions."""
+        if world_size() == 1:
+            return masked_whiten(x, mask, shift_mean) if int(mask.sum()) > 1 else x
+        u_x, u_m = gather_rows(x), gather_rows(mask)
+        if int(u_m.sum()) <= 1:
+            return x
+        return Shard.current().take(masked_whiten(u_x, u_m, shift_mean), x.shape[0])
 
     @torch.no_grad()
     def _rollout_forward(self, ro: TextRollout, with_entropy: bool = True, rows: int = 16) -> list[tuple]:
@@ -307,44 +326,73 @@ class PPO(Agent):
         stats.update({"charts/learning_rate": lr, "policy/clip_range": clip})
         return stats
 
+    #: what a minibatch loss averages over: "token" (every real token weighs the same) or "row" (completions)
+    loss_unit: str = "token"
+    #: logged terms that are means over tokens whatever ``loss_unit`` is (averaged over micro-batches and
+    #: processes by token count, so they equal the value over the whole minibatch)
+    token_mean_stats: frozenset[str] = frozenset({"policy/entropy", "losses/entropy"})
+
+    def _units(self, mask: torch.Tensor) -> int:
+        """How many loss units (real tokens, or rows with a real token) a micro-batch's ``mask`` holds."""
+        return int(mask.sum()) if self.loss_unit == "token" else int(mask.reshape(mask.shape[0], -1).any(1).sum())
+
     def _optimise(self, data: dict[str, torch.Tensor], clip: float, response_start: int) -> dict[str, float]:
-        """Epochs × minibatches (× gradient-accumulation micro-batches) over the leading dim of ``data``."""
+        """Epochs × minibatches (× gradient-accumulation micro-batches) over the leading dim of ``data``.
+
+        Data-parallel runs: each process takes the same number of rows from its shard for every minibatch, and
+        each micro-batch loss is weighted by its share of the global minibatch's loss units (× the process
+        count, which DDP's gradient average divides out), so the synchronised gradient is the gradient of the
+        loss over the union of the shards. Decisions that change control flow (a non-finite loss, the
+        target_kl stop) are taken on global values, so every process takes the same path.
+        """
         cfg = self.config
         n = data["mask"].shape[0]
+        world = world_size()
+        dev = data["mask"].device
         if n < cfg.num_minibatches:
             raise ValueError(f"the batch has {n} samples, fewer than num_minibatches={cfg.num_minibatches}")
         sums: dict[str, float] = {}
-        count, nan_skipped, epochs_run, first_ratio_dev = 0, 0, 0, float("nan")
+        count, nan_skipped, epochs_run, first_ratio_dev, grad_norm_sum = 0, 0, 0, float("nan"), 0.0
         for epoch in range(cfg.num_epochs):
             epochs_run = epoch + 1
             stop = False
             if cfg.num_minibatches == 1:  # full batch: order does not matter, skip the gather
-                minibatches = [torch.arange(n, device=data["mask"].device)]
+                minibatches = [torch.arange(n, device=dev)]
             else:
-                minibatches = list(torch.randperm(n, device=data["mask"].device).chunk(cfg.num_minibatches))
+                minibatches = list(torch.randperm(n, device=dev).chunk(cfg.num_minibatches))
             for idx in minibatches:
                 self.optimizer.zero_grad(set_to_none=True)
                 finite, mb_stats = True, {}
                 micro = idx.chunk(cfg.gradient_accumulation_steps)
-                real_total = max(int(data["mask"][idx].sum()), 1)
+                units = [self._units(data["mask"][mi]) for mi in micro]
+                tokens = [int(data["mask"][mi].sum()) for mi in micro]
+                total, total_tokens = (max(float(x), 1.0) for x in all_sum(
+                    torch.tensor([float(sum(units)), float(sum(tokens))], dtype=torch.float64, device=dev)))
                 for j, mi in enumerate(micro):
                     mb: dict[str, Any] = {k: v[mi] for k, v in data.items()}
                     mb["response_start"] = response_start
-                    loss, terms, pstats = self._loss(mb, clip)
-                    if count == 0 and j == 0 and math.isnan(first_ratio_dev):
-                        first_ratio_dev = float(pstats["ratio_max_dev"])  # health check: must be ~0
-                    if cfg.target_kl is not None and float(pstats["approx_kl"]) > 1.5 * cfg.target_kl:
-                        stop = True
-                        break
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    # weight each micro-batch by its share of real tokens: the sum equals the minibatch mean
-                    self._backward(loss * (int(mb["mask"].sum()) / real_total))
+                    weight = units[j] / total  # this micro-batch's share of the global minibatch's loss
+                    with self._sync_gradients(j == len(micro) - 1):
+                        loss, terms, pstats = self._loss(mb, clip)
+                        if count == 0 and j == 0 and math.isnan(first_ratio_dev):
+                            first_ratio_dev = float(pstats["ratio_max_dev"])  # health check: must be ~0
+                        approx_kl, bad = pstats["approx_kl"].detach().float(), not bool(torch.isfinite(loss))
+                        if world > 1:  # one collective: the global approx_kl and whether any process saw a NaN
+                            agreed = all_sum(torch.stack([approx_kl * units[j], torch.tensor(float(units[j]),
+                                             device=dev), torch.tensor(float(bad), device=dev)]))
+                            approx_kl, bad = agreed[0] / agreed[1].clamp(min=1), bool(agreed[2] > 0)
+                        if cfg.target_kl is not None and float(approx_kl) > 1.5 * cfg.target_kl:
+                            stop = True
+                            break
+                        if bad:
+                            finite = False
+                            break
+                        self._backward(loss * (weight * world))
                     terms.update({"losses/total": loss, "policy/approx_kl": pstats["approx_kl"],
                                   "policy/clipfrac": pstats["clipfrac"]})
-                    for key, val in terms.items():
-                        mb_stats[key] = mb_stats.get(key, 0.0) + float(val.detach()) / len(micro)
+                    for key, val in terms.items():  # token means weigh by tokens, the rest by loss units
+                        w = tokens[j] / total_tokens if key in self.token_mean_stats else weight
+                        mb_stats[key] = mb_stats.get(key, 0.0) + float(val.detach()) * w
                 if stop:
                     break
                 grad_norm = self._clip_grad_norm() if finite else None
@@ -354,16 +402,29 @@ class PPO(Agent):
                     continue
                 self.optimizer.step()
                 count += 1
-                mb_stats["train/grad_norm"] = float(grad_norm)
+                grad_norm_sum += float(grad_norm)  # after synchronisation: the same on every process
                 for key, val in mb_stats.items():
                     sums[key] = sums.get(key, 0.0) + val
             if stop:
                 break
         self.optimizer.zero_grad(set_to_none=True)
+        if world > 1 and sums:  # each process holds its shards' weighted share: the sum is the global value
+            keys = list(sums)
+            totals = all_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=dev)).tolist()
+            sums = dict(zip(keys, totals, strict=True))
+            first_ratio_dev = float(all_max(torch.tensor(first_ratio_dev, device=dev)))
         stats = {k: v / max(count, 1) for k, v in sums.items()}
+        if count:
+            stats["train/grad_norm"] = grad_norm_sum / count
         stats.update({"policy/first_ratio_dev": first_ratio_dev, "train/epochs_run": float(epochs_run),
                       "train/nan_skipped": float(nan_skipped)})
         return stats
+
+    def _sync_gradients(self, sync: bool):
+        """Inside a data-parallel run, skip DDP's gradient all-reduce on all but a minibatch's last micro-batch."""
+        if sync or self.accelerator is None or world_size() == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model)
 
     def _loss(self, mb: dict[str, Any], clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         """The minibatch loss: clipped policy loss + vf_coef · value loss − ent_coef · entropy.

@@ -30,6 +30,8 @@ import torch
 from gymnasium.vector import AutoresetMode
 from textrl.envs.scorers import TokenScorer, check_scores, clip_and_normalise, resolve_scorer
 
+from textrl.distributed import Shard
+
 __all__ = ["TextGenVectorEnv", "TextGenEnv", "load_prompts"]
 
 
@@ -76,6 +78,11 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         num_generations: k: serve each drawn prompt to k contiguous rows (rows i·k … i·k + k − 1 form group i),
             so group baselines (RLOO, GRPO) are exact. num_envs must be a multiple of k, and a partial reset
             must cover whole groups.
+        shard: ``(index, count)`` or a :class:`~textrl.distributed.Shard`: this env holds rows
+            ``index·num_envs … (index+1)·num_envs − 1`` of a data-parallel batch of ``count·num_envs`` rows. A
+            full reset draws the prompts of the whole global batch from the env's seeded stream and keeps its
+            slice, so the union of the shards equals the one-process batch of the same seed (a partial reset
+            draws for its own rows only).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED}
@@ -100,6 +107,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         model: str | None = None,
         chat_template: bool = False,
         num_generations: int = 1,
+        shard: Shard | tuple[int, int] | None = None,
     ):
         if not isinstance(num_envs, int) or num_envs <= 0:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
@@ -111,6 +119,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
             raise ValueError(f"num_envs={num_envs} must be a multiple of num_generations={num_generations} "
                              "(each prompt fills k contiguous rows)")
         self.num_generations = num_generations
+        self.shard = shard if isinstance(shard, Shard) else Shard(*(shard or (0, 1)))
         scorer = resolve_scorer(scorer)
         if prompt_order not in ("random", "sequential"):
             raise ValueError(f"prompt_order must be 'random' or 'sequential', got {prompt_order!r}")
@@ -203,13 +212,16 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
                 raise ValueError(f"options['reset_mask'] must reset whole groups of num_generations={k} rows")
             rows = self._rows[reset_mask.to(self.device)]
         n = len(rows) // self.num_generations  # prompts to draw: one per group
+        # a full reset of a shard draws for the whole global batch and keeps its slice (see ``shard``)
+        shards = self.shard.count if reset_mask is None else 1
         if self.prompt_order == "sequential":
-            picks = (torch.arange(n) + self._next_prompt) % len(self.prompts)
+            picks = (torch.arange(n * shards) + self._next_prompt) % len(self.prompts)
             self._next_prompt = int(picks[-1] + 1) if n else self._next_prompt
-            picks = picks.to(self.device)
         else:
-            picks = torch.as_tensor(self.np_random.integers(0, len(self.prompts), size=n), device=self.device)
-        picks = picks.repeat_interleave(self.num_generations)
+            picks = torch.as_tensor(self.np_random.integers(0, len(self.prompts), size=n * shards))
+        if shards > 1:
+            picks = self.shard.take(picks, n)
+        picks = picks.to(self.device).repeat_interleave(self.num_generations)
         P = self.max_prompt_tokens
         self.prompt_index[rows] = picks
         self.input_ids[rows] = self.pad_token_id

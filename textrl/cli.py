@@ -4,6 +4,9 @@
                  [--resume RUN_DIR] [--<any run or agent config field> VALUE ...]
     textrl train-rm [CONFIG.yaml] --data PREFS.jsonl [--model NAME_OR_PATH] [--output-dir DIR] [--<field> VALUE ...]
 
+Both take ``--num-processes N``: run data-parallel on N local processes (torchrun underneath); under
+``accelerate launch`` or ``torchrun`` they join the launcher's processes instead.
+
 With no CONFIG and no --env, ``train`` runs the embedded default experiment (experiments/default.yaml).
 """
 
@@ -24,6 +27,7 @@ from textrl.config import (
     load_yaml,
     preset_for,
 )
+from textrl.distributed import end
 
 __all__ = ["main", "resolve_train_config"]
 
@@ -179,6 +183,38 @@ COMMANDS = {
 }
 
 
+def _pop_num_processes(argv: list[str]) -> tuple[list[str], int]:
+    """Remove ``--num-processes N`` (a launcher flag, not a config field) from ``argv``."""
+    rest, n, i = [], 1, 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name in ("--num-processes", "--num_processes"):
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            try:
+                n = int(value)
+            except ValueError:
+                n = 0
+            if n < 1:
+                raise ValueError(f"--num-processes must be a positive integer, got {value!r}")
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, n
+
+
+def _launch(argv: list[str], processes: int) -> int:
+    """Run ``textrl ARGV`` data-parallel on this machine: ``torchrun --standalone --nproc-per-node N -m textrl``
+    (the same as ``accelerate launch --multi_gpu --num_processes N -m textrl ...``; gloo on CPU, NCCL on GPUs)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+           "-m", "textrl", *argv]
+    print("textrl: launching " + " ".join(cmd[1:]), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -190,7 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         print(usage)
         return 0 if argv else 2
     try:
-        return COMMANDS[argv[0]][0](argv[1:])
+        argv, processes = _pop_num_processes(argv)
+        if processes > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch(argv, processes)
+        code = COMMANDS[argv[0]][0](argv[1:])
+        end()  # data-parallel runs: every process finishes together
+        return code
     except (ValueError, TypeError, FileNotFoundError) as err:
         if os.environ.get("TEXTRL_DEBUG"):
             raise

@@ -82,9 +82,20 @@ class LMActorCritic(nn.Module):
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
+        response_start: int | None = None, **evaluate_kwargs: Any,
+    ):
+        """``[B, L]`` → logits ``[B, L, V]`` (only the last ``logits_to_keep`` positions if > 0) and values
+        ``[B, L]``; with ``response_start``, :meth:`evaluate_response`'s outputs. Agents call the latter
+        through the module's ``__call__`` so that a DDP wrapper (accelerate's ``prepare``) sees the forward
+        and synchronises the gradients."""
+        if response_start is not None:
+            return self.evaluate_response(input_ids, attention_mask, response_start, **evaluate_kwargs)
+        return self.logits_and_values(input_ids, attention_mask, logits_to_keep)
+
+    def logits_and_values(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, L]`` → logits ``[B, L, V]`` (only the last ``logits_to_keep`` positions if > 0) and values ``[B, L]``."""
         mask = attention_mask.long()
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         positions = positions_from_mask(mask)
@@ -104,7 +115,7 @@ class LMActorCritic(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         response_start: int,
-        temperature: float,
+        temperature: float = 1.0,
         entropy_grad: bool = False,
         with_entropy: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -117,7 +128,7 @@ class LMActorCritic(nn.Module):
         """
         T = input_ids.shape[1] - response_start
         # logits of the last T + 1 positions only: the prompt's other positions predict nothing we need
-        logits, values = self(input_ids, attention_mask, logits_to_keep=T + 1)
+        logits, values = self.logits_and_values(input_ids, attention_mask, logits_to_keep=T + 1)
         logits = logits[:, -(T + 1) : -1].float()  # (B, T, V): position t predicts column t
         if temperature != 1.0:  # skip a full-vocabulary copy (and its backward) when it changes nothing
             logits = logits / temperature

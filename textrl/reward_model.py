@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from textrl.distributed import all_sum, broadcast_object, rank, world_size
+
 __all__ = ["RewardModelConfig", "PreferenceRow", "load_preferences", "train_reward_model", "TrainedRewardScorer",
            "bradley_terry_loss", "NORMALISATION_FILE"]
 
@@ -215,11 +217,18 @@ def _scores(model, tokenizer, prompts, responses, max_length, batch_size=64) -> 
 
 
 def pairwise_accuracy(model, tokenizer, rows: list[PreferenceRow], max_length: int) -> float:
-    """Share of pairs with r(chosen) > r(rejected)."""
-    prompts = [r.prompt for r in rows]
-    rc = _scores(model, tokenizer, prompts, [r.chosen for r in rows], max_length)
-    rr = _scores(model, tokenizer, prompts, [r.rejected for r in rows], max_length)
-    return float((rc > rr).float().mean())
+    """Share of pairs with r(chosen) > r(rejected). In a data-parallel run each process scores every
+    W-th pair and the counts are summed: the result is the accuracy over all ``rows``."""
+    mine = rows[rank()::world_size()]
+    prompts = [r.prompt for r in mine]
+    rc = _scores(model, tokenizer, prompts, [r.chosen for r in mine], max_length)
+    rr = _scores(model, tokenizer, prompts, [r.rejected for r in mine], max_length)
+    correct = all_sum(torch.tensor(float((rc > rr).sum()), dtype=torch.float64, device=_device(model)))
+    return float(correct) / max(len(rows), 1)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str, Any]:
@@ -245,23 +254,32 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
                              f"eval_fraction={cfg.eval_fraction}")
         eval_rows = [rows[i] for i in order[:n_eval]]
         train_rows = [rows[i] for i in order[n_eval:]]
-    out = Path(cfg.output_dir or f"runs/reward_model__{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    from accelerate import Accelerator
+
+    # Under `accelerate launch` / `torchrun` this joins the process group: each batch is split among the
+    # processes, DDP averages the gradients, the main process writes the files.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    out = Path(cfg.output_dir or broadcast_object(f"runs/reward_model__{time.strftime('%Y-%m-%d_%H-%M-%S')}"))
     path = _resolve_backbone(cfg.model)
     tokenizer, model = _load_model(path, cfg)
+    model = model.to(accelerator.device)
     from dataclasses import asdict
 
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.num_epochs
     tracker = Tracker(out, {**asdict(cfg), "backbone_path": path, "train_pairs": len(train_rows),
-                            "eval_pairs": len(eval_rows)}, total=total * cfg.batch_size,
+                            "eval_pairs": len(eval_rows)}, total=total * cfg.batch_size, enabled=main,
                       postfix_keys={"train/loss": "loss", "eval/pairwise_accuracy": "acc"})
     if problems:
         tracker.message(f"skipped {len(problems)} bad row(s): " + "; ".join(problems[:10])
                         + (" …" if len(problems) > 10 else ""))
-    tracker.message(f"train-rm: {len(train_rows)} train pairs, {len(eval_rows)} held-out pairs, backbone {path}")
+    tracker.message(f"train-rm: {len(train_rows)} train pairs, {len(eval_rows)} held-out pairs, backbone {path}"
+                    + (f"; {world} processes share each batch" if world > 1 else ""))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(total, 1)))
+    trained, opt = accelerator.prepare(model, opt)  # DDP around the model when several processes run
     acc0 = pairwise_accuracy(model.eval(), tokenizer, eval_rows, cfg.max_length)
     step, nan_skipped, acc = 0, 0, acc0
     start = time.perf_counter()
@@ -272,19 +290,28 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
             rng.shuffle(order)
             for i in range(0, len(order), cfg.batch_size):
                 batch = [train_rows[j] for j in order[i:i + cfg.batch_size]]
+                if len(batch) < world:  # a tail too short to give every process a pair: dropped by all
+                    continue
+                n_all = len(batch)
+                batch = batch[rank() * n_all // world:(rank() + 1) * n_all // world]  # this process's share
                 prompts = [r.prompt for r in batch] * 2
                 responses = [r.chosen for r in batch] + [r.rejected for r in batch]
-                enc = encode(tokenizer, prompts, responses, cfg.max_length, next(model.parameters()).device)
-                r = model(**enc).logits[:, 0].float()
+                enc = encode(tokenizer, prompts, responses, cfg.max_length, _device(model))
+                r = trained(**enc).logits[:, 0].float()
                 rc, rr = r[:len(batch)], r[len(batch):]
-                margin = torch.tensor([cfg.margin if b.margin is None else b.margin for b in batch])
+                margin = torch.tensor([cfg.margin if b.margin is None else b.margin for b in batch], device=r.device)
                 loss = bradley_terry_loss(rc, rr, margin)
                 opt.zero_grad(set_to_none=True)
-                if not torch.isfinite(loss):
+                # sums over the whole batch (all processes): loss, correct pairs, margin, a non-finite flag
+                part = torch.stack([loss.detach().double() * len(batch), (rc > rr).sum().double(),
+                                    (rc - rr).detach().sum().double(), (~torch.isfinite(loss)).double()])
+                part = all_sum(part)
+                if part[3] > 0:  # every process skips together
                     nan_skipped += 1
                     continue
-                loss.backward()
-                grad = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                # each process's mean loss weighs by its share of the batch; DDP's average divides by world
+                accelerator.backward(loss * (len(batch) * world / n_all))
+                grad = accelerator.clip_grad_norm_(params, 1.0)
                 if not torch.isfinite(grad):
                     nan_skipped += 1
                     opt.zero_grad(set_to_none=True)
@@ -292,8 +319,8 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
                 opt.step()
                 sched.step()
                 step += 1
-                stats = {"train/loss": float(loss), "train/accuracy": float((rc > rr).float().mean()),
-                         "train/margin": float((rc - rr).mean()), "train/grad_norm": float(grad),
+                stats = {"train/loss": float(part[0]) / n_all, "train/accuracy": float(part[1]) / n_all,
+                         "train/margin": float(part[2]) / n_all, "train/grad_norm": float(grad),
                          "charts/learning_rate": sched.get_last_lr()[0], "train/nan_skipped": float(nan_skipped)}
                 if i + cfg.batch_size >= len(order):  # end of epoch: held-out pairwise accuracy
                     acc = pairwise_accuracy(model.eval(), tokenizer, eval_rows, cfg.max_length)
@@ -304,6 +331,8 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
     finally:
         tracker.close()
     model.eval()
+    if not main:  # the main process fits the normalisation and saves; the others are done
+        return {"output_dir": str(out), "eval_accuracy_before": acc0, "eval_accuracy": acc}
     if cfg.lora_r > 0:
         model = model.merge_and_unload()  # a plain transformers model on disk
     gain, bias = 1.0, 0.0

@@ -13,6 +13,7 @@ import gymnasium as gym
 import torch
 
 from textrl.decoding import CachedDecoder
+from textrl.distributed import Shard, all_max
 
 __all__ = ["TextRollout", "sample_from_logits", "text_rollout"]
 
@@ -46,10 +47,13 @@ class TextRollout:
 
 
 def sample_from_logits(
-    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+    shard: Shard = Shard(),
 ) -> torch.Tensor:
     """Sample one token per row from ``logits`` ``[B, V]`` (already temperature-scaled), optionally restricted
-    to the top-k tokens and/or the smallest nucleus of probability ≥ top_p."""
+    to the top-k tokens and/or the smallest nucleus of probability ≥ top_p. The rows are ``shard`` of a
+    global batch: the uniforms of all its rows are drawn and this shard's are used, so each row gets the
+    draw it would get in the one-process batch."""
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -62,9 +66,15 @@ def sample_from_logits(
     # Inverse-CDF sampling: one uniform per row and a binary search in the cumulative probabilities (float64).
     # torch.multinomial costs ~14 ms for 16 rows of a 49k vocabulary on this CPU; this ~0.4 ms.
     cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
+    u = _uniforms(cdf.shape[0], shard, cdf.device, generator)
+    u = u * cdf[:, -1:]
     # side="right": the first token whose cumulative probability exceeds u, so zero-probability tokens never win
     return torch.searchsorted(cdf, u, side="right").squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+def _uniforms(rows: int, shard: Shard, device, generator) -> torch.Tensor:
+    u = torch.rand(rows * shard.count, 1, dtype=torch.float64, device=device, generator=generator)
+    return shard.take(u, rows)
 
 
 @torch.no_grad()
@@ -83,6 +93,10 @@ def text_rollout(
     Log-probs are those of the temperature-scaled full distribution (what the update recomputes); with
     top_k/top_p the sampling distribution is truncated, which makes the samples slightly off-policy —
     the same convention as TRL. ``min_new_tokens`` forbids EOS for the first tokens (as ``generate`` does).
+
+    A sharded env (data-parallel run) samples its rows' slice of the global uniforms; after its rows end, the
+    sampler is advanced to where the longest shard left it (one collective), keeping the processes' streams
+    in step with each other and with the one-process run.
     """
     base = envs.unwrapped
     obs, info = envs.reset(seed=seed)
@@ -98,13 +112,16 @@ def text_rollout(
     prompt_ids = obs["input_ids"][:, :P].clone()
     prompt_mask = obs["attention_mask"][:, :P].clone()
     pad = torch.full((B,), base.pad_token_id, dtype=torch.long, device=dev)
+    shard = getattr(base, "shard", Shard())
 
+    steps = 0
     for t in range(T):
         logits = pol.next_logits
         if t < min_new_tokens:
             logits = logits.clone()
             logits[:, base.eos_token_id] = float("-inf")
-        tokens = sample_from_logits(logits, top_k, top_p, generator)  # (B,)
+        tokens = sample_from_logits(logits, top_k, top_p, generator, shard)  # (B,)
+        steps = t + 1
         logprob = pol.logprobs_of(tokens)  # (B,)
         obs, reward, term, trunc, info = envs.step({"token": tokens, "logprob": logprob})
         valid = info["valid"]
@@ -119,6 +136,10 @@ def text_rollout(
             break
         pol.step(torch.where(valid, tokens, pad), valid)
 
+    if shard.count > 1:  # draw what the shards that ran longer drew, so the streams stay in step
+        longest = int(all_max(torch.tensor(steps, device=dev)))
+        for _ in range(longest - steps):
+            _uniforms(B, shard, dev, generator)
     tokens_bt = obs["input_ids"][:, P:].clone()
     if getattr(envs, "deferred", False):  # KLPenalty(reference_pass="sequence"): one reference forward now
         attn = torch.cat([prompt_mask, flags["mask"].long()], dim=1)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from textrl.agents.base import agent_class
 from textrl.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from textrl.config import TrainConfig, from_dict, to_dict
+from textrl.distributed import Shard, all_max, barrier, broadcast_object, gather_rows
 from textrl.envs.kl_penalty import KLPenalty
 from textrl.envs.text_gen import TextGenVectorEnv
 from textrl.kl_control import make_kl_controller
@@ -239,10 +240,13 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     want = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                         ("cpu" if cfg.device == "auto" else cfg.device))
     # accelerate at the edges: device placement, backward, gradient clipping; the maths and the env are plain torch
+    # Under `accelerate launch` / `torchrun` this joins the process group (gloo on CPU, NCCL on GPUs): the run
+    # becomes data-parallel, each process stepping its shard of the env (see textrl.distributed).
     accelerator = Accelerator(cpu=want.type == "cpu")
     device = accelerator.device if want.type != "cpu" else want
+    world, main = accelerator.num_processes, accelerator.is_main_process
     if cfg.output_dir is None:
-        cfg.output_dir = default_output_dir(cfg)
+        cfg.output_dir = broadcast_object(default_output_dir(cfg))  # one directory, named by the main process
     out = Path(cfg.output_dir)
 
     bf16 = cfg.bf16
@@ -251,8 +255,10 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     cls = agent_class(cfg.agent)
     agent_cfg = from_dict(cls.config_class, cfg.agent_config)
     agent_cfg.check_batch(cfg.num_envs, rows_only=True)  # fail before loading any model
+    local_envs = _check_shards(cfg.num_envs, world, agent_cfg)
     tokenizer, policy, reference = build_policy(cfg, device)
-    envs = _text_env(cfg, tokenizer, device, **_group_kwargs(cfg, agent_cfg))
+    shard = {"shard": Shard.current()} if world > 1 else {}
+    envs = _text_env(cfg, tokenizer, device, num_envs=local_envs, **shard, **_group_kwargs(cfg, agent_cfg))
     if not isinstance(envs.unwrapped, TextGenVectorEnv):
         raise TypeError(f"env: {cfg.env} is not a textrl text env (got {type(envs.unwrapped).__name__})")
     agent = cls(envs, agent_cfg, device=str(device), policy=policy, accelerator=accelerator)
@@ -276,22 +282,30 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
         base.np_random.bit_generator.state = state["env_rng"]
         base._np_random_seed = state.get("env_seed")
         sampler.set_state(load_file(str(out / CHECKPOINT_DIR / "sampler.safetensors"))["state"])
-        history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][:start_update]
+        if main:
+            history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][:start_update]
     else:
-        base.reset(seed=cfg.seed)  # seeds the prompt sampler once; rollouts continue its stream
-    out.mkdir(parents=True, exist_ok=True)
+        # seeds the prompt sampler once; rollouts continue its stream. Every process seeds the same global
+        # stream and keeps its shard's draws.
+        base.reset(seed=cfg.seed)
     resolved = {**to_dict(cfg), "agent_config": to_dict(agent.config)}
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    tracker = Tracker(out, resolved, total=num_updates * steps_per_update, initial=global_step,
+    if main:  # the main process writes every file of the run; the others only train
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    tracker = Tracker(out, resolved, total=num_updates * steps_per_update, initial=global_step, enabled=main,
                       postfix_keys={"reward/score_mean": "score", "policy/kl_ref": "kl", "losses/policy": "pg"})
     _check_health(policy, base, tracker)
+    if world > 1:
+        tracker.message(f"data-parallel: {world} processes × {local_envs} rows = num_envs {cfg.num_envs} "
+                        f"({accelerator.distributed_type.value}, gradients averaged by DDP)")
     if not kl_in_reward:
         tracker.message(f"{cfg.agent}: KL to the reference is a loss term (beta={getattr(agent.config, 'beta', 0)}); "
                         "the env's reward carries no KL penalty (kl_coef ignored)")
     if bf16:
         tracker.message("bf16 autocast on for the PPO update (rollouts stay fp32; set bf16: false to turn it off)")
-    before = None if resume else evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts,
-                                          cfg.eval_samples)
+    # held-out evaluation runs on the main process (the others wait at their next collective)
+    before = None if resume or not main else evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts,
+                                                      cfg.eval_samples)
     if before is not None and not quiet:
         tracker.message(f"held-out reward before training: {before} (kl={before.kl:.3f})")
 
@@ -305,19 +319,17 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
             global_step += steps_per_update
             with autocast(device, bf16):  # the update: old log-probs and new ones come from the same bf16 path
                 stats = agent.update(ro, progress_remaining=1.0 - update / num_updates)
-            seq_kl = ro.kl.sum(1)  # (B,) summed KL per completion
-            kl_ctl.update(float(seq_kl.mean()), n_steps=cfg.num_envs)
-            n_tokens = int(ro.mask.sum())
+            stats.update(rollout_stats(ro))  # over the global batch (every process's rows)
+            kl_ctl.update(stats["policy/kl_ref"], n_steps=cfg.num_envs)
             stats.update({
-                "reward/score_mean": float(ro.scores.mean()),
-                "reward/score_std": float(ro.scores.std()) if len(ro.scores) > 1 else 0.0,
-                "reward/total_mean": float(ro.rewards.sum(1).mean()),
-                "policy/kl_ref": float(seq_kl.mean()),
                 "reward/kl_coef": kl_env.kl_coef,
-                "env/response_length": n_tokens / cfg.num_envs,
-                "env/eos_rate": float(ro.terminated.any(1).float().mean()),
                 "time/tokens_per_s": (global_step - start_step) / (time.perf_counter() - start_time),
             })
+            if world > 1:  # 0 when every process holds the same weights (DDP keeps them in step)
+                stats["dist/weight_divergence"] = weight_divergence(agent.params)
+                if stats["dist/weight_divergence"] > 0:
+                    tracker.message(f"warning: update {update}: the processes' weights differ "
+                                    f"(divergence {stats['dist/weight_divergence']:.3g})")
             tracker.log(stats, global_step)
             history.append({"global_step": global_step, **stats})
             if stats.get("policy/approx_kl", 0) > 0.1 or stats.get("policy/clipfrac", 0) > 0.3:
@@ -331,10 +343,15 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
                 tracker.message(f"update {update}: skipped {int(stats['train/nan_skipped'])} non-finite step(s)")
             last = update + 1 == num_updates
             if last or (cfg.checkpoint_every and (update + 1) % cfg.checkpoint_every == 0):
-                _save(out, agent, policy, tokenizer, kl_ctl, base, sampler, update + 1, global_step)
+                if main:  # written once: the processes' states are identical (the env's and sampler's streams
+                    # are global, the weights and optimiser synchronised), so any process count can resume it
+                    _save(out, agent, policy, tokenizer, kl_ctl, base, sampler, update + 1, global_step)
+                barrier()
     finally:
         tracker.close()
 
+    if not main:
+        return TextRunResult(out, global_step, num_updates, None, None, history)
     after = evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts, cfg.eval_samples)
     if history:
         plot_curves(history, out / "curves.png")
@@ -342,6 +359,49 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     if after is not None and not quiet:
         print(summary_line(before, after), file=sys.stderr)
     return TextRunResult(out, global_step, num_updates, before, after, history)
+
+
+def rollout_stats(ro: TextRollout) -> dict[str, float]:
+    """Per-batch rollout metrics, over the union of the processes' rows (one process: its batch)."""
+    scores, seq_kl = gather_rows(ro.scores), gather_rows(ro.kl.sum(1))  # (B_global,) each
+    returns, lengths = gather_rows(ro.rewards.sum(1)), gather_rows(ro.mask.sum(1).float())
+    eos = gather_rows(ro.terminated.any(1).float())
+    return {
+        "reward/score_mean": float(scores.mean()),
+        "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "reward/total_mean": float(returns.mean()),
+        "policy/kl_ref": float(seq_kl.mean()),  # summed KL per completion
+        "env/response_length": float(lengths.mean()),
+        "env/eos_rate": float(eos.mean()),
+    }
+
+
+def weight_divergence(params: list[torch.Tensor]) -> float:
+    """Max − min over processes of a float64 fingerprint of ``params`` (Σ p and Σ p·position of every
+    tensor): exactly 0 when all processes hold bit-identical weights."""
+    with torch.no_grad():
+        fp = torch.zeros(2, dtype=torch.float64, device=params[0].device)
+        for p in params:
+            flat = p.detach().reshape(-1).double()
+            fp[0] += flat.sum()
+            fp[1] += (flat * torch.linspace(0.5, 1.5, flat.numel(), dtype=torch.float64, device=flat.device)).sum()
+        return float((all_max(fp) + all_max(-fp)).abs().max())
+
+
+def _check_shards(num_envs: int, world: int, agent_cfg) -> int:
+    """Rows per process; the shard must split into the agent's groups and minibatches like the whole batch."""
+    if world == 1:
+        return num_envs
+    if num_envs % world:
+        raise ValueError(f"num_envs={num_envs} is the global batch and must be a multiple of the number of processes "
+                         f"({world}): choose num_envs from {[world * i for i in range(1, 9)]}")
+    local = num_envs // world
+    try:
+        agent_cfg.check_batch(local, rows_only=True)
+    except ValueError as err:
+        raise ValueError(f"with {world} processes each process holds num_envs / {world} = {local} rows, and: {err}. "
+                         "Raise num_envs or run fewer processes") from None
+    return local
 
 
 def _save(out: Path, agent, policy: LMActorCritic, tokenizer, kl_ctl, base, sampler, update: int, step: int) -> None:

@@ -42,6 +42,8 @@ class Tracker:
         total: total environment steps, for the progress bar.
         postfix_keys: metric names shown on the bar, with the short label to show them under.
         initial: steps already done (when resuming).
+        enabled: False makes every method a no-op that writes nothing (the non-main processes of a
+            data-parallel run: metrics are gathered, and written once).
     """
 
     def __init__(
@@ -51,7 +53,11 @@ class Tracker:
         total: int,
         postfix_keys: dict[str, str] | None = None,
         initial: int = 0,
+        enabled: bool = True,
     ):
+        self.enabled = enabled
+        if not enabled:
+            return
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(self.dir / "tb"))
@@ -65,6 +71,8 @@ class Tracker:
         self._next_report = initial
 
     def log(self, stats: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
         record = {"global_step": int(step)}
         for key, value in stats.items():
             value = float(value)
@@ -87,9 +95,13 @@ class Tracker:
 
     def message(self, text: str) -> None:
         """Print a line without breaking the progress bar."""
+        if not self.enabled:
+            return
         tqdm.write(text, file=sys.stderr)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.bar.close()
         self.writer.flush()
         self.writer.close()
