@@ -239,10 +239,12 @@ class PPO(Agent):
             rollout.mask, cfg.gamma, cfg.gae_lambda,
         )  # (B, T) each
         m = rollout.mask
-        stats = {"value/explained_variance": float(explained_variance(rollout.values, returns, m))}
-        if cfg.norm_adv and int(m.sum()) > 1:
-            advantages = masked_whiten(advantages, m)
-        stats["reward/advantage_mean"] = float(masked_mean(advantages, m))
+        u_m = gather_rows(m)  # statistics over all processes' sub-envs
+        stats = {"value/explained_variance": float(explained_variance(gather_rows(rollout.values),
+                                                                      gather_rows(returns), u_m))}
+        if cfg.norm_adv:
+            advantages = self._whiten(advantages, m)
+        stats["reward/advantage_mean"] = float(masked_mean(gather_rows(advantages), u_m))
         # Transitions are independent given (s, a): keep the real ones as a flat batch of samples.
         n = int(m.sum())
         data = {

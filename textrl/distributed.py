@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Shard", "world_size", "rank", "is_main", "all_sum", "all_max", "gather_rows", "broadcast_object",
-           "barrier", "end"]
+__all__ = ["Shard", "world_size", "rank", "is_main", "all_sum", "all_max", "gather_rows", "gather_objects", "broadcast_object",
+           "barrier", "end", "weight_divergence"]
 
 
 def _active() -> bool:
@@ -64,6 +64,15 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_objects(items: list) -> list:
+    """Every process's list, concatenated in rank order (e.g. the returns of the episodes that finished)."""
+    if not _active():
+        return list(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def broadcast_object(obj):
     """The main process's ``obj`` on every process (e.g. a run directory named after the clock)."""
     if not _active():
@@ -85,6 +94,18 @@ def end() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def weight_divergence(params: list[torch.Tensor]) -> float:
+    """Max − min over processes of a float64 fingerprint of ``params`` (Σ p and Σ p·position of every
+    tensor): exactly 0 when all processes hold bit-identical weights."""
+    with torch.no_grad():
+        fp = torch.zeros(2, dtype=torch.float64, device=params[0].device)
+        for p in params:
+            flat = p.detach().reshape(-1).double()
+            fp[0] += flat.sum()
+            fp[1] += (flat * torch.linspace(0.5, 1.5, flat.numel(), dtype=torch.float64, device=flat.device)).sum()
+        return float((all_max(fp) + all_max(-fp)).abs().max())
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ class TextRollout:
 
 def sample_from_logits(
     logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-    shard: Shard = Shard(),
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """Sample one token per row from ``logits`` ``[B, V]`` (already temperature-scaled), optionally restricted
     to the top-k tokens and/or the smallest nucleus of probability ≥ top_p. The rows are ``shard`` of a
@@ -66,7 +66,7 @@ def sample_from_logits(
     # Inverse-CDF sampling: one uniform per row and a binary search in the cumulative probabilities (float64).
     # torch.multinomial costs ~14 ms for 16 rows of a 49k vocabulary on this CPU; this ~0.4 ms.
     cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1)  # (B, V)
-    u = _uniforms(cdf.shape[0], shard, cdf.device, generator)
+    u = _uniforms(cdf.shape[0], shard or Shard(), cdf.device, generator)
     u = u * cdf[:, -1:]
     # side="right": the first token whose cumulative probability exceeds u, so zero-probability tokens never win
     return torch.searchsorted(cdf, u, side="right").squeeze(-1).clamp_(max=cdf.shape[-1] - 1)

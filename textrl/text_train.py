@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from textrl.agents.base import agent_class
 from textrl.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from textrl.config import TrainConfig, from_dict, to_dict
-from textrl.distributed import Shard, all_max, barrier, broadcast_object, gather_rows
+from textrl.distributed import Shard, barrier, broadcast_object, gather_rows, weight_divergence
 from textrl.envs.kl_penalty import KLPenalty
 from textrl.envs.text_gen import TextGenVectorEnv
 from textrl.kl_control import make_kl_controller
@@ -374,18 +374,6 @@ def rollout_stats(ro: TextRollout) -> dict[str, float]:
         "env/response_length": float(lengths.mean()),
         "env/eos_rate": float(eos.mean()),
     }
-
-
-def weight_divergence(params: list[torch.Tensor]) -> float:
-    """Max − min over processes of a float64 fingerprint of ``params`` (Σ p and Σ p·position of every
-    tensor): exactly 0 when all processes hold bit-identical weights."""
-    with torch.no_grad():
-        fp = torch.zeros(2, dtype=torch.float64, device=params[0].device)
-        for p in params:
-            flat = p.detach().reshape(-1).double()
-            fp[0] += flat.sum()
-            fp[1] += (flat * torch.linspace(0.5, 1.5, flat.numel(), dtype=torch.float64, device=flat.device)).sum()
-        return float((all_max(fp) + all_max(-fp)).abs().max())
 
 
 def _check_shards(num_envs: int, world: int, agent_cfg) -> int:

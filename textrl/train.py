@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import random
 import sys
 import time
@@ -22,6 +23,7 @@ from gymnasium.vector import AutoresetMode
 from textrl.agents.base import Agent, agent_class
 from textrl.checkpoint import load_checkpoint, save_checkpoint
 from textrl.config import TrainConfig, from_dict, to_dict
+from textrl.distributed import barrier, broadcast_object, gather_objects, weight_divergence
 from textrl.rollout import Collector
 from textrl.tracking import Tracker
 
@@ -56,24 +58,26 @@ def check_env_id(env_id: str) -> None:
         ) from None
 
 
-def make_envs(cfg: TrainConfig) -> gym.vector.VectorEnv:
-    """A vector env of ``cfg.num_envs`` sub-envs. Envs with a native ``vector_entry_point`` are built by it;
-    the rest run in a sync vector env with same-step autoreset (no dead reset steps)."""
+def make_envs(cfg: TrainConfig, num_envs: int | None = None) -> gym.vector.VectorEnv:
+    """A vector env of ``cfg.num_envs`` sub-envs (or ``num_envs``: a process's shard). Envs with a native
+    ``vector_entry_point`` are built by it; the rest run in a sync vector env with same-step autoreset."""
     check_env_id(cfg.env)
     spec = gym.spec(cfg.env)
+    num_envs = num_envs or cfg.num_envs
     if spec.vector_entry_point is not None:
-        return gym.make_vec(cfg.env, num_envs=cfg.num_envs, **cfg.env_kwargs)
+        return gym.make_vec(cfg.env, num_envs=num_envs, **cfg.env_kwargs)
     return gym.make_vec(
-        cfg.env, num_envs=cfg.num_envs, vectorization_mode="sync",
+        cfg.env, num_envs=num_envs, vectorization_mode="sync",
         vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **cfg.env_kwargs,
     )
 
 
-def build_agent(cfg: TrainConfig, envs: gym.vector.VectorEnv) -> Agent:
+def build_agent(cfg: TrainConfig, envs: gym.vector.VectorEnv, accelerator: Any = None) -> Agent:
     cls = agent_class(cfg.agent)
     cls.check_env(envs)
     agent_cfg = from_dict(cls.config_class, cfg.agent_config)
-    return cls(envs, agent_cfg, device=_device(cfg.device))
+    kwargs = {"accelerator": accelerator} if accelerator is not None else {}
+    return cls(envs, agent_cfg, device=_device(cfg.device), **kwargs)
 
 
 def _device(name: str) -> str:
@@ -104,12 +108,27 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> RunRes
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
+    accelerator, world, rank, local_envs = None, 1, 0, cfg.num_envs
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun: data-parallel
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=_device(cfg.device) == "cpu")
+        world, rank = accelerator.num_processes, accelerator.process_index
+        if cfg.num_envs % world:
+            raise ValueError(f"num_envs={cfg.num_envs} is the global number of sub-envs and must be a multiple of "
+                             f"the number of processes ({world})")
+        local_envs = cfg.num_envs // world
+    main = rank == 0
     if cfg.output_dir is None:
-        cfg.output_dir = default_output_dir(cfg)
+        cfg.output_dir = broadcast_object(default_output_dir(cfg))
     out = Path(cfg.output_dir)
 
-    envs = make_envs(cfg)
-    agent = build_agent(cfg, envs)
+    # Process r steps sub-envs r·n … r·n + n − 1 of the global vector env, seeded seed + i like Gymnasium's
+    # reset(seed) seeds sub-env i; DDP averages the gradients; metrics are gathered, files written once.
+    envs = make_envs(cfg, local_envs)
+    agent = build_agent(cfg, envs, accelerator)
+    if world > 1:
+        seed_everything(cfg.seed + rank)  # independent action noise per process (the weights are synchronised)
     steps_per_update = cfg.num_envs * agent.config.num_steps
     num_updates = math.ceil(cfg.total_steps / steps_per_update)
     collector = Collector(envs, agent.config.num_steps, device=agent.device)
@@ -121,20 +140,21 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> RunRes
         start_update, global_step = state["update"], state["global_step"]
         returns = state.get("episode_returns", [])
         # Env internals are not checkpointed: sub-envs restart fresh episodes from a derived seed.
-        collector.reset(seed=cfg.seed + 7919 * start_update)
+        collector.reset(seed=cfg.seed + 7919 * start_update + rank * local_envs)
     else:
-        collector.reset(seed=cfg.seed)
+        collector.reset(seed=cfg.seed + rank * local_envs)
         envs.action_space.seed(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
     resolved = {**to_dict(cfg), "agent_config": to_dict(agent.config)}
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
-    tracker = Tracker(out, resolved, total=num_updates * steps_per_update, initial=global_step,
+    tracker = Tracker(out, resolved, total=num_updates * steps_per_update, initial=global_step, enabled=main,
                       postfix_keys={"env/episode_return_mean20": "return", "losses/policy": "pg_loss",
                                     "policy/approx_kl": "kl"})
     if not quiet:
         tracker.message(f"textrl: {cfg.agent} on {cfg.env}: {num_updates} updates × {steps_per_update} steps "
-                        f"-> {out}")
+                        f"-> {out}" + (f" ({world} processes × {local_envs} sub-envs)" if world > 1 else ""))
     stats: dict[str, float] = {}
     start_time, start_step = time.perf_counter(), global_step
     try:
@@ -142,27 +162,32 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> RunRes
             rollout = collector.collect(agent)
             global_step += steps_per_update
             stats = agent.update(rollout, progress_remaining=1.0 - update / num_updates)
-            returns += rollout.episode_returns
-            if rollout.episode_returns:
-                stats["env/episode_return"] = float(np.mean(rollout.episode_returns))
-                stats["env/episode_length"] = float(np.mean(rollout.episode_lengths))
+            finished = gather_objects(rollout.episode_returns)  # every process's episodes, in rank order
+            returns += finished
+            if finished:
+                stats["env/episode_return"] = float(np.mean(finished))
+                stats["env/episode_length"] = float(np.mean(gather_objects(rollout.episode_lengths)))
             if returns:
                 stats["env/episode_return_mean20"] = float(np.mean(returns[-20:]))
             stats["time/steps_per_s"] = (global_step - start_step) / (time.perf_counter() - start_time)
+            if world > 1:  # 0 when every process holds the same weights (DDP keeps them in step)
+                stats["dist/weight_divergence"] = weight_divergence(agent.params)
             tracker.log(stats, global_step)
             if stats.get("train/nan_skipped"):
                 tracker.message(f"update {update}: skipped {int(stats['train/nan_skipped'])} non-finite minibatch step(s)")
             last = update + 1 == num_updates
             if last or (cfg.checkpoint_every and (update + 1) % cfg.checkpoint_every == 0):
-                save_checkpoint(out, agent.state_dict(), {
-                    "update": update + 1, "global_step": global_step, "episode_returns": returns[-1000:],
-                })
+                if main:
+                    save_checkpoint(out, agent.state_dict(), {
+                        "update": update + 1, "global_step": global_step, "episode_returns": returns[-1000:],
+                    })
+                barrier()
     finally:
         tracker.close()
         envs.close()
 
     result = RunResult(out, global_step, num_updates, returns, stats)
-    if not quiet:
+    if not quiet and main:
         print(f"final: mean return of the last 20 episodes = {result.mean_return():.1f} "
               f"({global_step} steps, {len(returns)} episodes) -> {out}", file=sys.stderr)
     return result

@@ -1,0 +1,199 @@
+"""Data-parallel training on CPU: two gloo processes under ``torchrun``, ``accelerate launch --multi_gpu`` and
+``textrl ... --num-processes 2`` train exactly like one process over the union of their env shards."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from textrl.envs.toy import char_tokenizer, target_token_env
+
+from textrl.cli import resolve_train_config
+from textrl.distributed import Shard
+from textrl.text_rollout import sample_from_logits
+from textrl.train import train
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def torchrun() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "textrl"]
+
+
+def accelerate_launch() -> list[str]:
+    # accelerate 1.15: --cpu would ignore --num_processes without MPI; --multi_gpu on a GPU-less machine still
+    # starts two processes, and textrl's Accelerator(cpu=True) joins them with gloo.
+    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(), "-m", "textrl"]
+
+
+def launch(prefix: list[str], args: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*prefix, *args], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def run_here(args: list[str]) -> None:
+    cfg, resume = resolve_train_config(args)
+    train(cfg, resume=resume, quiet=True)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(a: list[dict], b: list[dict], rel: float = 1e-5) -> None:
+    assert [m["global_step"] for m in a] == [m["global_step"] for m in b]
+    for x, y in zip(a, b, strict=True):
+        keys = [k for k in x if not k.startswith(("time/", "dist/")) and x[k] is not None]
+        assert keys, x
+        for k in keys:
+            assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-6), (x["global_step"], k, x[k], y[k])
+
+
+def assert_in_step(run: Path, lines: slice) -> None:
+    """Every update of the processes' part of ``run`` logged a weight divergence of exactly 0."""
+    part = metrics(run)[lines]
+    assert part and all(m["dist/weight_divergence"] == 0.0 for m in part), [m.get("dist/weight_divergence")
+                                                                           for m in part]
+
+
+TOY = ["--env", "textrl/TargetToken-v0", "--num-envs", "8", "--num-minibatches", "1", "--seed", "3"]
+
+
+def test_ppo_on_two_processes_equals_one_process_over_the_union_and_resumes_across_process_counts(tmp_path):
+    ppo = [*TOY, "--agent", "ppo", "--num-epochs", "2", "--checkpoint-every", "1"]
+    one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
+    run_here([*ppo, "--total-steps", "512", "--output-dir", str(one)])  # 4 updates on one process
+    # 2 updates on two processes (torchrun), then the last 2 resumed on one process
+    out = launch(torchrun(), ["train", *ppo, "--total-steps", "256", "--output-dir", str(two)])
+    assert "data-parallel: 2 processes × 4 rows = num_envs 8" in out.stderr
+    assert len(metrics(two)) == 2  # the main process alone writes metrics
+    run_here(["--resume", str(two), "--total-steps", "512"])
+    # 2 updates on one process, then the last 2 resumed on two processes (accelerate launch)
+    run_here([*ppo, "--total-steps", "256", "--output-dir", str(mixed)])
+    launch(accelerate_launch(), ["train", "--resume", str(mixed), "--total-steps", "512"])
+
+    assert_in_step(two, slice(0, 2))
+    assert_in_step(mixed, slice(2, 4))
+    assert_same_metrics(metrics(one), metrics(two))
+    assert_same_metrics(metrics(one), metrics(mixed))
+    ref = load_file(str(one / "checkpoint" / "model.safetensors"))
+    for run in (two, mixed):
+        got = load_file(str(run / "checkpoint" / "model.safetensors"))
+        assert got.keys() == ref.keys()
+        assert max(float((got[k] - ref[k]).abs().max()) for k in ref) < 1e-5
+
+
+@pytest.mark.parametrize("agent, extra", [("rloo", ["--gradient-accumulation-steps", "2"]),
+                                          ("grpo", ["--scale-rewards", "batch"])])
+def test_group_agents_on_two_processes_equal_one_process(tmp_path, agent, extra):
+    """--num-processes 2 (torchrun underneath); RLOO with gradient accumulation (DDP's no_sync on the first
+    micro-batch), GRPO with batch-level reward scaling (a statistic over both shards)."""
+    args = [*TOY, "--agent", agent, "--num-generations", "4", "--total-steps", "384", *extra]
+    run_here([*args, "--output-dir", str(tmp_path / "one")])
+    out = launch([str(BIN / "textrl")], ["train", *args, "--output-dir", str(tmp_path / "two"),
+                                          "--num-processes", "2"])
+    assert "torch.distributed.run --standalone --nproc-per-node=2" in out.stderr
+    assert_in_step(tmp_path / "two", slice(None))
+    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+
+
+@pytest.mark.learning
+def test_ppo_learns_on_two_processes_with_minibatches(tmp_path):
+    """The toy preset (16 rows, 2 minibatches: each global minibatch takes 4 rows from each process) learns
+    on two processes, which stay in step at every update."""
+    out = tmp_path / "run"
+    launch(torchrun(), ["train", "--env", "textrl/TargetToken-v0", "--agent", "ppo", "--seed", "1",
+                        "--output-dir", str(out)])
+    m = metrics(out)
+    assert len(m) == 16
+    assert_in_step(out, slice(None))
+    first, last = m[0]["reward/score_mean"], sum(x["reward/score_mean"] for x in m[-3:]) / 3
+    assert first < 0.15 and last > 0.3, (first, last)
+
+
+@pytest.mark.learning
+def test_ppo_learns_cartpole_on_two_processes(tmp_path):
+    """The classic path: each process steps half of the 8 CartPole sub-envs (seeded seed + i globally), DDP
+    averages the MLP's gradients; the same 30k-step bar as one process."""
+    out = tmp_path / "run"
+    launch([str(BIN / "textrl")], ["train", "--env", "CartPole-v1", "--total-steps", "30000", "--seed", "1",
+                                    "--output-dir", str(out), "--num-processes", "2"])
+    m = metrics(out)
+    assert_in_step(out, slice(None))
+    assert m[0]["env/episode_return_mean20"] < 60
+    assert m[-1]["env/episode_return_mean20"] >= 200, m[-1]["env/episode_return_mean20"]
+
+
+def test_reward_model_on_two_processes_equals_one_process(tmp_path):
+    from test_reward_model import SUBJECTS, preference_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(SUBJECTS[:16]))
+    args = ["train-rm", "--data", str(data), "--num-epochs", "2", "--batch-size", "16"]
+    launch([str(BIN / "textrl")], [*args, "--output-dir", str(tmp_path / "one")])
+    launch(torchrun(), [*args, "--output-dir", str(tmp_path / "two")])
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert a[-1]["eval/pairwise_accuracy"] > a[0]["train/accuracy"] or a[-1]["eval/pairwise_accuracy"] == 1.0
+    assert_same_metrics(a, b, rel=1e-4)
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert s2["eval_accuracy"] == s1["eval_accuracy"] and s2["gain"] == pytest.approx(s1["gain"], rel=1e-3)
+
+
+# --- the pieces, on one process -----------------------------------------------------------------------
+
+
+def test_env_shards_draw_the_one_process_batch():
+    tok = char_tokenizer()
+    whole = target_token_env(8, tok, num_generations=2)
+    shards = [target_token_env(4, tok, num_generations=2, shard=(r, 2)) for r in range(2)]
+    for i in range(3):  # a stream of resets stays in step
+        seed = 5 if i == 0 else None
+        info = whole.reset(seed=seed)[1]
+        parts = [s.reset(seed=seed)[1] for s in shards]
+        assert torch.equal(torch.cat([p["prompt_index"] for p in parts]), info["prompt_index"])
+        assert torch.equal(torch.cat([s.input_ids for s in shards]), whole.input_ids)
+
+
+def test_sampler_shards_use_the_one_process_uniforms():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    whole = sample_from_logits(logits, generator=torch.Generator().manual_seed(1))
+    parts = [sample_from_logits(logits[2 * r:2 * r + 2], generator=torch.Generator().manual_seed(1),
+                                shard=Shard(r, 3)) for r in range(3)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_shards_that_do_not_split_the_batch_are_refused():
+    from textrl.agents.grpo import GRPOConfig
+    from textrl.agents.ppo import PPOConfig
+
+    from textrl.text_train import _check_shards
+
+    assert _check_shards(16, 2, PPOConfig(num_minibatches=2)) == 8
+    with pytest.raises(ValueError, match=r"num_envs=10 is the global batch and must be a multiple of the number "
+                                         r"of processes \(4\)"):
+        _check_shards(10, 4, PPOConfig(num_minibatches=1))
+    with pytest.raises(ValueError, match=r"each process holds num_envs / 4 = 2 rows.*not a multiple of "
+                                         r"num_generations=4"):
+        _check_shards(8, 4, GRPOConfig(num_generations=4))
+    with pytest.raises(ValueError, match=r"Shard|index < count"):
+        Shard(2, 2)
+
+
+def test_num_processes_flag_is_checked():
+    from textrl.cli import main
+
+    assert main(["train", "--num-processes", "zero"]) == 2
+    assert main(["train", "--num-processes", "0"]) == 2
