@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -19,7 +20,15 @@ from textrl.agents.base import Agent
 from torch import nn
 
 from textrl.advantages import gae, next_values_from
-from textrl.distributed import Shard, all_max, all_sum, gather_rows, world_size
+from textrl.distributed import (
+    Shard,
+    all_max,
+    all_sum,
+    configure_deepspeed,
+    gather_rows,
+    is_deepspeed,
+    world_size,
+)
 from textrl.losses import explained_variance, policy_loss, value_loss
 from textrl.masking import masked_mean, masked_whiten
 from textrl.rollout import ActOutput, Rollout
@@ -181,6 +190,11 @@ class PPO(Agent):
         # processes run, a DeepSpeed engine under DeepSpeed) that synchronises the gradients. ``policy`` stays
         # the plain module (rollouts, checkpoints).
         self.model = self.policy
+        self.deepspeed = is_deepspeed(accelerator)
+        if self.deepspeed:  # a micro-batch: this process's share of a minibatch, split for accumulation
+            batch = envs.num_envs if self.is_text else envs.num_envs * self.config.num_steps
+            configure_deepspeed(accelerator, batch // self.config.num_minibatches //
+                                self.config.gradient_accumulation_steps, self.config.max_grad_norm)
         if accelerator is not None:
             self.model, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
         self.temperature = 1.0  # text envs: the sampling temperature, set by the trainer
@@ -389,7 +403,7 @@ class PPO(Agent):
                         if bad:
                             finite = False
                             break
-                        self._backward(loss * (weight * world))
+                        self._backward(loss * (weight * world), last=j == len(micro) - 1)
                     terms.update({"losses/total": loss, "policy/approx_kl": pstats["approx_kl"],
                                   "policy/clipfrac": pstats["clipfrac"]})
                     for key, val in terms.items():  # token means weigh by tokens, the rest by loss units
@@ -442,22 +456,37 @@ class PPO(Agent):
             terms.update({"losses/entropy": -ent, "policy/entropy": ent})
         return loss, terms, pstats
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor, last: bool = True) -> None:
         if self.accelerator is not None:
+            if self.deepspeed:  # DeepSpeed steps inside backward at an accumulation boundary: mark it ourselves
+                self.accelerator.gradient_state._set_sync_gradients(last)
             self.accelerator.backward(loss)
         else:
             loss.backward()
 
     def _clip_grad_norm(self) -> torch.Tensor:
         if self.accelerator is not None:
-            return self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            # DeepSpeed clipped (and stepped) inside backward and reports the norm it saw (None if it has none)
+            return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32) if self.deepspeed else norm
         return nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
 
     # --- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Trained weights and optimiser state (under DeepSpeed the optimiser state is partitioned across the
+        processes and lives in the engine's own checkpoint: :meth:`save_engine`)."""
         trained = {id(p) for p in self.params}
         model = {n: p.detach() for n, p in self.policy.named_parameters() if id(p) in trained}
-        return {"model": model, "optimizer": self.optimizer.state_dict()}
+        return {"model": model, "optimizer": {} if self.deepspeed else self.optimizer.state_dict()}
+
+    def save_engine(self, folder: str | Path, tag: str) -> None:
+        """DeepSpeed only, on every process: the engine's checkpoint (each process writes its partition)."""
+        self.model.save_checkpoint(str(folder), tag=tag)
+
+    def load_engine(self, folder: str | Path, tag: str) -> None:
+        path, _ = self.model.load_checkpoint(str(folder), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"resume: no DeepSpeed checkpoint {tag!r} in {str(folder)!r}")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = self.policy.load_state_dict(state["model"], strict=False).missing_keys
@@ -465,4 +494,5 @@ class PPO(Agent):
         trainable = {n for n, p in self.policy.named_parameters() if id(p) in trained}
         if trainable & set(missing):
             raise ValueError(f"checkpoint lacks trainable weights {sorted(trainable & set(missing))[:5]}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.deepspeed:
+            self.optimizer.load_state_dict(state["optimizer"])

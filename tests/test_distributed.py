@@ -79,7 +79,7 @@ def test_ppo_on_two_processes_equals_one_process_over_the_union_and_resumes_acro
     run_here([*ppo, "--total-steps", "512", "--output-dir", str(one)])  # 4 updates on one process
     # 2 updates on two processes (torchrun), then the last 2 resumed on one process
     out = launch(torchrun(), ["train", *ppo, "--total-steps", "256", "--output-dir", str(two)])
-    assert "data-parallel: 2 processes × 4 rows = num_envs 8" in out.stderr
+    assert "data-parallel: 2 processes × 4 rows = num_envs 8 (MULTI_CPU" in out.stderr
     assert len(metrics(two)) == 2  # the main process alone writes metrics
     run_here(["--resume", str(two), "--total-steps", "512"])
     # 2 updates on one process, then the last 2 resumed on two processes (accelerate launch)

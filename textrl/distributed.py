@@ -12,17 +12,80 @@ Everything here is a no-op on one process (no process group), so single-process 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Shard", "world_size", "rank", "is_main", "all_sum", "all_max", "gather_rows", "gather_objects", "broadcast_object",
+__all__ = ["Shard", "make_accelerator", "is_deepspeed", "is_zero3", "configure_deepspeed", "gathered_weights", "world_size", "rank", "is_main", "all_sum", "all_max", "gather_rows", "gather_objects", "broadcast_object",
            "barrier", "end", "weight_divergence"]
 
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def make_accelerator(device: torch.device | str):
+    """accelerate's ``Accelerator`` for a run on ``device``. On a machine without GPUs ``cpu=True`` (so that
+    ``accelerate launch --multi_gpu`` or ``torchrun`` still gives gloo processes), except under a DeepSpeed
+    launch, where DeepSpeed's own accelerator picks the device."""
+    from accelerate import Accelerator
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return Accelerator(cpu=torch.device(device).type == "cpu" and not deepspeed)
+
+
+def is_deepspeed(accelerator) -> bool:
+    return accelerator is not None and accelerator.distributed_type.value == "DEEPSPEED"
+
+
+def is_zero3(accelerator) -> bool:
+    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def configure_deepspeed(accelerator, micro_batch: int, max_grad_norm: float) -> None:
+    """DeepSpeed's batch settings, from textrl's: ``micro_batch`` rows per process per backward; DeepSpeed's
+    own gradient accumulation stays 1 because textrl weights its micro-batches itself and marks the
+    accumulation boundary (``accelerator.gradient_state``); gradients clipped at ``max_grad_norm``."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds.update({"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+               "train_batch_size": micro_batch * world_size(), "gradient_clipping": max_grad_norm})
+
+
+def gathered_weights(accelerator, engine, module):
+    """Under DeepSpeed ZeRO-3 every weight is partitioned across the processes and each forward gathers a
+    layer's weights (a collective). Code that runs ``module`` outside lockstep forwards — generation, whose
+    length differs between processes, and work done by the main process alone (evaluation, saving) — runs
+    inside this context on *every* process: it gathers the whole module once (it must fit one device, as in
+    TRL's ``ds3_gather_for_generation``). A no-op without ZeRO-3."""
+    if not is_zero3(accelerator):
+        return contextlib.nullcontext()
+    return _zero3_gathered(engine, module)
+
+
+@contextlib.contextmanager
+def _zero3_gathered(engine, module):
+    import deepspeed
+
+    # DeepSpeed's per-module forward hooks fetch (all-gather) parameters even when they are already gathered:
+    # off while gathered, or processes that run different numbers of forwards deadlock. (Private DeepSpeed API;
+    # TRL's unwrap_model_for_generation does the same.)
+    # The root module's start-of-forward hook checks (a collective) that every process runs the same step.
+    offload = engine.optimizer.parameter_offload
+    root = offload.module
+    start_hook = root._forward_pre_hooks.get(offload.fwd_pre_hook.id)
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        for hook in [*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook]:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            if start_hook is not None:
+                offload.fwd_pre_hook = root.register_forward_pre_hook(start_hook, prepend=True)
+            offload._register_deepspeed_module(root)
 
 
 def world_size() -> int:

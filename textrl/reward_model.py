@@ -30,7 +30,18 @@ from typing import Any
 
 import torch
 
-from textrl.distributed import all_sum, broadcast_object, rank, world_size
+from textrl.distributed import (
+    all_sum,
+    barrier,
+    broadcast_object,
+    configure_deepspeed,
+    gathered_weights,
+    is_deepspeed,
+    is_main,
+    make_accelerator,
+    rank,
+    world_size,
+)
 
 __all__ = ["RewardModelConfig", "PreferenceRow", "load_preferences", "train_reward_model", "TrainedRewardScorer",
            "bradley_terry_loss", "NORMALISATION_FILE"]
@@ -254,12 +265,10 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
                              f"eval_fraction={cfg.eval_fraction}")
         eval_rows = [rows[i] for i in order[:n_eval]]
         train_rows = [rows[i] for i in order[n_eval:]]
-    from accelerate import Accelerator
-
     # Under `accelerate launch` / `torchrun` this joins the process group: each batch is split among the
     # processes, DDP averages the gradients, the main process writes the files.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    world, main = accelerator.num_processes, accelerator.is_main_process
+    accelerator = make_accelerator("cuda" if torch.cuda.is_available() else "cpu")
+    world, main = world_size(), is_main()  # from the process group (accelerate on CPU + DeepSpeed reports 1)
     out = Path(cfg.output_dir or broadcast_object(f"runs/reward_model__{time.strftime('%Y-%m-%d_%H-%M-%S')}"))
     path = _resolve_backbone(cfg.model)
     tokenizer, model = _load_model(path, cfg)
@@ -279,8 +288,12 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(total, 1)))
-    trained, opt = accelerator.prepare(model, opt)  # DDP around the model when several processes run
-    acc0 = pairwise_accuracy(model.eval(), tokenizer, eval_rows, cfg.max_length)
+    if is_deepspeed(accelerator):  # one backward per batch: this process's share of it
+        configure_deepspeed(accelerator, max(cfg.batch_size // world, 1), 1.0)
+    trained, opt = accelerator.prepare(model, opt)  # DDP (or a DeepSpeed engine) around the model
+    full = lambda: gathered_weights(accelerator, trained, model)  # noqa: E731 (ZeRO-3: see gathered_weights)
+    with full():
+        acc0 = pairwise_accuracy(model.eval(), tokenizer, eval_rows, cfg.max_length)
     step, nan_skipped, acc = 0, 0, acc0
     start = time.perf_counter()
     try:
@@ -312,6 +325,7 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
                 # each process's mean loss weighs by its share of the batch; DDP's average divides by world
                 accelerator.backward(loss * (len(batch) * world / n_all))
                 grad = accelerator.clip_grad_norm_(params, 1.0)
+                grad = torch.as_tensor(0.0 if grad is None else grad, dtype=torch.float32)  # DeepSpeed: a float
                 if not torch.isfinite(grad):
                     nan_skipped += 1
                     opt.zero_grad(set_to_none=True)
@@ -323,7 +337,8 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
                          "train/margin": float(part[2]) / n_all, "train/grad_norm": float(grad),
                          "charts/learning_rate": sched.get_last_lr()[0], "train/nan_skipped": float(nan_skipped)}
                 if i + cfg.batch_size >= len(order):  # end of epoch: held-out pairwise accuracy
-                    acc = pairwise_accuracy(model.eval(), tokenizer, eval_rows, cfg.max_length)
+                    with full():
+                        acc = pairwise_accuracy(model.eval(), tokenizer, eval_rows, cfg.max_length)
                     model.train()
                     stats["eval/pairwise_accuracy"] = acc
                     stats["train/epoch"] = float(epoch + 1)
@@ -331,8 +346,16 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
     finally:
         tracker.close()
     model.eval()
-    if not main:  # the main process fits the normalisation and saves; the others are done
-        return {"output_dir": str(out), "eval_accuracy_before": acc0, "eval_accuracy": acc}
+    with full():  # the main process fits the normalisation and saves; the others wait
+        summary = _finish(cfg, model, tokenizer, out, train_rows, eval_rows, problems, acc0, acc, start, quiet) \
+            if main else {"output_dir": str(out), "eval_accuracy_before": acc0, "eval_accuracy": acc}
+        barrier()
+    return summary
+
+
+def _finish(cfg: RewardModelConfig, model, tokenizer, out: Path, train_rows, eval_rows, problems, acc0: float,
+            acc: float, start: float, quiet: bool) -> dict[str, Any]:
+    """Normalise, save (safetensors + tokenizer + textrl_reward.json + summary.json), report."""
     if cfg.lora_r > 0:
         model = model.merge_and_unload()  # a plain transformers model on disk
     gain, bias = 1.0, 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,18 @@ from safetensors.torch import load_file, save_file
 from textrl.agents.base import agent_class
 from textrl.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from textrl.config import TrainConfig, from_dict, to_dict
-from textrl.distributed import Shard, barrier, broadcast_object, gather_rows, weight_divergence
+from textrl.distributed import (
+    Shard,
+    barrier,
+    broadcast_object,
+    gather_rows,
+    gathered_weights,
+    is_main,
+    is_zero3,
+    make_accelerator,
+    weight_divergence,
+    world_size,
+)
 from textrl.envs.kl_penalty import KLPenalty
 from textrl.envs.text_gen import TextGenVectorEnv
 from textrl.kl_control import make_kl_controller
@@ -95,6 +107,7 @@ class TextRunResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+DEEPSPEED_DIR = "checkpoint_deepspeed"  # DeepSpeed's own checkpoints (tag update<N>), beside ours
 _REWARD_MODELS: dict[str, object] = {}  # one loaded reward model per path, shared by the train and eval envs
 
 
@@ -235,16 +248,15 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     seed_everything(cfg.seed)
-    from accelerate import Accelerator
 
     want = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                         ("cpu" if cfg.device == "auto" else cfg.device))
     # accelerate at the edges: device placement, backward, gradient clipping; the maths and the env are plain torch
     # Under `accelerate launch` / `torchrun` this joins the process group (gloo on CPU, NCCL on GPUs): the run
     # becomes data-parallel, each process stepping its shard of the env (see textrl.distributed).
-    accelerator = Accelerator(cpu=want.type == "cpu")
+    accelerator = make_accelerator(want)
     device = accelerator.device if want.type != "cpu" else want
-    world, main = accelerator.num_processes, accelerator.is_main_process
+    world, main = world_size(), is_main()  # from the process group (accelerate on CPU + DeepSpeed reports 1)
     if cfg.output_dir is None:
         cfg.output_dir = broadcast_object(default_output_dir(cfg))  # one directory, named by the main process
     out = Path(cfg.output_dir)
@@ -276,8 +288,11 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     start_update, global_step, history = 0, 0, []
     if resume:
         agent_state, state = load_checkpoint(out, device=device)
-        agent.load_state_dict(agent_state)
+        if not agent.deepspeed:  # DeepSpeed restores weights and optimiser from its own checkpoint (below)
+            agent.load_state_dict(agent_state)
         start_update, global_step = state["update"], state["global_step"]
+        if agent.deepspeed:  # the partitioned optimiser state, from the engine's checkpoint of the same update
+            agent.load_engine(out / DEEPSPEED_DIR, f"update{start_update}")
         kl_ctl.load_state_dict(state["kl_controller"])
         base.np_random.bit_generator.state = state["env_rng"]
         base._np_random_seed = state.get("env_seed")
@@ -297,15 +312,17 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     _check_health(policy, base, tracker)
     if world > 1:
         tracker.message(f"data-parallel: {world} processes × {local_envs} rows = num_envs {cfg.num_envs} "
-                        f"({accelerator.distributed_type.value}, gradients averaged by DDP)")
+                        f"({accelerator.distributed_type.value}: gradients averaged across the processes)")
     if not kl_in_reward:
         tracker.message(f"{cfg.agent}: KL to the reference is a loss term (beta={getattr(agent.config, 'beta', 0)}); "
                         "the env's reward carries no KL penalty (kl_coef ignored)")
     if bf16:
         tracker.message("bf16 autocast on for the PPO update (rollouts stay fp32; set bf16: false to turn it off)")
     # held-out evaluation runs on the main process (the others wait at their next collective)
-    before = None if resume or not main else evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts,
-                                                      cfg.eval_samples)
+    with full_weights(agent):
+        before = None if resume or not main else evaluate(cfg, policy, reference, tokenizer, device,
+                                                          base.eval_prompts, cfg.eval_samples)
+        barrier()
     if before is not None and not quiet:
         tracker.message(f"held-out reward before training: {before} (kl={before.kl:.3f})")
 
@@ -315,7 +332,8 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
         for update in range(start_update, num_updates):
             # Rollouts stay in fp32: bf16 noise on the logits biases the sampled tokens' log π − log π_ref
             # upwards (tokens whose logit was rounded up get sampled more), inflating the KL penalty.
-            ro = text_rollout(kl_env, policy.lm, cfg.temperature, cfg.top_k, cfg.top_p, generator=sampler)
+            with full_weights(agent):
+                ro = text_rollout(kl_env, policy.lm, cfg.temperature, cfg.top_k, cfg.top_p, generator=sampler)
             global_step += steps_per_update
             with autocast(device, bf16):  # the update: old log-probs and new ones come from the same bf16 path
                 stats = agent.update(ro, progress_remaining=1.0 - update / num_updates)
@@ -325,7 +343,7 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
                 "reward/kl_coef": kl_env.kl_coef,
                 "time/tokens_per_s": (global_step - start_step) / (time.perf_counter() - start_time),
             })
-            if world > 1:  # 0 when every process holds the same weights (DDP keeps them in step)
+            if world > 1 and not is_zero3(agent.accelerator):  # 0 when every process holds the same weights (DDP keeps them in step)
                 stats["dist/weight_divergence"] = weight_divergence(agent.params)
                 if stats["dist/weight_divergence"] > 0:
                     tracker.message(f"warning: update {update}: the processes' weights differ "
@@ -343,22 +361,38 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
                 tracker.message(f"update {update}: skipped {int(stats['train/nan_skipped'])} non-finite step(s)")
             last = update + 1 == num_updates
             if last or (cfg.checkpoint_every and (update + 1) % cfg.checkpoint_every == 0):
-                if main:  # written once: the processes' states are identical (the env's and sampler's streams
-                    # are global, the weights and optimiser synchronised), so any process count can resume it
-                    _save(out, agent, policy, tokenizer, kl_ctl, base, sampler, update + 1, global_step)
+                if agent.deepspeed:  # every process writes its partition of the optimiser state first
+                    agent.save_engine(out / DEEPSPEED_DIR, f"update{update + 1}")
+                with full_weights(agent):
+                    if main:  # written once: the processes' states are identical (the env's and sampler's
+                        # streams are global, weights and optimiser synchronised): any process count can resume it
+                        _save(out, agent, policy, tokenizer, kl_ctl, base, sampler, update + 1, global_step)
+                    barrier()
+                    if agent.deepspeed:  # keep the engine checkpoint that matches ours
+                        for old in (out / DEEPSPEED_DIR).glob("update*"):
+                            if old.name != f"update{update + 1}":
+                                shutil.rmtree(old, ignore_errors=True)
                 barrier()
     finally:
         tracker.close()
 
+    with full_weights(agent):
+        after = evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts, cfg.eval_samples) \
+            if main else None
+        barrier()
     if not main:
         return TextRunResult(out, global_step, num_updates, None, None, history)
-    after = evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts, cfg.eval_samples)
     if history:
         plot_curves(history, out / "curves.png")
     _write_samples(out / "samples.md", before, after)
     if after is not None and not quiet:
         print(summary_line(before, after), file=sys.stderr)
     return TextRunResult(out, global_step, num_updates, before, after, history)
+
+
+def full_weights(agent):
+    """The whole policy gathered on every process under ZeRO-3 (see :func:`textrl.distributed.full_weights`)."""
+    return gathered_weights(agent.accelerator, agent.model, agent.policy)
 
 
 def rollout_stats(ro: TextRollout) -> dict[str, float]:

@@ -23,7 +23,15 @@ from gymnasium.vector import AutoresetMode
 from textrl.agents.base import Agent, agent_class
 from textrl.checkpoint import load_checkpoint, save_checkpoint
 from textrl.config import TrainConfig, from_dict, to_dict
-from textrl.distributed import barrier, broadcast_object, gather_objects, weight_divergence
+from textrl.distributed import (
+    barrier,
+    broadcast_object,
+    gather_objects,
+    make_accelerator,
+    weight_divergence,
+    world_size,
+)
+from textrl.distributed import rank as rank_of_process
 from textrl.rollout import Collector
 from textrl.tracking import Tracker
 
@@ -110,10 +118,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> RunRes
     seed_everything(cfg.seed)
     accelerator, world, rank, local_envs = None, 1, 0, cfg.num_envs
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun: data-parallel
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(cpu=_device(cfg.device) == "cpu")
-        world, rank = accelerator.num_processes, accelerator.process_index
+        accelerator = make_accelerator(_device(cfg.device))
+        world, rank = world_size(), rank_of_process()
         if cfg.num_envs % world:
             raise ValueError(f"num_envs={cfg.num_envs} is the global number of sub-envs and must be a multiple of "
                              f"the number of processes ({world})")
