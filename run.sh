@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # textrl set-up and entry points for a fresh machine with Python >= 3.10:
 #   bash run.sh train [textrl train args...]   install, then run the embedded default experiment
-#   bash run.sh test  [pytest args...]         install (with dev + quant extras), then run the test suite
+#   bash run.sh test  [pytest args...]         install (dev, quant, deepspeed extras), then run the test suite
 #   bash run.sh bench [script args...]         install (with bench extras), then run a benchmark script
 # Installs into ./.venv (override with TEXTRL_VENV). Torch: the CPU build `torch==2.13.0` unless torch
 # is already in the venv or TEXTRL_TORCH names another requirement (GPU users: TEXTRL_TORCH="torch").
@@ -32,7 +32,7 @@ case "$cmd" in
     install ""
     exec "$venv/bin/textrl" train "$@" ;;
   test)
-    install "dev,quant"
+    install "dev,quant,deepspeed"
     set +e
     "$venv/bin/python" -m pytest -q "$@"
     code=$?

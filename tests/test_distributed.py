@@ -94,7 +94,7 @@ def test_ppo_on_two_processes_equals_one_process_over_the_union_and_resumes_acro
     for run in (two, mixed):
         got = load_file(str(run / "checkpoint" / "model.safetensors"))
         assert got.keys() == ref.keys()
-        assert max(float((got[k] - ref[k]).abs().max()) for k in ref) < 1e-5
+        assert max(float((got[k] - ref[k]).abs().max()) for k in ref) < 1e-4  # float summation order only
 
 
 @pytest.mark.parametrize("agent, extra", [("rloo", ["--gradient-accumulation-steps", "2"]),
@@ -150,6 +150,57 @@ def test_reward_model_on_two_processes_equals_one_process(tmp_path):
     assert_same_metrics(a, b, rel=1e-4)
     s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert s2["eval_accuracy"] == s1["eval_accuracy"] and s2["gain"] == pytest.approx(s1["gain"], rel=1e-3)
+
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "accelerate"
+
+
+def deepspeed_launch(stage: int) -> list[str]:
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ACCELERATE_CONFIGS / f"deepspeed_zero{stage}.yaml"),
+            "--num_processes", "2", "--main_process_port", _free_port(), "-m", "textrl"]
+
+
+@pytest.mark.parametrize("stage, agent, lora_r", [(2, "ppo", "0"), (3, "ppo", "0"), (3, "grpo", "4")])
+def test_deepspeed_zero_equals_one_process_and_resumes(tmp_path, stage, agent, lora_r):
+    """The shipped ZeRO-2/3 configs on two CPU processes (DeepSpeed's CPU accelerator, gloo), the policy loaded
+    from disk (so ZeRO-3 partitions it while loading; the full-copy reference is loaded whole): gradient
+    accumulation (textrl marks DeepSpeed's boundary), the engine's partitioned checkpoint and a resume, and
+    under ZeRO-3 generation/evaluation/saving with the gathered weights — all equal to one process."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install -e .[deepspeed])")
+    from textrl.envs.toy import tiny_gpt2
+
+    tok = char_tokenizer()
+    tiny_gpt2(len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    args = [*TOY, "--agent", agent, "--model", str(tmp_path / "model"), "--lora-r", lora_r,
+            "--gradient-accumulation-steps", "2", "--checkpoint-every", "1"]
+    one, ds = tmp_path / "one", tmp_path / "ds"
+    run_here([*args, "--total-steps", "512", "--output-dir", str(one)])
+    out = launch(deepspeed_launch(stage), ["train", *args, "--total-steps", "256", "--output-dir", str(ds)])
+    assert "(DEEPSPEED: gradients averaged across the processes)" in out.stderr
+    launch(deepspeed_launch(stage), ["train", "--resume", str(ds), "--total-steps", "512"])
+    assert_same_metrics(metrics(one), metrics(ds))
+    assert sorted(p.name for p in (ds / "checkpoint_deepspeed").glob("update*")) == ["update4"]
+    ref, got = (load_file(str(d / "checkpoint" / "model.safetensors")) for d in (one, ds))
+    assert got.keys() == ref.keys() and all(got[k].shape == ref[k].shape for k in ref)  # gathered, not shards
+    assert max(float((got[k] - ref[k]).abs().max()) for k in ref) < 1e-4  # float summation order only
+
+
+def test_reward_model_under_deepspeed_zero3_equals_one_process(tmp_path):
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install -e .[deepspeed])")
+    from test_reward_model import SUBJECTS, preference_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(SUBJECTS[:16]))
+    args = ["train-rm", "--data", str(data), "--num-epochs", "2", "--batch-size", "16"]
+    launch([str(BIN / "textrl")], [*args, "--output-dir", str(tmp_path / "one")])
+    launch(deepspeed_launch(3), [*args, "--output-dir", str(tmp_path / "ds")])
+    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "ds"), rel=1e-4)
+    # the gathered ZeRO-3 checkpoint loads as a scorer that scores like the one-process model
+    from textrl.reward_model import TrainedRewardScorer
+
+    texts = (["Tell me about the zoo."] * 3, ["The zoo was lovely.", "The zoo was awful.", "It was a zoo."])
+    ref, got = (TrainedRewardScorer(tmp_path / d)(*texts) for d in ("one", "ds"))
+    assert torch.allclose(got, ref, atol=1e-3), (got, ref)
 
 
 # --- the pieces, on one process -----------------------------------------------------------------------

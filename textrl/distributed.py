@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Shard", "make_accelerator", "is_deepspeed", "is_zero3", "configure_deepspeed", "gathered_weights", "world_size", "rank", "is_main", "all_sum", "all_max", "gather_rows", "gather_objects", "broadcast_object",
+__all__ = ["Shard", "make_accelerator", "is_deepspeed", "is_zero3", "configure_deepspeed", "gathered_weights",
+           "unpartitioned_loading", "world_size", "rank", "is_main", "all_sum", "all_max", "gather_rows", "gather_objects", "broadcast_object",
            "barrier", "end", "weight_divergence"]
 
 
@@ -43,6 +44,33 @@ def is_deepspeed(accelerator) -> bool:
 
 def is_zero3(accelerator) -> bool:
     return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def unpartitioned_loading():
+    """Models loaded inside this context are whole on every process even under ZeRO-3's ``zero3_init_flag``
+    (which partitions every ``from_pretrained`` while it loads): for frozen models no DeepSpeed engine owns —
+    reward models, scorers, a full-copy reference. A no-op otherwise."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    return _zero3_init_off()
+
+
+@contextlib.contextmanager
+def _zero3_init_off():
+    # transformers partitions a from_pretrained while its DeepSpeed config (registered by accelerate) says ZeRO-3;
+    # accelerate 1.15's zero3_init_context_manager(enable=False) re-registers the same stage-3 config, so the
+    # registration itself is lifted here and restored after.
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    config = AcceleratorState().deepspeed_plugin.dschf
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)
 
 
 def configure_deepspeed(accelerator, micro_batch: int, max_grad_norm: float) -> None:

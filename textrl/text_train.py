@@ -33,6 +33,7 @@ from textrl.distributed import (
     is_main,
     is_zero3,
     make_accelerator,
+    unpartitioned_loading,
     weight_divergence,
     world_size,
 )
@@ -113,13 +114,15 @@ _REWARD_MODELS: dict[str, object] = {}  # one loaded reward model per path, shar
 
 def _text_env(cfg: TrainConfig, tokenizer, device, num_envs: int | None = None, **overrides) -> TextGenVectorEnv:
     kwargs = {**cfg.env_kwargs, **overrides}
-    if cfg.reward_model:
-        from textrl.reward_model import TrainedRewardScorer
+    with unpartitioned_loading():  # scorer models are frozen and whole on every process, even under ZeRO-3
+        if cfg.reward_model:
+            from textrl.reward_model import TrainedRewardScorer
 
-        if cfg.reward_model not in _REWARD_MODELS:
-            _REWARD_MODELS[cfg.reward_model] = TrainedRewardScorer(cfg.reward_model, device=device)
-        kwargs["scorer"] = _REWARD_MODELS[cfg.reward_model]
-    return gym.make_vec(cfg.env, num_envs=num_envs or cfg.num_envs, tokenizer=tokenizer, device=device, **kwargs)
+            if cfg.reward_model not in _REWARD_MODELS:
+                _REWARD_MODELS[cfg.reward_model] = TrainedRewardScorer(cfg.reward_model, device=device)
+            kwargs["scorer"] = _REWARD_MODELS[cfg.reward_model]
+        return gym.make_vec(cfg.env, num_envs=num_envs or cfg.num_envs, tokenizer=tokenizer, device=device,
+                            **kwargs)
 
 
 def build_critic(cfg: TrainConfig, policy_name: str, lm: torch.nn.Module) -> torch.nn.Module | None:
@@ -130,7 +133,10 @@ def build_critic(cfg: TrainConfig, policy_name: str, lm: torch.nn.Module) -> tor
     if cfg.quantization and cfg.value_model == "policy":
         raise ValueError("value_model: 'policy' copies the policy's weights, which are quantised here; "
                          "give the critic's model name/path instead, or use value_model: head")
-    critic = copy.deepcopy(lm) if cfg.value_model == "policy" else load_causal_lm(cfg.value_model)
+    # (a copy is loaded afresh when ZeRO-3 partitioned the policy while loading it: a deep copy would copy shards)
+    copy_policy = cfg.value_model == "policy" and not _zero3_loading()
+    critic = copy.deepcopy(lm) if copy_policy else load_causal_lm(policy_name if cfg.value_model == "policy"
+                                                                   else cfg.value_model)
     vocab, need = critic.get_input_embeddings().num_embeddings, lm.get_input_embeddings().num_embeddings
     if vocab < need:
         raise ValueError(f"value_model: {cfg.value_model!r} has a vocabulary of {vocab} tokens, the policy "
@@ -150,11 +156,20 @@ def build_policy(cfg: TrainConfig, device: torch.device):
         for p in lm.parameters():
             p.requires_grad_(False)
         lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, list(cfg.lora_targets) or None)
+    elif _zero3_loading():  # the frozen copy, whole on every process (ZeRO-3 partitioned the policy's load)
+        with unpartitioned_loading():
+            reference = load_causal_lm(name)
     else:
         reference = copy.deepcopy(lm)  # a frozen copy (the KL wrapper freezes it)
     policy = LMActorCritic(lm, critic).to(device)
     reference = policy.reference() if reference is None else reference.to(device)
     return tokenizer, policy, reference
+
+
+def _zero3_loading() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def _group_kwargs(cfg: TrainConfig, agent_cfg) -> dict[str, int]:
