@@ -80,7 +80,8 @@ def test_ppo_on_two_processes_equals_one_process_over_the_union_and_resumes_acro
     # 2 updates on two processes (torchrun), then the last 2 resumed on one process
     out = launch(torchrun(), ["train", *ppo, "--total-steps", "256", "--output-dir", str(two)])
     assert "data-parallel: 2 processes × 4 rows = num_envs 8 (MULTI_CPU" in out.stderr
-    assert len(metrics(two)) == 2  # the main process alone writes metrics
+    assert len(metrics(two)) == 2  # the main process alone writes metrics and TensorBoard events
+    assert len(list((two / "tb").glob("events.out.tfevents.*"))) == 1
     run_here(["--resume", str(two), "--total-steps", "512"])
     # 2 updates on one process, then the last 2 resumed on two processes (accelerate launch)
     run_here([*ppo, "--total-steps", "256", "--output-dir", str(mixed)])

@@ -128,21 +128,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Σ over processes (a new tensor; ``t`` itself is not changed)."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if not _active():
         return t
-    out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    out = t.detach().clone()  # a new tensor; ``t`` itself is not changed
+    dist.all_reduce(out, op=op)
     return out
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over processes."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_max(t: torch.Tensor) -> torch.Tensor:
-    if not _active():
-        return t
-    out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    """Max over processes."""
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:

@@ -84,8 +84,11 @@ def build_agent(cfg: TrainConfig, envs: gym.vector.VectorEnv, accelerator: Any =
     cls = agent_class(cfg.agent)
     cls.check_env(envs)
     agent_cfg = from_dict(cls.config_class, cfg.agent_config)
-    kwargs = {"accelerator": accelerator} if accelerator is not None else {}
-    return cls(envs, agent_cfg, device=_device(cfg.device), **kwargs)
+    if accelerator is None:
+        return cls(envs, agent_cfg, device=_device(cfg.device))
+    # data-parallel: each process on its own device (cuda:LOCAL_RANK on GPUs), as accelerate assigned it
+    device = "cpu" if _device(cfg.device) == "cpu" else str(accelerator.device)
+    return cls(envs, agent_cfg, device=device, accelerator=accelerator)
 
 
 def _device(name: str) -> str:
