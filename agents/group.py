@@ -136,7 +136,8 @@ class GroupAgent(PPO):
         # Advantages over the global batch (groups never straddle processes, but RLOO's normalisation and
         # GRPO's scale_rewards="batch" use batch statistics): computed on the union, this process's rows kept.
         rewards = gather_rows(self.sequence_rewards(ro))
-        advantages = Shard.current().take(self.advantages(rewards), ro.input_ids.shape[0])
+        rows = ro.input_ids.shape[0]
+        advantages = Shard.current(rows).take(self.advantages(rewards), rows)
         old_logprobs = ro.logprobs  # the sampling policy's log-probs: the weights have not moved since
         if torch.is_autocast_enabled(ro.input_ids.device.type):  # the update runs another numeric path: recompute
             old_logprobs = torch.cat([c[0] for c in self._rollout_forward(ro, with_entropy=False)])

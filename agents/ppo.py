@@ -313,7 +313,7 @@ class PPO(Agent):
         u_x, u_m = gather_rows(x), gather_rows(mask)
         if int(u_m.sum()) <= 1:
             return x
-        return Shard.current().take(masked_whiten(u_x, u_m, shift_mean), x.shape[0])
+        return Shard.current(x.shape[0]).take(masked_whiten(u_x, u_m, shift_mean), x.shape[0])
 
     @torch.no_grad()
     def _rollout_forward(self, ro: TextRollout, with_entropy: bool = True, rows: int = 16) -> list[tuple]:

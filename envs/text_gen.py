@@ -78,11 +78,10 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         num_generations: k: serve each drawn prompt to k contiguous rows (rows i·k … i·k + k − 1 form group i),
             so group baselines (RLOO, GRPO) are exact. num_envs must be a multiple of k, and a partial reset
             must cover whole groups.
-        shard: ``(index, count)`` or a :class:`~textrl.distributed.Shard`: this env holds rows
-            ``index·num_envs … (index+1)·num_envs − 1`` of a data-parallel batch of ``count·num_envs`` rows. A
-            full reset draws the prompts of the whole global batch from the env's seeded stream and keeps its
-            slice, so the union of the shards equals the one-process batch of the same seed (a partial reset
-            draws for its own rows only).
+        shard: ``(offset, total)`` or a :class:`~textrl.distributed.Shard`: this env holds rows
+            ``offset … offset + num_envs − 1`` of a data-parallel batch of ``total`` rows. A full reset draws the
+            prompts of the whole global batch from the env's seeded stream and keeps its rows, so the union of
+            the shards equals the one-process batch of the same seed (a partial reset draws for its own rows).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED}
@@ -119,7 +118,12 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
             raise ValueError(f"num_envs={num_envs} must be a multiple of num_generations={num_generations} "
                              "(each prompt fills k contiguous rows)")
         self.num_generations = num_generations
-        self.shard = shard if isinstance(shard, Shard) else Shard(*(shard or (0, 1)))
+        self.shard = shard if isinstance(shard, Shard) else Shard(*(shard or (0, None)))
+        if self.shard.sharded and (self.shard.offset + num_envs > self.shard.total or self.shard.offset % num_generations
+                                   or self.shard.total % num_generations):
+            raise ValueError(f"shard: rows {self.shard.offset}..{self.shard.offset + num_envs - 1} must lie in the "
+                             f"global batch of {self.shard.total} and start and end on whole groups of "
+                             f"num_generations={num_generations}")
         scorer = resolve_scorer(scorer)
         if prompt_order not in ("random", "sequential"):
             raise ValueError(f"prompt_order must be 'random' or 'sequential', got {prompt_order!r}")
@@ -212,15 +216,16 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
                 raise ValueError(f"options['reset_mask'] must reset whole groups of num_generations={k} rows")
             rows = self._rows[reset_mask.to(self.device)]
         n = len(rows) // self.num_generations  # prompts to draw: one per group
-        # a full reset of a shard draws for the whole global batch and keeps its slice (see ``shard``)
-        shards = self.shard.count if reset_mask is None else 1
+        # a full reset of a shard draws for the whole global batch and keeps its groups (see ``shard``)
+        shard = self.shard if reset_mask is None else Shard()
+        draws = shard.total // self.num_generations if shard.sharded else n
         if self.prompt_order == "sequential":
-            picks = (torch.arange(n * shards) + self._next_prompt) % len(self.prompts)
-            self._next_prompt = int(picks[-1] + 1) if n else self._next_prompt
+            picks = (torch.arange(draws) + self._next_prompt) % len(self.prompts)
+            self._next_prompt = int(picks[-1] + 1) if draws else self._next_prompt
         else:
-            picks = torch.as_tensor(self.np_random.integers(0, len(self.prompts), size=n * shards))
-        if shards > 1:
-            picks = self.shard.take(picks, n)
+            picks = torch.as_tensor(self.np_random.integers(0, len(self.prompts), size=draws))
+        if shard.sharded:
+            picks = picks[shard.offset // self.num_generations:][:n]
         picks = picks.to(self.device).repeat_interleave(self.num_generations)
         P = self.max_prompt_tokens
         self.prompt_index[rows] = picks

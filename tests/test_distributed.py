@@ -110,6 +110,28 @@ def test_group_agents_on_two_processes_equal_one_process(tmp_path, agent, extra)
     assert "torch.distributed.run --standalone --nproc-per-node=2" in out.stderr
     assert_in_step(tmp_path / "two", slice(None))
     assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+    # the held-out evaluation, shared between the processes, answers exactly as one process does
+    assert (tmp_path / "two" / "samples.md").read_text() == (tmp_path / "one" / "samples.md").read_text()
+
+
+@pytest.mark.parametrize("eval_prompts", [["the dog ran to the", "a bird sang in the", "we ate bread and"],
+                                          ["the dog ran to the"]])
+def test_evaluation_split_unevenly_across_processes_equals_one_process(tmp_path, eval_prompts):
+    """3 held-out rows on 2 processes (1 + 2), and 1 row (one process has none and only keeps its sampler in
+    step): the before/after line and the samples equal the one-process run's."""
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"env": "textrl/TargetToken-v0", "num_envs": 8, "total_steps": 128,
+                                      "eval_generations": 1, "env_kwargs": {"eval_prompts": eval_prompts},
+                                      "ppo": {"num_minibatches": 1}}))
+    runs = {}
+    for n in (1, 2):
+        out = launch([str(BIN / "textrl")], ["train", str(config), "--output-dir", str(tmp_path / str(n)),
+                                              "--num-processes", str(n)])
+        runs[n] = [x for x in out.stderr.splitlines() if x.startswith("held-out reward:")]
+    assert len(runs[1]) == 1 and runs[1] == runs[2]
+    assert (tmp_path / "2" / "samples.md").read_text() == (tmp_path / "1" / "samples.md").read_text()
 
 
 @pytest.mark.learning
@@ -210,7 +232,7 @@ def test_reward_model_under_deepspeed_zero3_equals_one_process(tmp_path):
 def test_env_shards_draw_the_one_process_batch():
     tok = char_tokenizer()
     whole = target_token_env(8, tok, num_generations=2)
-    shards = [target_token_env(4, tok, num_generations=2, shard=(r, 2)) for r in range(2)]
+    shards = [target_token_env(4, tok, num_generations=2, shard=(4 * r, 8)) for r in range(2)]
     for i in range(3):  # a stream of resets stays in step
         seed = 5 if i == 0 else None
         info = whole.reset(seed=seed)[1]
@@ -223,7 +245,7 @@ def test_sampler_shards_use_the_one_process_uniforms():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     whole = sample_from_logits(logits, generator=torch.Generator().manual_seed(1))
     parts = [sample_from_logits(logits[2 * r:2 * r + 2], generator=torch.Generator().manual_seed(1),
-                                shard=Shard(r, 3)) for r in range(3)]
+                                shard=Shard(2 * r, 6)) for r in range(3)]
     assert torch.equal(torch.cat(parts), whole)
 
 
@@ -240,8 +262,10 @@ def test_shards_that_do_not_split_the_batch_are_refused():
     with pytest.raises(ValueError, match=r"each process holds num_envs / 4 = 2 rows.*not a multiple of "
                                          r"num_generations=4"):
         _check_shards(8, 4, GRPOConfig(num_generations=4))
-    with pytest.raises(ValueError, match=r"Shard|index < count"):
-        Shard(2, 2)
+    with pytest.raises(ValueError, match=r"0 <= offset < total, got offset=8, total=8"):
+        Shard(8, 8)
+    with pytest.raises(ValueError, match=r"whole groups of num_generations=4"):
+        target_token_env(4, char_tokenizer(), num_generations=4, shard=(2, 8))
 
 
 def test_num_processes_flag_is_checked():

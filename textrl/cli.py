@@ -92,7 +92,7 @@ def resolve_train_config(argv: list[str]) -> tuple[TrainConfig, bool]:
 
     parser = _train_parser(agent_cls.config_class)
     args = parser.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume")}
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume", "num_processes")}
 
     known = set(AGENTS)
     run, agent_fields = {}, {}
@@ -129,6 +129,7 @@ def _train_parser(agent_config_cls: type) -> argparse.ArgumentParser:
     )
     parser.add_argument("config", nargs="?", help="YAML config; default: the embedded default experiment")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    _add_num_processes(parser)
     run_group = parser.add_argument_group("run (TrainConfig)")
     agent_group = parser.add_argument_group(f"agent ({agent_config_cls.__name__})")
     seen: set[str] = set()
@@ -164,6 +165,7 @@ def _train_rm(argv: list[str]) -> int:
         description="Train a Bradley–Terry reward model from preference pairs (JSONL rows with prompt, chosen, "
                     "rejected). Any field can be given as --field-name VALUE.")
     parser.add_argument("config", nargs="?", help="YAML file with any of the fields below")
+    _add_num_processes(parser)
     group = parser.add_argument_group("reward model (RewardModelConfig)")
     docs = field_docs(RewardModelConfig)
     for f in dataclasses.fields(RewardModelConfig):
@@ -172,7 +174,7 @@ def _train_rm(argv: list[str]) -> int:
                            help=f"{docs.get(f.name, '')} (default: {f.default})")
     args = parser.parse_args(argv)
     values = dict(load_yaml(args.config)) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "num_processes") and v is not None})
     train_reward_model(from_dict(RewardModelConfig, values))
     return 0
 
@@ -181,6 +183,12 @@ COMMANDS = {
     "train": (_train, "train an agent (PPO, RLOO, GRPO …) on a Gymnasium or textrl env"),
     "train-rm": (_train_rm, "train a reward model from preference pairs (Bradley–Terry)"),
 }
+
+
+def _add_num_processes(parser: argparse.ArgumentParser) -> None:
+    """Shown in --help; ``main`` takes the flag out before parsing (it is a launcher flag, not a config field)."""
+    parser.add_argument("--num-processes", metavar="N", help="run data-parallel on N local processes (torchrun "
+                        "underneath; the configured batch stays the global batch). Under accelerate launch or torchrun leave it out")
 
 
 def _pop_num_processes(argv: list[str]) -> tuple[list[str], int]:

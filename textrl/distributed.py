@@ -202,26 +202,29 @@ def weight_divergence(params: list[torch.Tensor]) -> float:
 
 @dataclass(frozen=True)
 class Shard:
-    """Rows ``index·rows … (index+1)·rows − 1`` of a global batch of ``count·rows`` rows.
+    """Rows ``offset … offset + rows − 1`` of a global batch of ``total`` rows (``total=None``: not sharded).
 
-    A sharded env draws what the global batch needs from its (identically seeded) random stream and keeps
-    its slice, so every process's stream stays in step with the one-process run.
+    A sharded env draws what the global batch needs from its (identically seeded) random streams and keeps
+    its rows, so every process's streams stay in step with each other and with the one-process run.
     """
 
-    index: int = 0
-    count: int = 1
+    offset: int = 0
+    total: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.count, int) and self.count >= 1 and 0 <= self.index < self.count):
-            raise ValueError(f"shard must satisfy 0 <= index < count, got index={self.index}, count={self.count}")
+        if self.total is not None and not (isinstance(self.total, int) and 0 <= self.offset < self.total):
+            raise ValueError(f"shard must satisfy 0 <= offset < total, got offset={self.offset}, total={self.total}")
 
     @classmethod
-    def current(cls) -> Shard:
-        """This process's shard of a data-parallel run (``Shard(0, 1)`` on one process)."""
-        return cls(rank(), world_size())
+    def current(cls, rows: int) -> Shard:
+        """This process's shard when every process holds ``rows`` rows (unsharded on one process)."""
+        world = world_size()
+        return cls(rank() * rows, world * rows) if world > 1 else cls()
+
+    @property
+    def sharded(self) -> bool:
+        return self.total is not None
 
     def take(self, t: torch.Tensor, rows: int) -> torch.Tensor:
-        """This shard's ``rows`` rows of ``t``, whose dim 0 is the global batch (``count·rows``)."""
-        if self.count == 1:
-            return t
-        return t[self.index * rows:(self.index + 1) * rows]
+        """This shard's ``rows`` rows of ``t``, whose dim 0 is the global batch."""
+        return t[self.offset:self.offset + rows] if self.sharded else t

@@ -15,7 +15,7 @@ import torch
 from textrl.decoding import CachedDecoder
 from textrl.distributed import Shard, all_max
 
-__all__ = ["TextRollout", "sample_from_logits", "text_rollout"]
+__all__ = ["TextRollout", "sample_from_logits", "text_rollout", "sync_sampler"]
 
 
 @dataclass
@@ -73,8 +73,19 @@ def sample_from_logits(
 
 
 def _uniforms(rows: int, shard: Shard, device, generator) -> torch.Tensor:
-    u = torch.rand(rows * shard.count, 1, dtype=torch.float64, device=device, generator=generator)
+    u = torch.rand(shard.total or rows, 1, dtype=torch.float64, device=device, generator=generator)
     return shard.take(u, rows)
+
+
+def sync_sampler(steps: int, rows: int, shard: Shard, device, generator) -> None:
+    """After a sharded rollout that drew ``steps`` rounds of uniforms: draw the rounds the longest shard drew
+    beyond them (one collective), so every process's sampler is where the one-process sampler would be.
+    A process with no rows in a batch calls it with ``steps=0``."""
+    if not shard.sharded:
+        return
+    longest = int(all_max(torch.tensor(steps, device=device)))
+    for _ in range(longest - steps):
+        _uniforms(rows, shard, device, generator)
 
 
 @torch.no_grad()
@@ -136,10 +147,7 @@ def text_rollout(
             break
         pol.step(torch.where(valid, tokens, pad), valid)
 
-    if shard.count > 1:  # draw what the shards that ran longer drew, so the streams stay in step
-        longest = int(all_max(torch.tensor(steps, device=dev)))
-        for _ in range(longest - steps):
-            _uniforms(B, shard, dev, generator)
+    sync_sampler(steps, B, shard, dev, generator)  # draw what the shards that ran longer drew
     tokens_bt = obs["input_ids"][:, P:].clone()
     if getattr(envs, "deferred", False):  # KLPenalty(reference_pass="sequence"): one reference forward now
         attn = torch.cat([prompt_mask, flags["mask"].long()], dim=1)

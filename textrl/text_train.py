@@ -28,11 +28,13 @@ from textrl.distributed import (
     Shard,
     barrier,
     broadcast_object,
+    gather_objects,
     gather_rows,
     gathered_weights,
     is_main,
     is_zero3,
     make_accelerator,
+    rank,
     unpartitioned_loading,
     weight_divergence,
     world_size,
@@ -42,7 +44,7 @@ from textrl.envs.text_gen import TextGenVectorEnv
 from textrl.kl_control import make_kl_controller
 from textrl.lm_policy import LMActorCritic, add_lora
 from textrl.models import load_causal_lm, load_tokenizer
-from textrl.text_rollout import TextRollout, text_rollout
+from textrl.text_rollout import TextRollout, sync_sampler, text_rollout
 from textrl.tracking import Tracker
 
 __all__ = ["is_text_env", "train_text", "TextRunResult", "evaluate"]
@@ -189,7 +191,11 @@ def evaluate(cfg: TrainConfig, policy: LMActorCritic, reference, tokenizer, devi
              n_samples: int) -> EvalResult | None:
     """Answer every held-out prompt ``eval_generations`` times (sequential order, fixed sampling seed, rows of
     at most 64). A prompt's score is the mean of its answers; the result is the mean over prompts ± the
-    standard error of that mean (prompts are the independent units)."""
+    standard error of that mean (prompts are the independent units).
+
+    Data-parallel runs call it on every process: each takes a contiguous share of every chunk of rows (its
+    slice of the chunk's sampling uniforms, as in training), and the rows are gathered, so the result is the
+    one-process result."""
     if not prompts:
         return None
     k = cfg.eval_generations
@@ -198,16 +204,25 @@ def evaluate(cfg: TrainConfig, policy: LMActorCritic, reference, tokenizer, devi
     samples, kl_sum = [], 0.0
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
     chunk = max(k, 64 // k * k)
+    world, me = world_size(), rank()
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
-        env = KLPenalty(_text_env(cfg, tokenizer, device, num_envs=len(part), prompts=part,
-                                  prompt_order="sequential", num_generations=1),
-                        reference, 0.0, cfg.kl_estimator, cfg.temperature, cfg.reference_pass)
-        ro = text_rollout(env, policy.lm, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed, generator=gen)
+        lo, hi = me * len(part) // world, (me + 1) * len(part) // world  # this process's rows of the chunk
+        shard = Shard(lo, len(part)) if world > 1 else Shard()
+        sharded = {"shard": shard} if world > 1 else {}
+        mine: list[tuple[float, float, str]] = []
+        if hi > lo:
+            env = KLPenalty(_text_env(cfg, tokenizer, device, num_envs=hi - lo, prompts=part, **sharded,
+                                      prompt_order="sequential", num_generations=1),
+                            reference, 0.0, cfg.kl_estimator, cfg.temperature, cfg.reference_pass)
+            ro = text_rollout(env, policy.lm, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed, generator=gen)
+            mine = list(zip(ro.scores.tolist(), ro.kl.sum(1).tolist(), _completions(tokenizer, ro), strict=True))
+        else:  # no rows here (a chunk smaller than the process count): keep the sampler in step
+            sync_sampler(0, 0, shard, device, gen)
+        scores, kls, texts = zip(*gather_objects(mine), strict=True)  # the chunk's rows, in row order
         first = start // k  # rows are prompt-major: row j answers prompt first + j // k
-        per_prompt.index_add_(0, first + torch.arange(len(part)) // k, ro.scores.double().cpu() / k)
-        kl_sum += float(ro.kl.sum(1).sum())
-        texts = _completions(tokenizer, ro)
+        per_prompt.index_add_(0, first + torch.arange(len(part)) // k, torch.tensor(scores, dtype=torch.float64) / k)
+        kl_sum += float(torch.tensor(kls, dtype=torch.float32).sum())
         samples += [(part[j], texts[j]) for j in range(0, len(part), k)]  # the first answer of each prompt
     n = len(prompts)
     se = float(per_prompt.std() / math.sqrt(n)) if n > 1 else float("nan")
@@ -284,7 +299,7 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
     agent_cfg.check_batch(cfg.num_envs, rows_only=True)  # fail before loading any model
     local_envs = _check_shards(cfg.num_envs, world, agent_cfg)
     tokenizer, policy, reference = build_policy(cfg, device)
-    shard = {"shard": Shard.current()} if world > 1 else {}
+    shard = {"shard": Shard.current(local_envs)} if world > 1 else {}
     envs = _text_env(cfg, tokenizer, device, num_envs=local_envs, **shard, **_group_kwargs(cfg, agent_cfg))
     if not isinstance(envs.unwrapped, TextGenVectorEnv):
         raise TypeError(f"env: {cfg.env} is not a textrl text env (got {type(envs.unwrapped).__name__})")
@@ -333,12 +348,10 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
                         "the env's reward carries no KL penalty (kl_coef ignored)")
     if bf16:
         tracker.message("bf16 autocast on for the PPO update (rollouts stay fp32; set bf16: false to turn it off)")
-    # held-out evaluation runs on the main process (the others wait at their next collective)
-    with full_weights(agent):
-        before = None if resume or not main else evaluate(cfg, policy, reference, tokenizer, device,
-                                                          base.eval_prompts, cfg.eval_samples)
-        barrier()
-    if before is not None and not quiet:
+    with full_weights(agent):  # held-out evaluation: every process answers its share of the prompts
+        before = None if resume else evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts,
+                                              cfg.eval_samples)
+    if before is not None and not quiet:  # (a no-op on the non-main processes)
         tracker.message(f"held-out reward before training: {before} (kl={before.kl:.3f})")
 
     warn_streak = 0
@@ -392,9 +405,7 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
         tracker.close()
 
     with full_weights(agent):
-        after = evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts, cfg.eval_samples) \
-            if main else None
-        barrier()
+        after = evaluate(cfg, policy, reference, tokenizer, device, base.eval_prompts, cfg.eval_samples)
     if not main:
         return TextRunResult(out, global_step, num_updates, None, None, history)
     if history:
