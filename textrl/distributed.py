@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Shard", "make_accelerator", "is_deepspeed", "is_zero3", "configure_deepspeed", "gathered_weights",
-           "unpartitioned_loading", "world_size", "rank", "is_main", "all_sum", "all_max", "gather_rows", "gather_objects", "broadcast_object",
-           "barrier", "end", "weight_divergence"]
+__all__ = [
+    "Shard", "make_accelerator", "world_size", "rank", "is_main", "all_sum", "all_max", "gather_rows",
+    "gather_objects", "broadcast_object", "barrier", "end", "weight_divergence", "is_deepspeed", "is_zero3",
+    "configure_deepspeed", "gathered_weights", "unpartitioned_loading",
+]
 
 
 def _active() -> bool:

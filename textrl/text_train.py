@@ -371,7 +371,7 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
                 "reward/kl_coef": kl_env.kl_coef,
                 "time/tokens_per_s": (global_step - start_step) / (time.perf_counter() - start_time),
             })
-            if world > 1 and not is_zero3(agent.accelerator):  # 0 when every process holds the same weights (DDP keeps them in step)
+            if world > 1 and not is_zero3(agent.accelerator):  # 0 when every process holds the same weights
                 stats["dist/weight_divergence"] = weight_divergence(agent.params)
                 if stats["dist/weight_divergence"] > 0:
                     tracker.message(f"warning: update {update}: the processes' weights differ "
@@ -395,12 +395,10 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
                     if main:  # written once: the processes' states are identical (the env's and sampler's
                         # streams are global, weights and optimiser synchronised): any process count can resume it
                         _save(out, agent, policy, tokenizer, kl_ctl, base, sampler, update + 1, global_step)
-                    barrier()
-                    if agent.deepspeed:  # keep the engine checkpoint that matches ours
-                        for old in (out / DEEPSPEED_DIR).glob("update*"):
+                        for old in (out / DEEPSPEED_DIR).glob("update*"):  # keep the engine's matching one
                             if old.name != f"update{update + 1}":
                                 shutil.rmtree(old, ignore_errors=True)
-                barrier()
+                    barrier()
     finally:
         tracker.close()
 
@@ -417,7 +415,7 @@ def train_text(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> T
 
 
 def full_weights(agent):
-    """The whole policy gathered on every process under ZeRO-3 (see :func:`textrl.distributed.full_weights`)."""
+    """The whole policy gathered on every process under ZeRO-3 (:func:`textrl.distributed.gathered_weights`)."""
     return gathered_weights(agent.accelerator, agent.model, agent.policy)
 
 
