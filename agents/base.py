@@ -1,60 +1,194 @@
-"""The agent contract: ``act`` for collection, ``update`` to learn from a rollout.
+"""The agent contract: an agent turns a rollout into a batch and a minibatch into a loss. Nothing else.
 
-Agents differ only in how they turn a :class:`~textrl.rollout.Rollout` into a loss; collection, envs and
-tracking are shared. An agent is built by name (``make_agent("ppo", envs, config)``) so that the CLI's
-``--agent`` flag is the only change needed to swap one for another.
+Agents are plain torch. Collection (:mod:`textrl.collector`, :mod:`textrl.lm.collect`), the optimisation
+loop, data-parallel synchronisation and checkpoints are the :class:`~textrl.parallel.learner.Learner`'s and
+the run's; an agent sees the global batch only through the ``reduce`` object the learner hands to
+:meth:`Agent.prepare`. Each agent declares what the run must build for it:
+
+- ``kl_in``: where the KL to the reference goes — ``"reward"`` (the env's per-token penalty −β·KL_t, the
+  :class:`~textrl.envs.kl_penalty.KLPenalty` wrapper) or ``"loss"`` (the agent adds β·KL to its loss; the
+  wrapper then only reports the reference log-probs). β is the run's ``kl.coef`` either way.
+- ``has_critic``: whether a value head is built on the policy's trunk (critic-free agents get none).
+- ``num_generations``: completions per prompt in a batch (the env serves each prompt that many times).
+
+Agents are built by name (``agent_class("ppo")``), so ``--agent`` is the only change needed to swap one for
+another; ``register_agent`` adds yours.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import gymnasium as gym
 import torch
 
-from textrl.rollout import ActOutput, Rollout
+from textrl.masking import masked_mean
+from textrl.validate import finite_number, optional_positive, positive_int
 
-__all__ = ["Agent", "AGENTS", "agent_class", "register_agent"]
+__all__ = ["Agent", "UpdateConfig", "OnPolicyConfig", "Reduce", "AGENTS", "ALIASES", "agent_class", "canonical_agent", "register_agent", "lm_batch",
+           "lm_forward", "on_policy_logprobs", "entropy_terms", "is_token_env"]
+
+
+class Reduce(Protocol):
+    """Global-batch statistics (given by the learner; the identity on one process)."""
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor: ...  # every process's rows, in one-process order
+
+    def max(self, t: torch.Tensor) -> torch.Tensor: ...  # the max over processes
+
+    def local(self, t: torch.Tensor, rows: int) -> torch.Tensor: ...  # this process's rows of a global tensor
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor: ...
+
+
+@dataclass
+class UpdateConfig:
+    """What every agent's update needs (read by the learner). Defaults are PPO's (the RLHF seed's)."""
+
+    num_epochs: int = 4
+    """Passes over each rollout (PPO epochs; TRL's num_iterations)."""
+    num_minibatches: int = 4
+    """Minibatches per epoch; must divide the batch (classic envs: num_envs × num_steps; text envs: num_envs)."""
+    learning_rate: float = 3e-4
+    """Adam learning rate at the start of training."""
+    anneal_lr: bool = True
+    """Decay the learning rate linearly to 0 over training."""
+    adam_eps: float = 1e-5
+    """Adam epsilon (1e-5, not PyTorch's 1e-8, as in the PPO reference implementations)."""
+    clip_range: float = 0.2
+    """Policy ratio clip ε."""
+    anneal_clip_range: bool = False
+    """Decay the clip range linearly to 0 over training (rl-zoo's lin_ schedules)."""
+    max_grad_norm: float = 0.5
+    """Clip the global gradient norm to this value."""
+    target_kl: float | None = None
+    """Stop the epochs early once a minibatch's approx_kl exceeds 1.5 × target_kl; null never stops."""
+    gradient_accumulation_steps: int = 1
+    """Split each minibatch into this many micro-batches (same gradient, less memory)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_epochs", "num_minibatches", "gradient_accumulation_steps"):
+            positive_int(name, getattr(self, name))
+        for name in ("learning_rate", "clip_range", "max_grad_norm", "adam_eps"):
+            finite_number(name, getattr(self, name), minimum=0)
+        optional_positive("target_kl", self.target_kl)
+
+    def check_batch(self, batch: int, what: str | None = None) -> None:
+        """Fail before training unless the rollout batch (``what`` says what it is made of) splits into
+        minibatches and micro-batches."""
+        what = what or f"num_envs = {batch}"
+        if batch % self.num_minibatches:
+            divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
+            raise ValueError(f"num_minibatches={self.num_minibatches} does not divide the batch size {what}; "
+                             f"choose num_minibatches from {divisors} or change num_steps/num_envs")
+        per_mb = batch // self.num_minibatches
+        if per_mb % self.gradient_accumulation_steps:
+            raise ValueError(f"gradient_accumulation_steps={self.gradient_accumulation_steps} does not divide the "
+                             f"minibatch size {per_mb} ({what} / num_minibatches={self.num_minibatches})")
+
+
+@dataclass
+class OnPolicyConfig(UpdateConfig):
+    """The critic-free agents' defaults (the papers', TRL's and OpenRLHF's): one optimisation pass per batch, so
+    the update is on-policy; Adam eps 1e-8; gradient norm clipped at 1."""
+
+    num_epochs: int = 1
+    """Passes over each batch (TRL's num_iterations μ); > 1 makes later passes off-policy (the clip matters)."""
+    num_minibatches: int = 1
+    """Minibatches per epoch (by completion); must divide num_envs."""
+    learning_rate: float = 1e-6
+    """Adam learning rate at the start (the papers' 1e-6 is for full fine-tuning; LoRA wants ~1e-4–1e-3)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (TRL's default 1.0)."""
 
 
 class Agent(ABC):
-    """Base class of every textrl agent."""
+    """Base class of every textrl agent: a config, a policy, and the maths of one update."""
 
-    #: the dataclass that configures this agent; one field per hyperparameter, each with a docstring
+    #: the dataclass that configures this agent (an :class:`UpdateConfig`); one docstring per field
     config_class: ClassVar[type]
-    #: this agent's config instance (``num_steps`` sets the rollout length) and torch device
-    config: Any
-    device: torch.device
+    #: where the KL to the reference goes: "reward" (the env's penalty) or "loss" (a term of this agent's loss)
+    kl_in: ClassVar[str] = "reward"
+    #: whether the policy needs a value head (critic-free agents get none built)
+    has_critic: ClassVar[bool] = False
+    #: what a minibatch loss averages over: "token" (every real token weighs the same) or "row" (completions)
+    loss_unit: str = "token"
+    #: logged terms that are means over tokens whatever ``loss_unit`` is (averaged over micro-batches and
+    #: processes by token count, so they equal the value over the whole minibatch)
+    token_mean_stats: frozenset[str] = frozenset({"policy/entropy", "losses/entropy"})
 
-    @abstractmethod
-    def act(self, obs: torch.Tensor) -> ActOutput:
-        """Sample one action per row of a batched observation (no gradient)."""
+    def __init__(self, config: Any = None, policy: torch.nn.Module | None = None, kl_coef: float = 0.0):
+        self.config = config if config is not None else self.config_class()
+        self.policy = policy
+        self.kl_coef = float(kl_coef)  # β of the KL loss term (agents with kl_in = "loss")
 
-    @abstractmethod
-    def value(self, obs: torch.Tensor) -> torch.Tensor:
-        """V(s) per row (no gradient); critic-free agents may return zeros."""
-
-    @abstractmethod
-    def update(self, rollout: Rollout, progress_remaining: float) -> dict[str, float]:
-        """Learn from one rollout. ``progress_remaining`` goes from 1 (start) to 0 (end), for schedules.
-
-        Returns the metrics of this update under their fixed names (``losses/policy`` …).
-        """
-
-    @abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: ``{"model": tensors, "optimizer": ..., ...}``."""
-
-    @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    @property
+    def num_generations(self) -> int:
+        """Completions per prompt that each batch must hold (1 unless the agent compares siblings)."""
+        return int(getattr(self.config, "num_generations", 1))
 
     @classmethod
-    def check_env(cls, envs: gym.vector.VectorEnv) -> None:
-        """Raise a clear error if this agent cannot act in ``envs`` (called before training starts).
-        The default accepts any env."""
+    def check_env(cls, envs: gym.vector.VectorEnv, config: Any = None) -> None:
+        """Raise a clear error if this agent (with ``config``) cannot learn from ``envs``; runs call it before
+        training starts. The default accepts any env."""
         return None
+
+    @abstractmethod
+    def prepare(self, rollout: Any, reduce: Reduce) -> tuple[dict[str, Any], dict[str, float]]:
+        """A rollout → (the batch to optimise on, statistics of the rollout). Batch tensors share dim 0 (the
+        rows the learner minibatches) and hold ``action_mask``; other entries pass to every minibatch."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, minibatch: dict[str, Any], clip_range: float
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(loss, terms to log, ratio statistics)``; the ratio statistics are ``approx_kl``, ``clipfrac``
+        and ``ratio_max_dev``. ``model`` is the policy or its data-parallel wrapper: call it, not the policy."""
+
+    def loss_units(self, mask: torch.Tensor) -> int:
+        """How many loss units (real tokens, or rows with a real token) a micro-batch's ``mask`` holds."""
+        return int(mask.sum()) if self.loss_unit == "token" else int(mask.reshape(mask.shape[0], -1).any(1).sum())
+
+
+# --- pieces the LM agents share --------------------------------------------------------------------------
+def is_token_env(envs: gym.vector.VectorEnv) -> bool:
+    """A textrl text env: token-buffer observations (``input_ids``/``attention_mask``)."""
+    space = envs.single_observation_space
+    return isinstance(space, gym.spaces.Dict) and "input_ids" in space.spaces
+
+
+def lm_batch(rollout: Any, **tensors: torch.Tensor) -> dict[str, Any]:
+    """The token batch of a :class:`~textrl.rollout.TokenRollout` plus the agent's own per-row ``tensors``."""
+    return {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+            "action_mask": rollout.action_mask, "response_start": rollout.response_start, **tensors}
+
+
+def lm_forward(model: torch.nn.Module, mb: dict[str, Any], with_entropy: bool = True, entropy_grad: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """New log-probs ``[b, T]`` (with gradient), the entropy ``[b, T]`` (None without ``with_entropy``; a
+    gradient only with ``entropy_grad``) and the values ``[b, T]`` (None without a value head) of a
+    minibatch, from one forward of ``model`` (the :class:`~textrl.lm.policy.LMActorCritic` or its wrapper)."""
+    logprobs, entropy, values, _ = model(mb["input_ids"], mb["attention_mask"], response_start=mb["response_start"],
+                                         entropy_grad=entropy_grad, with_entropy=with_entropy)
+    return logprobs, entropy, values
+
+
+def on_policy_logprobs(policy: torch.nn.Module, rollout: Any) -> torch.Tensor:
+    """The old log-probs of a one-update-per-rollout agent: the sampled ones (the weights have not moved since),
+    recomputed only when the update runs another numeric path (bf16 autocast)."""
+    if torch.is_autocast_enabled(rollout.input_ids.device.type):
+        return policy.evaluate_batch(rollout.input_ids, rollout.attention_mask, rollout.response_start,
+                                     with_entropy=False)[0]
+    return rollout.logprobs
+
+
+def entropy_terms(entropy: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    ent = masked_mean(entropy, mask)
+    return {"policy/entropy": ent, "losses/entropy": -ent}
 
 
 # name -> "module:Class"; imported lazily so that `textrl --help` stays fast.
@@ -62,18 +196,28 @@ AGENTS: dict[str, str] = {
     "ppo": "textrl.agents.ppo:PPO",
     "rloo": "textrl.agents.rloo:RLOO",
     "grpo": "textrl.agents.grpo:GRPO",
+    "reinforce++": "textrl.agents.reinforce_pp:ReinforcePP",
 }
+#: other names of registered agents -> their name in AGENTS
+ALIASES: dict[str, str] = {"reinforce_pp": "reinforce++"}
 
 
-def register_agent(name: str, target: str) -> None:
+def register_agent(name: str, target: str, aliases: tuple[str, ...] = ()) -> None:
     """Make an agent available by name, e.g. ``register_agent("my_ppo", "my_pkg.agents:MyPPO")``."""
     AGENTS[name] = target
+    ALIASES.update(dict.fromkeys(aliases, name))
+
+
+def canonical_agent(name: str) -> str:
+    """An agent's registered name (``reinforce_pp`` → ``reinforce++``); other names are returned as they are."""
+    return ALIASES.get(name, name)
 
 
 def agent_class(name: str) -> type[Agent]:
+    name = canonical_agent(name)
     if name not in AGENTS:
         raise ValueError(
-            f"agent: unknown agent {name!r}; expected one of {sorted(AGENTS)}. "
+            f"agent: unknown agent {name!r}; expected one of {sorted([*AGENTS, *ALIASES])}. "
             "Register your own with textrl.agents.register_agent(name, 'module:Class')."
         )
     module, _, attr = AGENTS[name].partition(":")

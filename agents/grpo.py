@@ -5,8 +5,9 @@ its tokens; token-level clipped ratio; the KL to the reference is a loss term, n
 
     L = agg_t[ −min(r_t·A_i, clip(r_t)·A_i) + β·k3_t ],  k3_t = π_ref/π_θ − log(π_ref/π_θ) − 1
 
-with π_ref's log-probs taken from the env's info (the :class:`~textrl.envs.kl_penalty.KLPenalty` wrapper
-computes them during the rollout with the coefficient set to 0), so there is no second reference forward.
+with β the run's ``kl.coef`` and π_ref's log-probs taken from the rollout (the
+:class:`~textrl.envs.kl_penalty.KLPenalty` wrapper computes them with no penalty in the reward), so there is
+no second reference forward.
 """
 
 from __future__ import annotations
@@ -15,23 +16,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from textrl.agents.base import entropy_terms, lm_forward
 from textrl.agents.group import GroupAgent, GroupConfig
 
 from textrl.advantages import group_normalise
 from textrl.losses import aggregate, kl_estimate, policy_loss
+from textrl.validate import finite_number, one_of
 
 __all__ = ["GRPOConfig", "GRPO"]
-
-_LOSS_TYPES = ("sequence", "token")
-_SCALES = ("group", "batch", "none")
 
 
 @dataclass
 class GRPOConfig(GroupConfig):
-    """GRPO hyperparameters (paper defaults: β = 0.04, per-sequence loss, group std scaling, clip 0.2)."""
+    """GRPO hyperparameters (paper defaults: per-sequence loss, group std scaling, clip 0.2; the KL loss
+    term's β is the run's kl.coef — the paper's 0.04, 0 drops it as TRL's default does)."""
 
-    beta: float = 0.04
-    """Weight of the k3 KL-to-reference loss term (the paper's 0.04; 0 drops it — TRL's default)."""
     loss_type: str = "sequence"
     """How token losses are averaged: "sequence" (the paper: mean over each completion's tokens, then over
     completions; TRL's loss_type="grpo") or "token" (every token equal, no length bias; TRL's "dapo")."""
@@ -42,19 +41,14 @@ class GRPOConfig(GroupConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.loss_type not in _LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
-        if self.scale_rewards not in _SCALES:
-            raise ValueError(f"scale_rewards must be one of {_SCALES}, got {self.scale_rewards!r}")
-        if not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
-        if not self.adv_eps > 0:
-            raise ValueError(f"adv_eps must be > 0, got {self.adv_eps!r}")
+        one_of("loss_type", self.loss_type, ("sequence", "token"))
+        one_of("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        finite_number("adv_eps", self.adv_eps, minimum=0)
 
 
 class GRPO(GroupAgent):
     config_class = GRPOConfig
-    kl_in_reward = False
+    kl_in = "loss"
 
     token_mean_stats = frozenset({"policy/entropy", "losses/entropy", "policy/approx_kl", "policy/clipfrac"})
 
@@ -66,16 +60,15 @@ class GRPO(GroupAgent):
         cfg = self.config
         return group_normalise(rewards, cfg.num_generations, cfg.scale_rewards, cfg.adv_eps)
 
-    def _loss(self, mb: dict[str, Any], clip: float):
-        cfg = self.config
-        logprobs, entropy = self._policy_forward(mb)
-        mask = mb["mask"]
+    def loss(self, model: torch.nn.Module, mb: dict[str, Any], clip_range: float):
+        cfg, mask = self.config, mb["action_mask"]
+        logprobs, entropy, _ = lm_forward(model, mb)
         adv = mb["advantages"].unsqueeze(1).expand_as(logprobs)  # (b, T): the completion's advantage per token
-        pg, pstats = policy_loss(logprobs, mb["logprobs"], adv, mask, clip, aggregation=cfg.loss_type)
-        terms = {"losses/policy": pg, **self._entropy_terms(entropy, mask)}
+        pg, pstats = policy_loss(logprobs, mb["logprobs"], adv, mask, clip_range, aggregation=cfg.loss_type)
+        terms = {"losses/policy": pg, **entropy_terms(entropy, mask)}
         loss = pg
-        if cfg.beta > 0:
+        if self.kl_coef > 0:
             kl = aggregate(kl_estimate(logprobs, mb["ref_logprobs"], "k3"), mask, cfg.loss_type)
-            loss = pg + cfg.beta * kl
+            loss = pg + self.kl_coef * kl
             terms["losses/kl"] = kl
         return loss, terms, pstats

@@ -50,10 +50,10 @@ def run_textrl(agent_name: str, root: Path, updates: int) -> list[float]:
     from textrl.envs import KLPenalty, TextGenVectorEnv
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    from textrl.lm_policy import LMActorCritic
+    from textrl.lm.policy import LMActorCritic
 
     tok = tokenizer()
-    policy = LMActorCritic(GPT2LMHeadModel.from_pretrained(root / "policy"))
+    policy = LMActorCritic(GPT2LMHeadModel.from_pretrained(root / "policy"), value_head=False)
     ref = GPT2LMHeadModel.from_pretrained(root / "policy")
     rm = GPT2ForSequenceClassification.from_pretrained(root / "reward").eval()
 
@@ -68,10 +68,10 @@ def run_textrl(agent_name: str, root: Path, updates: int) -> list[float]:
     common = dict(num_generations=K, num_epochs=1, num_minibatches=1, learning_rate=LR)
     if agent_name == "rloo":
         env = KLPenalty(base, ref, kl_coef=BETA["rloo"], reference_pass="sequence")
-        agent = RLOO(env, RLOOConfig(**common), policy=policy)
+        agent = RLOO(RLOOConfig(**common), policy)
     else:
         env = KLPenalty(base, ref, kl_coef=0.0, reference_pass="sequence")  # GRPO: KL in the loss; the env only reports ref log-probs
-        agent = GRPO(env, GRPOConfig(**common, beta=BETA["grpo"], loss_type="sequence"), policy=policy)
+        agent = GRPO(GRPOConfig(**common, loss_type="sequence"), policy, kl_coef=BETA["grpo"])
     return timed_updates(env, policy, agent, updates)
 
 

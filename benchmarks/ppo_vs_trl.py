@@ -40,7 +40,7 @@ def smollm2_models(num_value_models: int):
     """SmolLM2-135M-Instruct (offline) policy, and its trunk with a scalar head for reward (and value) models."""
     from transformers import AutoModelForSequenceClassification
 
-    from textrl.models import load_causal_lm, resolve_model_path
+    from textrl.lm.models import load_causal_lm, resolve_model_path
 
     path = resolve_model_path("smollm2-135m-instruct")
     heads = []
@@ -61,7 +61,7 @@ def gpt2_configs(size: str, vocab: int, pad_id: int):
 
 
 def tokenizer():
-    from textrl.models import load_tokenizer
+    from textrl.lm.models import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
     tok.pad_token = "<|endoftext|>"  # PAD must differ from EOS
@@ -74,12 +74,12 @@ def run_textrl(size: str, updates: int) -> list[float]:
     from textrl.envs import KLPenalty, TextGenVectorEnv
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    from textrl.lm_policy import LMActorCritic
+    from textrl.lm.policy import LMActorCritic
 
     tok = tokenizer()
     torch.manual_seed(0)
     if size == "smollm2":  # LoRA: the reference is the policy with adapters off, no copy
-        from textrl.lm_policy import add_lora
+        from textrl.lm.policy import add_lora
 
         lm, (rm,) = smollm2_models(num_value_models=0)
         for p in lm.parameters():
@@ -103,21 +103,25 @@ def run_textrl(size: str, updates: int) -> list[float]:
 
     env = KLPenalty(TextGenVectorEnv(BATCH, tok, PROMPTS, RewardModel(), max_new_tokens=RESPONSE), ref, kl_coef=0.05,
                     reference_pass=REFERENCE_PASS)
-    agent = PPO(env, PPOConfig(num_epochs=EPOCHS, num_minibatches=1, learning_rate=LR, anneal_lr=True), policy=policy)
+    agent = PPO(PPOConfig(num_epochs=EPOCHS, num_minibatches=1, learning_rate=LR, anneal_lr=True), policy)
     return timed_updates(env, policy, agent, updates)
 
 
 def timed_updates(env, policy, agent, updates: int) -> list[float]:
-    """textrl's side: rollout + update, ``updates`` times; the wall time of each."""
+    """textrl's side: rollout + update, ``updates`` times; the wall time of each (the public pieces of a run:
+    a generator, ``collect_tokens``, the learner)."""
     import torch
 
-    from textrl.text_rollout import text_rollout
+    from textrl.lm.collect import collect_tokens
+    from textrl.lm.generate import HFGenerator
+    from textrl.parallel import Learner
 
-    gen = torch.Generator().manual_seed(0)
+    generator = HFGenerator(policy.lm, rng=torch.Generator().manual_seed(0))
+    learner = Learner.for_agent(agent)
     stamps = [time.perf_counter()]
     for u in range(updates):
-        ro = text_rollout(env, policy.lm, generator=gen)
-        agent.update(ro, 1.0 - u / updates)
+        ro = collect_tokens(env, generator)
+        learner.update(agent, ro, 1.0 - u / updates)
         stamps.append(time.perf_counter())
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 

@@ -2,7 +2,7 @@
 
     python benchmarks/rollout_vs_generate.py [--models gpt2-2l gpt2-6l smollm2] [--lengths 32 64 128] [--reps 3]
 
-(a) textrl: ``text_rollout`` on ``KLPenalty(TextGenVectorEnv)``: the policy samples with its KV cache, the
+(a) textrl: ``collect_tokens`` on ``KLPenalty(TextGenVectorEnv)``: the policy samples with its KV cache, the
     reference (a separate copy of the same weights) advances one token per step with its own KV cache,
     and the scorer scores each completion when it ends.
 (b) baseline: ``model.generate`` (sampling, KV cache) + one parallel reference forward over the full
@@ -22,9 +22,10 @@ import time
 import torch
 from textrl.envs import KLPenalty, TextGenVectorEnv
 
-from textrl.decoding import sequence_logprobs
-from textrl.models import load_causal_lm, load_tokenizer
-from textrl.text_rollout import text_rollout
+from textrl.lm.collect import collect_tokens
+from textrl.lm.decoding import sequence_logprobs
+from textrl.lm.generate import HFGenerator
+from textrl.lm.models import load_causal_lm, load_tokenizer
 
 PROMPTS = [
     "The weather today is", "Once upon a time, a small robot", "The best way to learn a language is",
@@ -84,8 +85,9 @@ def main() -> None:
             gen = torch.Generator().manual_seed(0)
 
             def run_a(env=env, n=n, gen=gen, policy=policy):
-                ro = text_rollout(env, policy, seed=0, generator=gen, min_new_tokens=n)
-                assert int(ro.mask.sum()) == B * n
+                generator = HFGenerator(policy, rng=gen, min_new_tokens=n, stop_ids=(env.unwrapped.eos_token_id,))
+                ro = collect_tokens(env, generator, seed=0)
+                assert int(ro.action_mask.sum()) == B * n
 
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(B)]
             enc = tok(prompts, return_tensors="pt", padding=True)

@@ -1,6 +1,8 @@
 """``textrl/Cheerful-v0``: the embedded default task. SmolLM2-135M-Instruct answers everyday prompts (a set
 written for this project: 300 train, 50 held-out on disjoint topics) and is rewarded for cheerful answers
-by a MiniLM sentence-embedding style scorer (:class:`~textrl.envs.scorers.MiniLMStyleScorer`)."""
+by a MiniLM sentence-embedding style scorer (:class:`~textrl.envs.scorers.MiniLMStyleScorer`). Pass
+``scorer=`` to share one loaded scorer between several envs (``textrl train`` shares the training env's
+with its held-out evaluation envs)."""
 
 from __future__ import annotations
 
@@ -11,19 +13,13 @@ from textrl.envs.text_gen import TextGenVectorEnv
 
 __all__ = ["cheerful_env", "prompt_file"]
 
-_SCORER: MiniLMStyleScorer | None = None  # one encoder per process, shared by the train and eval envs
-
-
 def prompt_file(name: str) -> str:
     return str(resources.files("textrl.experiments").joinpath("prompts").joinpath(name))
 
 
 def cheerful_env(num_envs: int, tokenizer, max_new_tokens: int = 32, prompts=None, eval_prompts=None,
                  scorer=None, **kwargs) -> TextGenVectorEnv:
-    global _SCORER
-    if scorer is None:
-        _SCORER = _SCORER or MiniLMStyleScorer()
-        scorer = _SCORER
+    scorer = scorer if scorer is not None else MiniLMStyleScorer()
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # SmolLM2's GGUF tokenizer sets PAD = EOS (<|im_end|>); <|endoftext|> is unused in chat turns
         kwargs.setdefault("pad_token_id", tokenizer.convert_tokens_to_ids("<|endoftext|>"))

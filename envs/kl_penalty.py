@@ -1,28 +1,37 @@
-"""KL-to-reference reward wrapper: reward_t = score_t − β·KL_t with KL_t an estimate of
-KL(π ‖ π_ref) at the sampled token (k1 = log π(a_t|s_t) − log π_ref(a_t|s_t) by default; see
-:func:`textrl.losses.kl_estimate`).
+"""KL-to-reference reward wrapper: reward_t = score_t − β·KL_t with KL_t an estimate of KL(π ‖ π_ref) at
+the sampled token (k1 = log π(a_t|s_t) − log π_ref(a_t|s_t) by default; see :func:`textrl.losses.kl_estimate`).
 
 Contract: the policy's log-prob of each chosen token travels **with the action** —
 ``env.step({"token": LongTensor[B], "logprob": FloatTensor[B]})`` — so no second policy forward is needed.
 That log-prob must be of the temperature-scaled distribution that was sampled, with the same
-``temperature`` given here. The reference runs incrementally with its own KV cache: a prefill at reset,
-then one batched forward of one token per step.
+``temperature`` given here.
 
-``info`` after each step carries the reward terms: ``score`` (task score, at a row's last token), ``kl``
-(the per-token estimate, 0 on invalid rows), ``kl_penalty`` (β·kl), ``ref_logprob`` and ``kl_coef`` (β),
-so that an agent that wants KL in its loss (GRPO) can add ``kl_penalty`` back and use ``ref_logprob``.
+Two ways to compute the reference (``reference_pass``), giving equal batches (tested to 1e-5):
+
+- ``"per_token"``: the reference steps with the env in its own KV cache (a prefill at reset, then one
+  batched forward of one token per step), and every ``step`` already returns the penalised reward with
+  ``info`` keys ``kl`` (the per-token estimate, 0 on invalid rows), ``kl_penalty`` (β·kl), ``ref_logprob``
+  and ``kl_coef`` (β) — what a user stepping the env by hand sees.
+- ``"sequence"`` (what ``textrl train`` uses): ``step`` returns the task reward only and adds nothing to
+  ``info``; after the episodes end, :meth:`KLPenalty.on_episode_end` (the collection hook) runs one parallel
+  reference forward over the finished sequences and fills the rollout's ``ref_logprobs``, ``kl`` and
+  penalised ``rewards`` (as TRL does after ``generate``; cheaper than a decode step per token).
+
+Agents with the KL in their loss (GRPO) get the wrapper with β = 0: it still reports the reference log-probs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import gymnasium as gym
 import torch
 
-from textrl.decoding import CachedDecoder, sequence_logprobs
 from textrl.kl_control import AdaptiveKLController, FixedKLController
+from textrl.lm.decoding import CachedForward, sequence_logprobs
 from textrl.losses import KLEstimator, kl_estimate
+from textrl.rollout import TokenRollout
 
 __all__ = ["KLPenalty"]
 
@@ -37,12 +46,7 @@ class KLPenalty(gym.vector.VectorWrapper):
         kl_coef: β as a number, or a Fixed/Adaptive KL controller (its ``value`` is read every step).
         estimator: "k1" (default), "k2" or "k3".
         temperature: the sampling temperature; reference log-probs use logits / temperature.
-        reference_pass: "per_token" — the reference steps with the env in its own KV cache, and every
-            ``step`` reward already carries −β·KL_t (what a user stepping the env by hand sees); "sequence"
-            — ``step`` returns the task reward only and :meth:`penalise` applies the KL after the episode
-            from one parallel reference forward over the finished sequences (what TRL does after
-            ``generate``; cheaper than a decode step per token). :func:`~textrl.text_rollout.text_rollout`
-            handles both; the batches they return are equal (tested to 1e-5).
+        reference_pass: "per_token" or "sequence" (see the module docstring).
     """
 
     def __init__(
@@ -57,17 +61,18 @@ class KLPenalty(gym.vector.VectorWrapper):
         super().__init__(env)
         if reference_pass not in ("per_token", "sequence"):
             raise ValueError(f"reference_pass must be 'per_token' or 'sequence', got {reference_pass!r}")
-        self.deferred = reference_pass == "sequence"
-        self.ref_model, self.temperature = ref_model, temperature
         if estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.reference_pass = reference_pass
+        self.ref_model, self.temperature, self.estimator = ref_model, float(temperature), estimator
         self.controller = kl_coef if hasattr(kl_coef, "value") else FixedKLController(float(kl_coef))
-        self.estimator = estimator
         if isinstance(ref_model, torch.nn.Module):  # a separate frozen copy; a view of the policy
             ref_model.eval()                          # (LoRA adapters off) must not freeze its weights
             for p in ref_model.parameters():
                 p.requires_grad_(False)
-        self.ref = CachedDecoder(ref_model, temperature)
+        self.ref = CachedForward(ref_model)
 
     @property
     def kl_coef(self) -> float:
@@ -76,19 +81,9 @@ class KLPenalty(gym.vector.VectorWrapper):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
         # Any reset (full or by mask) re-encodes the current buffers: rows still generating keep their prefix.
-        if not self.deferred:
+        if self.reference_pass == "per_token":
             self.ref.prefill(obs["input_ids"], obs["attention_mask"])
         return obs, info
-
-    @torch.no_grad()
-    def penalise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
-                 logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The reference pass "sequence": log π_ref of every response token from one parallel forward, and
-        the per-token KL and penalty β·KL_t (0 where ``mask`` is False). Shapes ``[B, T]``."""
-        ref_logprob = sequence_logprobs(self.ref_model, input_ids, attention_mask, response_start, self.temperature)
-        ref_logprob = torch.where(mask, ref_logprob, 0.0)
-        kl = torch.where(mask, kl_estimate(logprobs.to(ref_logprob.device), ref_logprob, self.estimator), 0.0)
-        return {"ref_logprob": ref_logprob, "kl": kl, "kl_penalty": self.controller.value * kl}
 
     def step(self, actions: Any):
         if not isinstance(actions, dict) or "logprob" not in actions:
@@ -96,11 +91,11 @@ class KLPenalty(gym.vector.VectorWrapper):
                 "KLPenalty needs the policy's log-prob of each chosen token with the action: "
                 "step({'token': LongTensor[B], 'logprob': FloatTensor[B]}) (log-prob at the sampling temperature)"
             )
-        if self.deferred:  # the KL comes later, from penalise(): the task reward only
+        if self.reference_pass == "sequence":  # the KL comes later, from on_episode_end: the task reward only
             return self.env.step(actions)
         tokens = torch.as_tensor(actions["token"]).long()
         logprob = torch.as_tensor(actions["logprob"], dtype=torch.float32)
-        ref_logprob = self.ref.logprobs_of(tokens.to(self.ref.next_logits.device))  # (B,) before the env moves on
+        ref_logprob = self.ref.logprobs_of(tokens.to(self.ref.next_logits.device), self.temperature)  # (B,)
         obs, reward, terminated, truncated, info = self.env.step(actions)
         valid = info["valid"]
         kl = kl_estimate(logprob.to(ref_logprob.device), ref_logprob, self.estimator)
@@ -109,8 +104,23 @@ class KLPenalty(gym.vector.VectorWrapper):
         reward = reward - beta * kl.to(reward.device)
         still_running = valid & ~(terminated | truncated)
         if still_running.any():  # the last step needs no next-token distribution
-            pad = torch.full_like(tokens, self.env.unwrapped.pad_token_id)
-            self.ref.step(torch.where(valid.to(tokens.device), tokens, pad), valid)
-        info = {**info, "kl": kl, "kl_penalty": beta * kl, "ref_logprob": torch.where(valid, ref_logprob, 0.0),
-                "kl_coef": beta}
+            self.ref.extend(tokens.unsqueeze(1), valid.unsqueeze(1))  # ended rows: a masked slot
+        every = torch.ones_like(valid)
+        info = {**info, "kl": kl, "_kl": every, "kl_penalty": beta * kl, "_kl_penalty": every,
+                "ref_logprob": torch.where(valid, ref_logprob, 0.0), "_ref_logprob": every,
+                "kl_coef": torch.full_like(kl, beta), "_kl_coef": every}
         return obs, reward, terminated, truncated, info
+
+    @torch.no_grad()
+    def on_episode_end(self, rollout: TokenRollout) -> TokenRollout:
+        """The collection hook (see :mod:`textrl.lm.collect`). reference_pass "sequence": log π_ref of every
+        agent token from one parallel forward, the per-token KL and the penalised rewards (0 off the action
+        mask). "per_token": nothing to add (every step already carried its term)."""
+        if self.reference_pass == "per_token":
+            return rollout
+        mask = rollout.action_mask
+        ref = sequence_logprobs(self.ref_model, rollout.input_ids, rollout.attention_mask, rollout.response_start,
+                                self.temperature)
+        ref = torch.where(mask, ref, 0.0)
+        kl = torch.where(mask, kl_estimate(rollout.logprobs.to(ref.device), ref, self.estimator), 0.0)
+        return dataclasses.replace(rollout, ref_logprobs=ref, kl=kl, rewards=rollout.rewards - self.controller.value * kl)

@@ -136,7 +136,7 @@ class MiniLMStyleScorer:
                  scale: float = 5.0, model_path: str | None = None, device: str = "cpu", batch_size: int = 64):
         from transformers import AutoModel, AutoTokenizer
 
-        from textrl.models import disable_dropout, minilm_path
+        from textrl.lm.models import disable_dropout, minilm_path
 
         path = model_path or str(minilm_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -14,46 +14,28 @@ Episodes: EOS ends a row with ``terminated=True``; its ``max_new_tokens``-th tok
 (minus ``missing_eos_penalty`` if truncated). Rows that ended stay ended — reward 0, ``info["valid"]``
 False, their action ignored — until ``reset``; ``metadata["autoreset_mode"]`` is DISABLED and
 ``reset(options={"reset_mask": mask})`` resets just the rows in ``mask``.
-``info``: ``valid`` [B] (this step's token is real), ``score`` [B] with mask ``_score`` (rows scored now).
+Observations are copies (safe to keep across steps). Infos are dicts of ``[B]`` tensors with Gymnasium's
+``_key`` masks: ``reset`` gives ``prompt_index`` (which prompt each row answers) and ``response_start``
+(``P``, the first response column); ``step`` gives ``valid`` (this step's token is real) and ``score`` with
+``_score`` marking the rows scored now. Which prompt a row gets is decided by the env's
+:class:`~textrl.envs.prompts.PromptSampler` (random or sequential order, k rows per prompt, a shard of a
+data-parallel batch); the env itself knows nothing of trainers or processes.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
+from textrl.envs.prompts import PromptSampler, load_prompts
 from textrl.envs.scorers import TokenScorer, check_scores, clip_and_normalise, resolve_scorer
 
-from textrl.distributed import Shard
+from textrl.shard import Shard
 
-__all__ = ["TextGenVectorEnv", "TextGenEnv", "load_prompts"]
-
-
-def load_prompts(source: str | Path | Iterable[Any], key: str = "prompt") -> list[str]:
-    """Prompts from a list of strings, a ``.txt`` file (one per line), a ``.jsonl`` file (``{"prompt": ...}``
-    per line) or any iterable of dicts (e.g. a ``datasets.Dataset``)."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"prompts: no such file {str(path)!r}")
-        if path.suffix == ".jsonl":
-            prompts = [json.loads(line)[key] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        prompts = [p[key] if isinstance(p, dict) else p for p in source]
-    if not prompts:
-        raise ValueError(f"prompts: the prompt source {source!r} is empty; give at least one prompt")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p]
-    if bad:
-        raise ValueError(f"prompts: entries {bad[:5]} are empty or not strings")
-    return prompts
+__all__ = ["TextGenVectorEnv", "TextGenEnv"]
 
 
 class TextGenVectorEnv(gym.vector.VectorEnv):
@@ -72,16 +54,11 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         score_clip, score_scale, score_bias: score → clip(scale·score + bias, ±clip).
         device: where the token buffers live (the model's device).
         eval_prompts: held-out prompts (same forms as ``prompts``) for evaluation; not used for training.
-        prompt_order: "random" (seeded sampling) or "sequential" (cycle through the prompts in order).
         model: the default policy model of a registered env (read by ``textrl train``; unused here).
         chat_template: wrap each prompt as a user turn with the tokenizer's chat template (instruct models).
-        num_generations: k: serve each drawn prompt to k contiguous rows (rows i·k … i·k + k − 1 form group i),
-            so group baselines (RLOO, GRPO) are exact. num_envs must be a multiple of k, and a partial reset
-            must cover whole groups.
-        shard: ``(offset, total)`` or a :class:`~textrl.distributed.Shard`: this env holds rows
-            ``offset … offset + num_envs − 1`` of a data-parallel batch of ``total`` rows. A full reset draws the
-            prompts of the whole global batch from the env's seeded stream and keeps its rows, so the union of
-            the shards equals the one-process batch of the same seed (a partial reset draws for its own rows).
+        prompt_order, num_generations, shard: how prompts are drawn (see
+            :class:`~textrl.envs.prompts.PromptSampler`): "random" or "sequential"; k contiguous rows per
+            prompt; the rows ``(offset, total)`` of a data-parallel batch this env holds.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED}
@@ -112,53 +89,52 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if not isinstance(num_generations, int) or isinstance(num_generations, bool) or num_generations <= 0:
-            raise ValueError(f"num_generations must be a positive integer, got {num_generations!r}")
-        if num_envs % num_generations:
-            raise ValueError(f"num_envs={num_envs} must be a multiple of num_generations={num_generations} "
-                             "(each prompt fills k contiguous rows)")
-        self.num_generations = num_generations
-        self.shard = shard if isinstance(shard, Shard) else Shard(*(shard or (0, None)))
-        if self.shard.sharded and (self.shard.offset + num_envs > self.shard.total or self.shard.offset % num_generations
-                                   or self.shard.total % num_generations):
-            raise ValueError(f"shard: rows {self.shard.offset}..{self.shard.offset + num_envs - 1} must lie in the "
-                             f"global batch of {self.shard.total} and start and end on whole groups of "
-                             f"num_generations={num_generations}")
         scorer = resolve_scorer(scorer)
-        if prompt_order not in ("random", "sequential"):
-            raise ValueError(f"prompt_order must be 'random' or 'sequential', got {prompt_order!r}")
-        self.prompt_order = prompt_order
-        self._next_prompt = 0
+        if not callable(scorer):
+            raise TypeError(f"scorer must be callable (prompts, completions) -> scores, got {type(scorer).__name__}")
+        # the settings a held-out copy of this env keeps (see with_prompts)
+        self._settings = dict(tokenizer=tokenizer, scorer=scorer, max_new_tokens=max_new_tokens,
+                              max_prompt_tokens=max_prompt_tokens, context_length=context_length,
+                              pad_token_id=pad_token_id, missing_eos_penalty=missing_eos_penalty,
+                              score_clip=score_clip, score_scale=score_scale, score_bias=score_bias, device=device,
+                              chat_template=chat_template)
         self.default_model = model
         self.chat_template = chat_template
         self.eval_prompts = load_prompts(eval_prompts) if eval_prompts is not None else None
-        if not callable(scorer):
-            raise TypeError(f"scorer must be callable (prompts, completions) -> scores, got {type(scorer).__name__}")
-        self.num_envs = num_envs
-        self.tokenizer = tokenizer
-        self.scorer = scorer
+        self.num_envs, self.tokenizer, self.scorer = num_envs, tokenizer, scorer
         self.device = torch.device(device)
         self.max_new_tokens = max_new_tokens
         self.missing_eos_penalty = missing_eos_penalty
         self.score_clip, self.score_scale, self.score_bias = score_clip, score_scale, score_bias
-        self.eos_token_id = tokenizer.eos_token_id
-        if self.eos_token_id is None:
+        self.eos_token_id, self.pad_token_id = self._special_ids(tokenizer, pad_token_id)
+        self.vocab_size = len(tokenizer)
+        self.prompts = load_prompts(prompts)
+        self.prompt_sampler = PromptSampler(len(self.prompts), num_envs, prompt_order, num_generations, shard)
+        self._encode_prompts(max_prompt_tokens, context_length)
+        self._make_spaces_and_buffers()
+
+    @staticmethod
+    def _special_ids(tokenizer: Any, pad_token_id: int | None) -> tuple[int, int]:
+        """(EOS, PAD); PAD must differ from EOS, or EOS would be masked as padding."""
+        eos = tokenizer.eos_token_id
+        if eos is None:
             raise ValueError("tokenizer has no eos_token_id; the env needs EOS to end rows")
-        self.pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-        if self.pad_token_id is None or self.pad_token_id == self.eos_token_id:
+        pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        if pad is None or pad == eos:
             raise ValueError(
-                f"PAD and EOS must differ (pad_token_id={self.pad_token_id}, eos_token_id={self.eos_token_id}): "
+                f"PAD and EOS must differ (pad_token_id={pad}, eos_token_id={eos}): "
                 "with PAD == EOS, EOS gets masked as padding and the model never learns to stop. "
                 "Pass pad_token_id=<another token id> (e.g. an unused special token)."
             )
-        self.vocab_size = len(tokenizer)
+        return eos, pad
 
-        self.prompts = load_prompts(prompts)
+    def _encode_prompts(self, max_prompt_tokens: int | None, context_length: int | None) -> None:
+        """Encode every prompt once (through the chat template if asked), left-padded to P: ``[N_prompts, P]``."""
         texts = self.prompts
-        if chat_template:
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                   add_generation_prompt=True) for p in self.prompts]
-        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in texts]
+        if self.chat_template:
+            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                        add_generation_prompt=True) for p in self.prompts]
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in texts]
         longest = max(len(e) for e in encoded)
         self.max_prompt_tokens = longest if max_prompt_tokens is None else max_prompt_tokens
         too_long = [(i, len(e)) for i, e in enumerate(encoded) if len(e) > self.max_prompt_tokens]
@@ -169,11 +145,10 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         empty = [i for i, e in enumerate(encoded) if not e]
         if empty:
             raise ValueError(f"prompts {empty[:5]} encode to zero tokens")
-        total = self.max_prompt_tokens + max_new_tokens
+        total = self.max_prompt_tokens + self.max_new_tokens
         if context_length is not None and total > context_length:
-            raise ValueError(f"max_prompt_tokens + max_new_tokens = {self.max_prompt_tokens} + {max_new_tokens} = "
-                             f"{total} exceeds the model's context_length={context_length}; lower one of them")
-        # Prompts pre-encoded once, left-padded to P: (N_prompts, P)
+            raise ValueError(f"max_prompt_tokens + max_new_tokens = {self.max_prompt_tokens} + {self.max_new_tokens} "
+                             f"= {total} exceeds the model's context_length={context_length}; lower one of them")
         P = self.max_prompt_tokens
         self._prompt_ids = torch.full((len(encoded), P), self.pad_token_id, dtype=torch.long)
         self._prompt_mask = torch.zeros((len(encoded), P), dtype=torch.long)
@@ -183,16 +158,15 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self._prompt_ids = self._prompt_ids.to(self.device)
         self._prompt_mask = self._prompt_mask.to(self.device)
 
-        L = total
+    def _make_spaces_and_buffers(self) -> None:
+        B, L = self.num_envs, self.max_prompt_tokens + self.max_new_tokens
         self.single_observation_space = gym.spaces.Dict({
             "input_ids": gym.spaces.Box(0, self.vocab_size - 1, (L,), np.int64),
             "attention_mask": gym.spaces.Box(0, 1, (L,), np.int64),
         })
         self.single_action_space = gym.spaces.Discrete(self.vocab_size)
-        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
-        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
-
-        B = num_envs
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, B)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, B)
         self.input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long, device=self.device)
         self.attention_mask = torch.zeros((B, L), dtype=torch.long, device=self.device)
         self.prompt_index = torch.zeros(B, dtype=torch.long, device=self.device)
@@ -211,22 +185,9 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
             if reset_mask.dtype != torch.bool or reset_mask.shape != (self.num_envs,):
                 raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},), "
                                  f"got {reset_mask.dtype} {tuple(reset_mask.shape)}")
-            k = self.num_generations
-            if k > 1 and not bool((reset_mask.view(-1, k) == reset_mask.view(-1, k)[:, :1]).all()):
-                raise ValueError(f"options['reset_mask'] must reset whole groups of num_generations={k} rows")
+            self.prompt_sampler.check_reset_mask(reset_mask)
             rows = self._rows[reset_mask.to(self.device)]
-        n = len(rows) // self.num_generations  # prompts to draw: one per group
-        # a full reset of a shard draws for the whole global batch and keeps its groups (see ``shard``)
-        shard = self.shard if reset_mask is None else Shard()
-        draws = shard.total // self.num_generations if shard.sharded else n
-        if self.prompt_order == "sequential":
-            picks = (torch.arange(draws) + self._next_prompt) % len(self.prompts)
-            self._next_prompt = int(picks[-1] + 1) if draws else self._next_prompt
-        else:
-            picks = torch.as_tensor(self.np_random.integers(0, len(self.prompts), size=draws))
-        if shard.sharded:
-            picks = picks[shard.offset // self.num_generations:][:n]
-        picks = picks.to(self.device).repeat_interleave(self.num_generations)
+        picks = self.prompt_sampler.draw(len(rows), self.np_random, full=reset_mask is None).to(self.device)
         P = self.max_prompt_tokens
         self.prompt_index[rows] = picks
         self.input_ids[rows] = self.pad_token_id
@@ -235,7 +196,10 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self.attention_mask[rows, :P] = self._prompt_mask[picks]
         self.num_generated[rows] = 0
         self.done[rows] = False
-        return self._obs(), {"prompt_index": self.prompt_index.clone()}
+        every = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        start = torch.full((self.num_envs,), P, dtype=torch.long, device=self.device)
+        return self._obs(), {"prompt_index": self.prompt_index.clone(), "_prompt_index": every,
+                             "response_start": start, "_response_start": every}
 
     def step(self, actions):
         tokens = self._tokens_of(actions)
@@ -259,7 +223,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
                 s = s - self.missing_eos_penalty * truncated[idx].float()
             scores[idx] = s
             rewards[idx] = s
-        info = {"valid": valid, "score": scores, "_score": ended}
+        info = {"valid": valid, "_valid": torch.ones_like(valid), "score": scores, "_score": ended}
         return self._obs(), rewards, terminated, truncated, info
 
     # --- helpers ------------------------------------------------------------------------------
@@ -280,8 +244,22 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         return tokens
 
+    def with_prompts(self, prompts: Any, num_envs: int | None = None, shard: Shard | None = None) -> TextGenVectorEnv:
+        """This env's settings (tokenizer, scorer — the same object —, lengths, PAD, chat template, device) over
+        other ``prompts``, served in order, one row each (``num_envs`` rows, default one per prompt; ``shard``:
+        the rows of a data-parallel batch): the held-out evaluation env. Subclasses whose constructor takes
+        other arguments override it."""
+        rows = num_envs if num_envs is not None else len(load_prompts(prompts))
+        return type(self)(rows, prompts=prompts, prompt_order="sequential", shard=shard, **self._settings)
+
+    @property
+    def num_generations(self) -> int:
+        """k: rows per prompt in a batch (see :class:`~textrl.envs.prompts.PromptSampler`)."""
+        return self.prompt_sampler.num_generations
+
     def _obs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        """Copies of the token buffers: an observation stays as it was when returned."""
+        return {"input_ids": self.input_ids.clone(), "attention_mask": self.attention_mask.clone()}
 
     def completion_ids(self, rows: torch.Tensor) -> list[list[int]]:
         P = self.max_prompt_tokens

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-__all__ = ["char_tokenizer", "tiny_gpt2"]
+__all__ = ["char_tokenizer", "tiny_gpt2", "tiny_model", "TINY_MODEL", "target_token_env"]
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 
@@ -32,8 +32,14 @@ def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 32, n_head: int =
     return GPT2LMHeadModel(cfg).eval()
 
 
-#: the model name that `textrl.models.load_causal_lm` builds in memory with :func:`tiny_gpt2`
+#: the model name under which `textrl.lm.models.load_causal_lm` builds :func:`tiny_model` in memory
+#: (registered by ``import textrl`` with the toy env)
 TINY_MODEL = "textrl/tiny-char-gpt2"
+
+
+def tiny_model(seed: int = 0) -> GPT2LMHeadModel:
+    """The toy task's policy: a tiny GPT-2 over :func:`char_tokenizer`'s vocabulary."""
+    return tiny_gpt2(len(char_tokenizer()), seed=seed)
 
 TOY_PROMPTS = [
     "the cat sat on the", "once upon a time", "my favourite food is", "we went to the", "a quick brown fox",

@@ -1,4 +1,4 @@
-"""PPO vs RLOO vs GRPO on the same env and the same budget of generated tokens.
+"""PPO vs RLOO vs GRPO vs REINFORCE++ on the same env and the same budget of generated tokens.
 
     python -m textrl.experiments.compare_agents [--tasks toy default] [--seeds 1 2 3] [--out DIR]
 
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-AGENTS = ("ppo", "rloo", "grpo")
+AGENTS = ("ppo", "rloo", "grpo", "reinforce++")
 TASKS = {
     "toy": ["--env", "textrl/TargetToken-v0"],  # its preset holds the ppo/rloo/grpo sections
     "default": [],  # experiments/default.yaml: SmolLM2-135M + LoRA, MiniLM cheerfulness

@@ -31,16 +31,17 @@ def sample_reference(policy, tokenizer, prompts: list[str], k: int, seed: int, m
                      temperature: float) -> list[tuple[str, list[str]]]:
     from textrl.envs.cheerful import cheerful_env
 
-    from textrl.text_rollout import text_rollout
-    from textrl.text_train import _completions
+    from textrl.lm.collect import collect_tokens
+    from textrl.lm.evaluate import decode_completions
+    from textrl.lm.generate import HFGenerator
 
     out = []
     for i in range(0, len(prompts), 16):
         chunk = prompts[i:i + 16]
         env = cheerful_env(len(chunk) * k, tokenizer, max_new_tokens=max_new_tokens, prompts=chunk,
                            prompt_order="sequential", num_generations=k, scorer=lambda p, c: torch.zeros(len(c)))
-        ro = text_rollout(env, policy, temperature, seed=seed + i)
-        texts = _completions(tokenizer, ro)
+        ro = collect_tokens(env, HFGenerator(policy, temperature), seed=seed + i)
+        texts = decode_completions(tokenizer, ro)
         for g in range(len(chunk)):
             out.append((chunk[int(ro.prompt_index[g * k])], texts[g * k:(g + 1) * k]))
     return out
@@ -74,21 +75,24 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from textrl.agents.ppo import PPO, PPOConfig
-    from textrl.envs.cheerful import cheerful_env, prompt_file
-    from textrl.envs.kl_penalty import KLPenalty
+    from textrl.envs.cheerful import prompt_file
+    from textrl.envs.prompts import load_prompts
     from textrl.envs.scorers import MiniLMStyleScorer
-    from textrl.envs.text_gen import load_prompts
 
     from textrl.config import TrainConfig
-    from textrl.reward_model import RewardModelConfig, TrainedRewardScorer, train_reward_model
-    from textrl.text_rollout import text_rollout
-    from textrl.text_train import _completions, build_policy
+    from textrl.lm.build import build_policy
+    from textrl.lm.evaluate import decode_completions
+    from textrl.reward_model import RewardModelConfig, train_reward_model
+    from textrl.train import make_run
 
     T, temp = 24, 0.7
-    cfg = TrainConfig(env="textrl/Cheerful-v0", lora_r=16, lora_alpha=32,
-                      lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), temperature=temp, seed=args.seed)
-    tokenizer, policy, reference = build_policy(cfg, torch.device("cpu"))
+    cfg = TrainConfig(env="textrl/Cheerful-v0", seed=args.seed, num_envs=32, total_steps=32 * T * args.updates,
+                      output_dir=str(args.out / "ppo"), model={"lora_r": 16, "lora_alpha": 32,
+                      "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj")}, sampling={"temperature": temp},
+                      kl={"coef": args.kl_coef}, eval={"generations": 1},
+                      agent_config={"num_epochs": 2, "num_minibatches": 2, "learning_rate": 5e-4, "gamma": 1.0,
+                                    "gae_lambda": 0.95, "vf_coef": 0.1})
+    tokenizer, policy, _ = build_policy(cfg, "cpu")  # the reference policy: the model before any training
     gold = MiniLMStyleScorer()
     train_prompts = load_prompts(prompt_file("cheerful_train.txt"))
     random.Random(args.seed).shuffle(train_prompts)
@@ -100,30 +104,28 @@ def main(argv: list[str] | None = None) -> None:
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     rm = train_reward_model(RewardModelConfig(data=str(data), output_dir=str(args.out / "proxy_rm"), num_epochs=3,
                                               learning_rate=5e-5, seed=args.seed), quiet=True)
-    proxy = TrainedRewardScorer(args.out / "proxy_rm")
     # gold in the same units as the proxy: mean 0, std 1 over the reference policy's completions
     ref_gold = torch.cat([gold([p] * 4, texts) for p, texts in samples])
     g_mean, g_std = float(ref_gold.mean()), float(ref_gold.std())
     print(f"reference samples + proxy RM: {time.perf_counter() - t0:.0f} s; {len(rows)} pairs; proxy held-out "
           f"pairwise accuracy {rm['eval_accuracy']:.3f}", flush=True)
 
-    env = cheerful_env(32, tokenizer, max_new_tokens=T, prompts=train_prompts[args.prompts:], scorer=proxy)
-    kl_env = KLPenalty(env, reference, args.kl_coef, "k1", temp, reference_pass="sequence")
-    agent = PPO(env, PPOConfig(num_epochs=2, num_minibatches=2, learning_rate=5e-4, gamma=1.0, gae_lambda=0.95,
-                               vf_coef=0.1), policy=policy)
-    agent.temperature = temp
-    env.reset(seed=args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    # PPO on the proxy: a text run whose scorer is the trained reward model, driven update by update so that
+    # every batch is also scored by the gold scorer
+    cfg.model.reward_model = str(args.out / "proxy_rm")
+    cfg.env_kwargs = {"max_new_tokens": T, "prompts": train_prompts[args.prompts:]}
+    run = make_run(cfg, quiet=True)
     history = []
     for u in range(args.updates):
-        ro = text_rollout(kl_env, policy.lm, temp, generator=gen)
-        texts = _completions(tokenizer, ro)
-        prompts = [env.prompts[int(i)] for i in ro.prompt_index]
+        ro = run.collect()
+        texts = decode_completions(tokenizer, ro)
+        prompts = [run.base.prompts[int(i)] for i in ro.prompt_index]
         g = (gold(prompts, texts) - g_mean) / g_std
         history.append({"update": u, "kl": float(ro.kl.sum(1).mean()), "proxy": float(ro.scores.mean()),
                         "gold": float(g.mean())})
         print(json.dumps(history[-1]), flush=True)
-        agent.update(ro, 1.0 - u / args.updates)
+        run.update(ro, 1.0 - u / args.updates)
+    run.close()
     (args.out / "history.jsonl").write_text("\n".join(json.dumps(h) for h in history) + "\n")
 
     lines = ["| update | KL to reference (nats/completion) | proxy reward (ref. std units) | gold reward (ref. std units) |",

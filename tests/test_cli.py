@@ -65,7 +65,7 @@ def test_config_layers_defaults_preset_file_flags(tmp_path, monkeypatch):
     assert cfg.agent_config["gamma"] == 0.95  # flag over file
     # no arguments: the embedded default experiment
     default, _ = resolve_train_config([])
-    assert default.env == "textrl/Cheerful-v0" and default.lora_r == 16 and default.agent == "ppo"
+    assert default.env == "textrl/Cheerful-v0" and default.model.lora_r == 16 and default.agent == "ppo"
     assert default.agent_config["gamma"] == 1.0  # the RLHF seed's defaults in the embedded experiment
 
 
@@ -94,3 +94,47 @@ def test_train_subprocess_writes_config_metrics_and_events(tmp_path):
     assert [m["global_step"] for m in lines] == [256, 512, 768, 1024]
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_config_sections_and_the_flat_keys_of_older_configs(tmp_path):
+    """Text-only fields live in sections (model, sampling, kl, eval); the flat keys of configs written before
+    (and their flags) still resolve to the same config; a field given both ways, or GRPO's moved `beta`, fails
+    with a message naming the new key."""
+    from textrl.config import KLConfig, TrainConfig
+
+    flat = {"env": "textrl/TargetToken-v0", "model": "textrl/tiny-char-gpt2", "lora_r": 4, "temperature": 0.7,
+            "kl_coef": 0.2, "reference_pass": "per_token", "eval_generations": 3}
+    nested = {"env": "textrl/TargetToken-v0", "model": {"name": "textrl/tiny-char-gpt2", "lora_r": 4},
+              "sampling": {"temperature": 0.7}, "kl": {"coef": 0.2, "reference_pass": "per_token"},
+              "eval": {"generations": 3}}
+    configs = []
+    for name, data in (("flat", flat), ("nested", nested)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        configs.append(resolve_train_config([str(path)])[0])
+    assert configs[0] == configs[1]
+    cfg = configs[0]
+    assert (cfg.model.name, cfg.model.lora_r, cfg.sampling.temperature, cfg.kl.coef, cfg.eval.generations) == \
+        ("textrl/tiny-char-gpt2", 4, 0.7, 0.2, 3)
+    # flags (flat names) over the file's sections, field by field
+    cfg, _ = resolve_train_config([str(tmp_path / "nested.yaml"), "--kl-coef", "0.3", "--top-k", "5"])
+    assert cfg.kl.coef == 0.3 and cfg.kl.reference_pass == "per_token" and cfg.sampling.top_k == 5
+    # the Python API takes sections as dataclasses or mappings
+    assert TrainConfig(kl={"coef": 0.1}).kl == KLConfig(coef=0.1)
+    with pytest.raises(TypeError, match="kl: expected a KLConfig"):
+        TrainConfig(kl=5)
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"env": "textrl/TargetToken-v0", "kl_coef": 0.1, "kl": {"coef": 0.2}}))
+    with pytest.raises(ValueError, match=r"kl_coef and kl.coef are the same field, given twice"):
+        resolve_train_config([str(both)])
+    old_grpo = tmp_path / "grpo.yaml"
+    old_grpo.write_text(yaml.safe_dump({"env": "textrl/TargetToken-v0", "agent": "grpo", "grpo": {"beta": 0.1}}))
+    for argv in ([str(old_grpo)], ["--env", "textrl/TargetToken-v0", "--agent", "grpo", "--beta", "0.1"]):
+        with pytest.raises(ValueError, match=r"now the run's kl.coef.*--kl-coef"):
+            resolve_train_config(argv)
+    # a run directory written before the sections resumes: its flat config.yaml is read
+    run = tmp_path / "old_run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({**flat, "agent": "ppo", "agent_config": {"num_epochs": 2}}))
+    cfg, resume = resolve_train_config(["--resume", str(run)])
+    assert resume and cfg.kl.coef == 0.2 and cfg.output_dir == str(run) and cfg.agent_config["num_epochs"] == 2

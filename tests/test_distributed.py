@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from textrl.envs.toy import char_tokenizer, target_token_env
 
 from textrl.cli import resolve_train_config
-from textrl.distributed import Shard
-from textrl.text_rollout import sample_from_logits
+from textrl.lm.sampling import sample_from_logits
+from textrl.shard import Shard
 from textrl.train import train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -253,7 +253,7 @@ def test_shards_that_do_not_split_the_batch_are_refused():
     from textrl.agents.grpo import GRPOConfig
     from textrl.agents.ppo import PPOConfig
 
-    from textrl.text_train import _check_shards
+    from textrl.lm.run import rows_per_process as _check_shards
 
     assert _check_shards(16, 2, PPOConfig(num_minibatches=2)) == 8
     with pytest.raises(ValueError, match=r"num_envs=10 is the global batch and must be a multiple of the number "

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import rollout as text_rollout
 from textrl.agents.grpo import GRPO, GRPOConfig
 from textrl.agents.rloo import RLOO, RLOOConfig
 from textrl.envs import KLPenalty
@@ -15,9 +16,9 @@ from textrl.envs.toy import char_tokenizer, target_token_env, tiny_gpt2
 import textrl  # noqa: F401
 from textrl.advantages import group_normalise, leave_one_out
 from textrl.cli import resolve_train_config
-from textrl.lm_policy import LMActorCritic
+from textrl.lm.policy import LMActorCritic
 from textrl.losses import aggregate, kl_estimate, sequence_policy_loss
-from textrl.text_rollout import text_rollout
+from textrl.parallel import Reducer
 from textrl.train import train
 
 
@@ -106,18 +107,18 @@ def test_grpo_loss_equals_paper_formula_on_a_batch():
     torch.manual_seed(0)
     policy = LMActorCritic(tiny_gpt2(len(tok)))
     env = KLPenalty(target_token_env(num_envs=4, tokenizer=tok, num_generations=2), tiny_gpt2(len(tok), seed=1), 0.0)
-    agent = GRPO(env, GRPOConfig(num_generations=2, beta=0.3, learning_rate=1e-3), policy=policy)
+    agent = GRPO(GRPOConfig(num_generations=2, learning_rate=1e-3), policy, kl_coef=0.3)
+    GRPO.check_env(env, agent.config)
     ro = text_rollout(env, policy.lm, seed=0)
-    data, _ = agent._prepare_text(ro)
-    mb = {**data, "response_start": ro.prompt_ids.shape[1]}
-    loss, terms, _ = agent._loss(mb, 0.2)
-    logp, _, _, _ = policy.evaluate_response(ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1], 1.0)
+    mb, _ = agent.prepare(ro, Reducer())
+    loss, terms, _ = agent.loss(policy, mb, 0.2)
+    logp, _, _, _ = policy.evaluate_response(ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1])
     r = ro.scores
     adv = [(r[i] - r[2 * (i // 2): 2 * (i // 2) + 2].mean()) / (r[2 * (i // 2): 2 * (i // 2) + 2].std() + 1e-4)
            for i in range(4)]
     per_seq = []
     for i in range(4):
-        m = ro.mask[i]
+        m = ro.action_mask[i]
         ratio = torch.exp(logp[i][m] - ro.logprobs[i][m])
         surr = torch.minimum(ratio * adv[i], ratio.clamp(0.8, 1.2) * adv[i])
         d = ro.ref_logprobs[i][m] - logp[i][m]
@@ -148,22 +149,28 @@ def test_bad_group_settings_fail_before_training(cls, cfg_cls):
         cfg_cls(num_generations=1)
     with pytest.raises(ValueError, match="not a multiple of num_generations=4"):
         cfg_cls(num_generations=4).check_batch(6)
-    policy = LMActorCritic(tiny_gpt2(len(tok)))
     with pytest.raises(ValueError, match="serves each prompt 1 time"):
-        cls(target_token_env(num_envs=8, tokenizer=tok), cfg_cls(num_generations=4), policy=policy)
+        cls.check_env(target_token_env(num_envs=8, tokenizer=tok), cfg_cls(num_generations=4))
     with pytest.raises(TypeError, match="needs a text env"):
         import gymnasium as gym
-        cls(gym.make_vec("CartPole-v1", num_envs=4), cfg_cls())
+        cls.check_env(gym.make_vec("CartPole-v1", num_envs=4), cfg_cls())
 
 
-def test_group_agents_do_not_train_a_critic():
-    tok = char_tokenizer()
-    policy = LMActorCritic(tiny_gpt2(len(tok)))
-    env = target_token_env(num_envs=8, tokenizer=tok, num_generations=4)
-    agent = RLOO(env, RLOOConfig(), policy=policy)
-    head = {id(p) for p in policy.value_head.parameters()}
-    assert not head & {id(p) for p in agent.params}
-    assert not any(k.startswith("value_head") for k in agent.state_dict()["model"])
+def test_group_agents_do_not_train_a_critic(tmp_path):
+    """Critic-free agents get no value head built (nor a critic), so nothing of one is trained or saved."""
+    from textrl.train import make_run
+
+    cfg, _ = resolve_train_config(["--env", "textrl/TargetToken-v0", "--agent", "rloo", "--value-model", "policy",
+                                   "--output-dir", str(tmp_path)])
+    run = make_run(cfg, quiet=True)
+    policy, learner = run.policy, run.learner
+    assert RLOO.has_critic is False and policy.value_head is None and policy.critic is None
+    head = {id(p) for n, p in policy.named_parameters() if n.startswith(("value_head", "critic"))}
+    assert not head & {id(p) for p in learner.params}
+    assert not any(k.startswith("value_head") for k in learner.state_dict()["model"])
+    # the policy built for PPO has one
+    ppo_cfg, _ = resolve_train_config(["--env", "textrl/TargetToken-v0", "--output-dir", str(tmp_path / "ppo")])
+    assert make_run(ppo_cfg, quiet=True).policy.value_head is not None
 
 
 def test_cli_rejects_bad_group_combination(tmp_path):
@@ -188,7 +195,7 @@ def test_agent_raises_the_toy_reward(tmp_path, agent):
     assert {"reward/score_mean", "policy/kl_ref", "policy/entropy", "losses/policy", "reward/group_std"} <= set(m[-1])
     assert "losses/value" not in m[-1]
     # RLOO keeps the KL in the env's reward (the run's kl_coef); GRPO moves it into its loss (env β = 0)
-    assert all(x["reward/kl_coef"] == (0.0 if agent == "grpo" else cfg.kl_coef) for x in m)
+    assert all(x["reward/kl_coef"] == (0.0 if agent == "grpo" else cfg.kl.coef) for x in m)
     assert ("losses/kl" in m[-1]) == (agent == "grpo")
 
 

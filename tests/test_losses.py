@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from textrl.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
-from textrl.losses import entropy_from_logits, explained_variance, kl_estimate, policy_loss, value_loss
+from textrl.logprobs import entropy_from_logits
+from textrl.losses import explained_variance, kl_estimate, policy_loss, value_loss
 from textrl.masking import masked_mean, masked_var, masked_whiten
 
 

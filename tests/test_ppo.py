@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from textrl.cli import resolve_train_config
-from textrl.rollout import Collector
-from textrl.train import build_agent, make_envs, train
+from textrl.parallel.learner import Learner
+from textrl.train import make_run, train
 
 
 def cfg_for(tmp_path, *flags):
@@ -54,15 +54,12 @@ def test_metrics_and_first_minibatch_ratio(tmp_path):
 
 
 def test_nan_rollout_skips_the_update_and_keeps_weights(tmp_path):
-    cfg = cfg_for(tmp_path)
-    envs = make_envs(cfg)
-    agent = build_agent(cfg, envs)
-    collector = Collector(envs, agent.config.num_steps)
-    collector.reset(seed=0)
-    rollout = collector.collect(agent)
+    run = make_run(cfg_for(tmp_path), quiet=True)
+    agent = run.agent
+    rollout = run.collect()
     rollout.rewards[0, 0] = float("nan")
     before = {k: v.clone() for k, v in agent.policy.state_dict().items()}
-    stats = agent.update(rollout, 1.0)
+    stats = run.learner.update(agent, rollout, 1.0)
     assert stats["train/nan_skipped"] == agent.config.num_epochs * agent.config.num_minibatches
     for k, v in agent.policy.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -70,32 +67,30 @@ def test_nan_rollout_skips_the_update_and_keeps_weights(tmp_path):
 
 def test_crash_then_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     cfg = cfg_for(tmp_path, "--total-steps", "1024", "--checkpoint-every", "2")
-    from textrl.agents.ppo import PPO
+    real_update, calls = Learner.update, {"n": 0}
 
-    real_update, calls = PPO.update, {"n": 0}
-
-    def crashing_update(self, rollout, progress_remaining):
+    def crashing_update(self, agent, rollout, progress_remaining):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated crash")
-        return real_update(self, rollout, progress_remaining)
+        return real_update(self, agent, rollout, progress_remaining)
 
-    monkeypatch.setattr(PPO, "update", crashing_update)
+    monkeypatch.setattr(Learner, "update", crashing_update)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, quiet=True)
     saved = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert state["update"] == 2 and state["global_step"] == 512
-    monkeypatch.setattr(PPO, "update", real_update)
+    monkeypatch.setattr(Learner, "update", real_update)
 
     loaded = {}
-    real_load = PPO.load_state_dict
+    real_load = Learner.load_state_dict
 
     def spy_load(self, st):
         real_load(self, st)
         loaded.update({k: v.clone() for k, v in self.policy.state_dict().items()})
 
-    monkeypatch.setattr(PPO, "load_state_dict", spy_load)
+    monkeypatch.setattr(Learner, "load_state_dict", spy_load)
     resume_cfg, resume = resolve_train_config(["--resume", str(tmp_path)])
     assert resume and resume_cfg.agent_config["num_epochs"] == 20  # the run's own resolved config
     result = train(resume_cfg, resume=True, quiet=True)

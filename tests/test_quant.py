@@ -6,7 +6,8 @@ import torch
 from textrl.envs.toy import char_tokenizer, tiny_gpt2
 
 from textrl.cli import resolve_train_config
-from textrl.train import train
+from textrl.loop import loop
+from textrl.train import make_run
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +20,13 @@ def saved_tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["8bit", "4bit"])
-def test_qlora_trains_through_two_cycles(tmp_path, saved_tiny, kind, monkeypatch):
-    from textrl import text_train
-
-    seen = {}
-    real_build = text_train.build_policy
-
-    def spy(cfg, device):
-        tok, policy, ref = real_build(cfg, device)
-        seen["policy"] = policy
-        seen["base0"] = {k: v.clone() for k, v in policy.lm.get_base_model().state_dict().items() if "lora_" not in k}
-        return tok, policy, ref
-
-    monkeypatch.setattr(text_train, "build_policy", spy)
+def test_qlora_trains_through_two_cycles(tmp_path, saved_tiny, kind):
     cfg, _ = resolve_train_config(["--env", "textrl/TargetToken-v0", "--model", str(saved_tiny), "--lora-r", "4",
                                    "--quantization", kind, "--total-steps", "512", "--output-dir", str(tmp_path)])
-    result = train(cfg, quiet=True)
+    run = make_run(cfg, quiet=True)
+    seen = {"policy": run.policy,
+            "base0": {k: v.clone() for k, v in run.policy.lm.get_base_model().state_dict().items() if "lora_" not in k}}
+    result = loop(run)
     policy = seen["policy"]
     layer = policy.lm.get_base_model().transformer.h[0].attn.c_attn.base_layer
     assert type(layer).__name__ == ("Linear8bitLt" if kind == "8bit" else "Linear4bit")

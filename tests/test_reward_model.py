@@ -85,14 +85,12 @@ def test_minilm_reward_model_learns_a_preference_and_plugs_into_the_env(tmp_path
     from transformers import AutoModelForSequenceClassification
 
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
-    from textrl.envs.toy import char_tokenizer
-
     from textrl.cli import resolve_train_config
-    from textrl.text_train import _text_env
+    from textrl.train import make_run
 
     run, _ = resolve_train_config(["--env", "textrl/TargetToken-v0", "--reward-model", str(tmp_path / "rm"),
-                                   "--output-dir", str(tmp_path / "run")])
-    env = _text_env(run, char_tokenizer(), torch.device("cpu"), num_envs=4)
+                                   "--num-envs", "4", "--num-minibatches", "1", "--output-dir", str(tmp_path / "run")])
+    env = make_run(run, quiet=True).envs
     assert env.unwrapped.scorer is not None and isinstance(env.unwrapped.scorer, TrainedRewardScorer)
     happy, sad = scorer(["Tell me about the zoo."] * 2, ["The zoo was wonderful and made me smile all day.",
                                                           "The zoo was awful and made me miserable all day."])

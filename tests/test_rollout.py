@@ -7,7 +7,8 @@ import pytest
 import torch
 from gymnasium.vector import AutoresetMode
 
-from textrl.rollout import ActOutput, Collector
+from textrl.collector import Collector
+from textrl.rollout import ActOutput
 
 
 class Counter(gym.Env):

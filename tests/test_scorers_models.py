@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from helpers import rollout as text_rollout
 from textrl.envs import HFRewardModelScorer, KLPenalty, TextGenVectorEnv, load_prompts
 from textrl.envs.toy import char_tokenizer, tiny_gpt2
 
-from textrl.decoding import sequence_logprobs
 from textrl.kl_control import AdaptiveKLController
-from textrl.models import disable_dropout, load_causal_lm, load_tokenizer, minilm_path
-from textrl.text_rollout import text_rollout
+from textrl.lm.decoding import sequence_logprobs
+from textrl.lm.models import disable_dropout, load_causal_lm, load_tokenizer, minilm_path
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_hf_reward_model_scorer_has_its_own_tokenizer_and_is_batch_invariant(tok
     # plugged into the env: a char-level policy tokenizer, a WordPiece reward tokenizer
     env = TextGenVectorEnv(4, tok, prompts, minilm_scorer, max_new_tokens=4)
     ro = text_rollout(env, tiny_gpt2(len(tok)), seed=0)
-    completions = tok.batch_decode([t[m].tolist() for t, m in zip(ro.tokens, ro.mask, strict=True)],
+    completions = tok.batch_decode([t[m].tolist() for t, m in zip(ro.tokens, ro.action_mask, strict=True)],
                                    skip_special_tokens=True)
     expected = minilm_scorer([prompts[i] for i in ro.prompt_index.tolist()], completions)
     torch.testing.assert_close(ro.scores, expected, atol=1e-5, rtol=0)
@@ -67,8 +67,8 @@ def test_token_level_scorer_matches_the_text_path(tok):
                                 max_new_tokens=12)
     token_env = TextGenVectorEnv(8, tok, prompts, CountToken(target, text_env.max_prompt_tokens), max_new_tokens=12)
     policy = tiny_gpt2(len(tok))
-    a = text_rollout(text_env, policy, seed=4, generator=torch.Generator().manual_seed(1))
-    b = text_rollout(token_env, policy, seed=4, generator=torch.Generator().manual_seed(1))
+    a = text_rollout(text_env, policy, seed=4, rng=torch.Generator().manual_seed(1))
+    b = text_rollout(token_env, policy, seed=4, rng=torch.Generator().manual_seed(1))
     assert torch.equal(a.tokens, b.tokens)
     torch.testing.assert_close(a.scores, b.scores)
     assert a.scores.sum() > 0
@@ -115,5 +115,5 @@ def test_smollm2_offline_cached_logprobs_match_parallel_forward():
     assert torch.all(ro.kl == 0)  # the reference is a copy of the policy
     full = sequence_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1], 0.8)
     # 30 fp32 layers: measured max |diff| 2e-5 (summation order of cached vs parallel attention); tiny models meet 1e-5
-    torch.testing.assert_close(ro.logprobs[ro.mask], full[ro.mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ro.logprobs[ro.action_mask], full[ro.action_mask], atol=1e-4, rtol=0)
     assert (ro.prompt_mask == 0).any()  # prompts of different lengths: left padding exercised

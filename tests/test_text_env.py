@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
+from helpers import rollout as text_rollout
 from textrl.envs import KLPenalty, TextGenVectorEnv
 from textrl.envs.toy import char_tokenizer, tiny_gpt2
 
 import textrl  # noqa: F401  (registers textrl/TextGen-v0)
-from textrl.decoding import sequence_logprobs
+from textrl.lm.decoding import sequence_logprobs
 from textrl.losses import kl_estimate
-from textrl.text_rollout import text_rollout
 
 PROMPTS = ["hi", "hello there", "a", "what is the answer?", "good day, friend", "ok"]
 
@@ -45,14 +45,14 @@ def make_env(tok, B=6, T=24, scorer=length_scorer, **kw):
 def test_cached_logprobs_equal_one_parallel_forward(tok, models, temperature):
     policy, ref = models
     env = KLPenalty(make_env(tok), ref, kl_coef=0.1, temperature=temperature)
-    ro = text_rollout(env, policy, temperature=temperature, seed=3, generator=torch.Generator().manual_seed(0))
-    lengths = ro.mask.sum(1)
+    ro = text_rollout(env, policy, temperature=temperature, seed=3, rng=torch.Generator().manual_seed(0))
+    lengths = ro.action_mask.sum(1)
     assert ro.terminated.any() and len(set(lengths.tolist())) > 2  # left padding + rows ending at different times
     assert (ro.prompt_mask == 0).any()
     P = ro.prompt_ids.shape[1]
     for model, cached in ((ref, ro.ref_logprobs), (policy, ro.logprobs)):
         full = sequence_logprobs(model, ro.input_ids, ro.attention_mask, P, temperature)
-        torch.testing.assert_close(cached[ro.mask], full[ro.mask], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached[ro.action_mask], full[ro.action_mask], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
@@ -68,10 +68,10 @@ def test_sequence_reference_pass_equals_the_per_token_one(tok, models, estimator
     for mode in ("per_token", "sequence"):
         calls.clear()
         env = KLPenalty(make_env(tok), ref, kl_coef=0.3, estimator=estimator, temperature=0.8, reference_pass=mode)
-        batches.append(text_rollout(env, policy, temperature=0.8, seed=3, generator=torch.Generator().manual_seed(0)))
+        batches.append(text_rollout(env, policy, temperature=0.8, seed=3, rng=torch.Generator().manual_seed(0)))
         n_calls = len(calls)
     a, b = batches
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask) and a.terminated.any()
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.action_mask, b.action_mask) and a.terminated.any()
     for name in ("ref_logprobs", "kl", "rewards"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=0, msg=name)
     assert n_calls == 1  # 6 rows: one chunk, one forward
@@ -87,7 +87,7 @@ def test_reference_runs_one_token_per_step(tok, models):
                               with_kwargs=True)
     env = KLPenalty(make_env(tok, T=10, scorer=length_scorer), ref)
     ro = text_rollout(env, policy, seed=0)
-    steps = int(ro.mask.any(0).sum())
+    steps = int(ro.action_mask.any(0).sum())
     assert shapes[0][1] > 1  # one prefill over the prompts
     assert shapes[1:] == [(6, 1)] * (steps - 1)  # then one token per row per step, none after the last
 
@@ -97,15 +97,15 @@ def test_kl_is_zero_when_policy_is_reference_and_rewards_are_score_at_last_token
     env = KLPenalty(make_env(tok), copy.deepcopy(policy), kl_coef=0.5)
     ro = text_rollout(env, policy, seed=1)
     assert torch.all(ro.kl == 0)
-    last = ro.mask.long().cumsum(1).argmax(1)  # index of each row's last real token
+    last = ro.action_mask.long().cumsum(1).argmax(1)  # index of each row's last real token
     expected = torch.zeros_like(ro.rewards)
     expected[torch.arange(6), last] = ro.scores
     torch.testing.assert_close(ro.rewards, expected)
     # the score is the scorer's: completion length in characters (EOS is not decoded)
-    decoded = tok.batch_decode([t[m].tolist() for t, m in zip(ro.tokens, ro.mask, strict=True)], skip_special_tokens=True)
+    decoded = tok.batch_decode([t[m].tolist() for t, m in zip(ro.tokens, ro.action_mask, strict=True)], skip_special_tokens=True)
     assert ro.scores.tolist() == [float(len(d)) for d in decoded]
-    assert torch.all(ro.tokens[~ro.mask] == tok.pad_token_id)  # padding after the end
-    assert torch.all(ro.rewards[~ro.mask] == 0)
+    assert torch.all(ro.tokens[~ro.action_mask] == tok.pad_token_id)  # padding after the end
+    assert torch.all(ro.rewards[~ro.action_mask] == 0)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -114,7 +114,7 @@ def test_kl_reward_sign_and_size(tok, models, estimator):
     beta = 0.2
     env = KLPenalty(make_env(tok), ref, kl_coef=beta, estimator=estimator)
     ro = text_rollout(env, policy, seed=2)
-    m = ro.mask
+    m = ro.action_mask
     hand = kl_estimate(ro.logprobs, ro.ref_logprobs, estimator)
     torch.testing.assert_close(ro.kl[m], hand[m])
     if estimator == "k1":
@@ -124,11 +124,11 @@ def test_kl_reward_sign_and_size(tok, models, estimator):
 
 def test_same_seed_same_prompts_and_samples(tok, models):
     policy, ref = models
-    runs = [text_rollout(KLPenalty(make_env(tok), ref), policy, seed=5, generator=torch.Generator().manual_seed(9))
+    runs = [text_rollout(KLPenalty(make_env(tok), ref), policy, seed=5, rng=torch.Generator().manual_seed(9))
             for _ in range(2)]
     assert torch.equal(runs[0].prompt_index, runs[1].prompt_index)
     assert torch.equal(runs[0].tokens, runs[1].tokens)
-    other = text_rollout(KLPenalty(make_env(tok), ref), policy, seed=6, generator=torch.Generator().manual_seed(9))
+    other = text_rollout(KLPenalty(make_env(tok), ref), policy, seed=6, rng=torch.Generator().manual_seed(9))
     assert not torch.equal(runs[0].prompt_index, other.prompt_index)
 
 
@@ -137,7 +137,7 @@ def test_reset_mask_resets_only_masked_rows(tok):
     obs, _ = env.reset(seed=0)
     a = torch.full((4,), tok.convert_tokens_to_ids("a"))
     env.step(a)
-    env.step(a)
+    obs, *_ = env.step(a)  # observations are copies: the latest one holds the two tokens
     before = obs["input_ids"].clone()
     mask = np.array([True, False, True, False])
     obs, info = env.reset(options={"reset_mask": mask})
@@ -253,16 +253,15 @@ def test_partial_reset_keeps_the_reference_state_of_running_rows(tok, models):
     for _ in range(3):
         env.step({"token": a, "logprob": torch.zeros(4)})
     before = env.ref.next_logits.clone()
-    env.reset(options={"reset_mask": np.array([True, False, True, False])})
+    obs, _ = env.reset(options={"reset_mask": np.array([True, False, True, False])})
     torch.testing.assert_close(env.ref.next_logits[[1, 3]], before[[1, 3]], atol=1e-5, rtol=0)
     fresh = KLPenalty(make_env(tok, B=4, T=8), ref)
-    obs = env.env.unwrapped._obs()
     fresh_logits = fresh.ref.prefill(obs["input_ids"][[0, 2]], obs["attention_mask"][[0, 2]])
     torch.testing.assert_close(env.ref.next_logits[[0, 2]], fresh_logits, atol=1e-5, rtol=0)
 
 
 def test_top_k_and_top_p_restrict_sampling():
-    from textrl.text_rollout import sample_from_logits
+    from textrl.lm.sampling import sample_from_logits
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers import rollout as text_rollout
 from safetensors.torch import load_file
 from textrl.agents.ppo import PPO, PPOConfig
 from textrl.envs import KLPenalty
@@ -15,9 +16,18 @@ from textrl.envs.toy import char_tokenizer, target_token_env, tiny_gpt2
 
 import textrl  # noqa: F401
 from textrl.cli import resolve_train_config
-from textrl.lm_policy import LMActorCritic, add_lora
-from textrl.text_rollout import TextRollout, text_rollout
-from textrl.train import train
+from textrl.lm.build import build_policy
+from textrl.lm.policy import LMActorCritic, add_lora
+from textrl.loop import loop
+from textrl.parallel import Learner, Reducer
+from textrl.rollout import TokenRollout
+from textrl.train import make_run, train
+
+
+def ppo(config, policy):
+    """A PPO agent on ``policy`` and the learner that updates it (single process, plain torch)."""
+    agent = PPO(config, policy)
+    return agent, Learner.for_agent(agent)
 
 
 def toy_cfg(tmp_path, *flags):
@@ -46,21 +56,11 @@ def test_ppo_raises_the_toy_reward(tmp_path):
     assert "**Before:**" in (tmp_path / "samples.md").read_text()
 
 
-def test_frozen_reference_is_bitwise_unchanged_and_policy_moves(tmp_path, monkeypatch):
-    from textrl import text_train
-
-    seen = {}
-    real_build = text_train.build_policy
-
-    def spy(cfg, device):
-        tok, policy, ref = real_build(cfg, device)
-        seen["ref"], seen["ref0"] = ref, copy.deepcopy(ref.state_dict())
-        seen["policy0"] = copy.deepcopy(policy.lm.state_dict())
-        seen["policy"] = policy
-        return tok, policy, ref
-
-    monkeypatch.setattr(text_train, "build_policy", spy)
-    train(toy_cfg(tmp_path, "--total-steps", "512"), quiet=True)
+def test_frozen_reference_is_bitwise_unchanged_and_policy_moves(tmp_path):
+    run = make_run(toy_cfg(tmp_path, "--total-steps", "512"), quiet=True)
+    seen = {"ref": run.reference, "ref0": copy.deepcopy(run.reference.state_dict()),
+            "policy0": copy.deepcopy(run.policy.lm.state_dict()), "policy": run.policy}
+    loop(run)
     for k, v in seen["ref"].state_dict().items():
         assert torch.equal(v, seen["ref0"][k]), k
     assert not seen["ref"].training and not any(p.requires_grad for p in seen["ref"].parameters())
@@ -80,10 +80,10 @@ def test_lora_reference_is_the_policy_with_adapters_off(tmp_path):
     env = KLPenalty(target_token_env(8, tok), ref, kl_coef=0.01)
     ro = text_rollout(env, policy.lm, seed=0)
     assert torch.all(ro.kl == 0)  # LoRA B starts at 0: adapters off == on
-    agent = PPO(env, PPOConfig(learning_rate=1e-2, num_minibatches=2), policy=policy)
-    agent.update(ro, 1.0)
+    agent, learner = ppo(PPOConfig(learning_rate=1e-2, num_minibatches=2), policy)
+    learner.update(agent, ro, 1.0)
     ro2 = text_rollout(env, policy.lm, seed=0)
-    assert ro2.kl[ro2.mask].abs().sum() > 0  # the adapters moved the policy away from the reference
+    assert ro2.kl[ro2.action_mask].abs().sum() > 0  # the adapters moved the policy away from the reference
     for k, v in policy.lm.get_base_model().state_dict().items():
         if "lora_" not in k:
             assert torch.equal(v, frozen0[k.replace("base_layer.", "")]), k
@@ -93,7 +93,7 @@ def test_lora_reference_is_the_policy_with_adapters_off(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def _pad_rollout(ro: TextRollout, left: int, right: int, pad: int) -> TextRollout:
+def _pad_rollout(ro: TokenRollout, left: int, right: int, pad: int) -> TokenRollout:
     """The same batch with extra all-padding prompt columns on the left and response columns on the right."""
     B = ro.tokens.shape[0]
 
@@ -102,10 +102,10 @@ def _pad_rollout(ro: TextRollout, left: int, right: int, pad: int) -> TextRollou
         parts += [x] + ([torch.full((B, n_right), fill, dtype=x.dtype)] if n_right else [])
         return torch.cat(parts, 1)
 
-    return TextRollout(cat(ro.prompt_ids, left, fill=pad), cat(ro.prompt_mask, left), cat(ro.tokens, 0, right, pad),
-                       cat(ro.mask, 0, right, False), cat(ro.logprobs, 0, right), cat(ro.ref_logprobs, 0, right),
-                       cat(ro.rewards, 0, right), ro.scores, cat(ro.kl, 0, right), cat(ro.terminated, 0, right, False),
-                       cat(ro.truncated, 0, right, False), ro.prompt_index)
+    return TokenRollout(cat(ro.input_ids, left, right, pad), cat(ro.attention_mask, left, right),
+                        ro.response_start + left, cat(ro.action_mask, 0, right, False), cat(ro.logprobs, 0, right),
+                        cat(ro.ref_logprobs, 0, right), cat(ro.rewards, 0, right), ro.scores, cat(ro.kl, 0, right),
+                        cat(ro.terminated, 0, right, False), cat(ro.truncated, 0, right, False), ro.prompt_index)
 
 
 def test_update_is_invariant_to_padding():
@@ -116,9 +116,9 @@ def test_update_is_invariant_to_padding():
     results = []
     for padded in (ro, _pad_rollout(ro, left=3, right=5, pad=tok.pad_token_id)):
         p = copy.deepcopy(policy)
-        agent = PPO(env, PPOConfig(num_minibatches=1, num_epochs=2), policy=p)
+        agent, learner = ppo(PPOConfig(num_minibatches=1, num_epochs=2), p)
         torch.manual_seed(0)
-        stats = agent.update(padded, 1.0)
+        stats = learner.update(agent, padded, 1.0)
         results.append((stats, {k: v.detach().clone() for k, v in p.named_parameters()}))
     (s1, w1), (s2, w2) = results
     for key in ("losses/policy", "losses/value", "policy/entropy", "value/explained_variance"):
@@ -184,8 +184,6 @@ def test_backward_and_clipping_go_through_accelerate(tmp_path, monkeypatch):
 def test_separate_value_model_from_the_policy_or_a_path(tmp_path):
     """value_model: "policy" = a trainable copy of the policy's trunk; a path = a critic loaded from there;
     the policy's own weights are not the critic's, and the checkpoint holds the critic in HF layout."""
-    from textrl.text_train import build_policy
-
     cfg = toy_cfg(tmp_path / "run", "--value-model", "policy", "--total-steps", "512", "--lora-r", "4")
     tokenizer, policy, _ = build_policy(cfg, torch.device("cpu"))
     assert policy.critic is not None
@@ -219,24 +217,30 @@ def test_text_episodes_never_bootstrap_past_the_paid_score():
     torch.nn.init.constant_(policy.value_head.bias, 5.0)  # V ≡ 5 everywhere: a bootstrap would show
     ro = text_rollout(env, policy.lm, seed=0)
     assert ro.truncated.any()  # most toy completions run to max_new_tokens
-    agent = PPO(env, PPOConfig(num_minibatches=1, gae_lambda=1.0), policy=policy)
-    data, _ = agent._prepare_text(ro)
-    last = ro.mask.long().cumsum(1).argmax(1)  # index of each row's last real token
+    agent = PPO(PPOConfig(num_minibatches=1, gae_lambda=1.0), policy)
+    data, _ = agent.prepare(ro, Reducer())
+    last = ro.action_mask.long().cumsum(1).argmax(1)  # index of each row's last real token
     rows = torch.arange(8)
     torch.testing.assert_close(data["returns"][rows, last], ro.rewards[rows, last])
     # λ = 1, γ = 1: every return is the sum of the rewards still to come (the score), at every token
     future = ro.rewards.flip(1).cumsum(1).flip(1)
-    torch.testing.assert_close(data["returns"][ro.mask], future[ro.mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(data["returns"][ro.action_mask], future[ro.action_mask], atol=1e-5, rtol=1e-5)
 
 
 def test_evaluation_averages_several_answers_per_prompt(tmp_path):
     """eval_generations = k: each held-out prompt's score is the mean of k answers; the SE is over prompts."""
-    from textrl.text_train import build_policy, evaluate
+    from textrl.envs.toy import TOY_EVAL_PROMPTS
+
+    from textrl.lm.build import build_text_env
+    from textrl.lm.evaluate import evaluate_heldout
+
+    def evaluate(cfg, policy, ref, tok, device, prompts, samples):
+        env = build_text_env(cfg, tok, device).unwrapped
+        return evaluate_heldout(env, policy.lm, ref, tok, prompts, sampling=cfg.sampling, kl=cfg.kl,
+                                generations=cfg.eval.generations, samples=samples, seed=cfg.seed, device=device)
 
     cfg = toy_cfg(tmp_path, "--eval-generations", "3")
     tok, policy, ref = build_policy(cfg, torch.device("cpu"))
-    from textrl.envs.toy import TOY_EVAL_PROMPTS
-
     res = evaluate(cfg, policy, ref, tok, torch.device("cpu"), list(TOY_EVAL_PROMPTS), 2)
     assert len(res.scores) == len(TOY_EVAL_PROMPTS) and len(res.samples) == 2
     s = torch.tensor(res.scores, dtype=torch.float64)

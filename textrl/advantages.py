@@ -3,7 +3,9 @@
 Shapes: ``B`` rows (parallel environments or sequences) × ``T`` steps. Every function takes a boolean
 ``mask`` ``[B, T]`` (True = a real transition) and keeps ``terminated`` (the episode reached a terminal
 state: nothing follows, V = 0) apart from ``truncated`` (the episode was cut by a time/length limit: the
-state after it still has value, so we bootstrap from it). Bootstrapping is decided here and nowhere else.
+state after it may still have value). Whether a truncated step bootstraps is decided in :func:`gae` and
+nowhere else, from what the rollout says of its env (``Rollout.bootstrap_truncated``: yes for classic envs;
+no for text envs, whose score is paid at the last token however the episode ended).
 """
 
 from __future__ import annotations
@@ -33,14 +35,16 @@ def gae(
     mask: torch.Tensor,
     gamma: float,
     lam: float,
+    bootstrap_truncated: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised Advantage Estimation (Schulman et al. 2016, arXiv:1506.02438).
 
-    δ_t = r_t + γ·(1 − terminated_t)·V(s_{t+1}) − V(s_t)
+    δ_t = r_t + γ·(1 − terminal_t)·V(s_{t+1}) − V(s_t)
     Â_t = δ_t + γλ·(1 − end_t)·Â_{t+1},   end_t = terminated_t ∨ truncated_t
 
-    So a terminated step never bootstraps; a truncated step bootstraps from ``next_values`` (the value of
-    the state the limit cut off) but does not chain into the next episode. Masked-out steps (padding, or
+    terminal_t = terminated_t, or end_t when ``bootstrap_truncated`` is False. So a terminated step never
+    bootstraps; a truncated step bootstraps from ``next_values`` (the value of the state the limit cut off)
+    unless the env already paid everything at that step (text envs), and never chains into the next episode. Masked-out steps (padding, or
     the dead step of a next-step autoreset) get Â = 0 and pass the running Â through unchanged, so they
     neither add to nor break the chain; their inputs are never read (they may hold NaN).
 
@@ -48,6 +52,7 @@ def gae(
         rewards, values, next_values: float ``[B, T]``; ``next_values[:, t]`` = V(s_{t+1}) as step t saw it.
         terminated, truncated, mask: bool ``[B, T]``.
         gamma: discount γ in [0, 1]. lam: GAE λ in [0, 1] (0 → one-step TD, 1 → Monte-Carlo).
+        bootstrap_truncated: whether a truncated step's next state still has value (see above).
 
     Returns:
         ``(advantages, returns)``, both ``[B, T]``, with returns = advantages + values, 0 where masked.
@@ -66,7 +71,8 @@ def gae(
     # Read nothing from masked positions: replace them before any arithmetic.
     r = torch.where(mask, rewards, zero)
     v = torch.where(mask, values, zero)
-    nv = torch.where(mask & ~terminated, next_values, zero)  # terminal states are worth 0
+    terminal = terminated if bootstrap_truncated else terminated | truncated
+    nv = torch.where(mask & ~terminal, next_values, zero)  # terminal states are worth 0
     delta = r + gamma * nv - v  # (B, T)
     carry = (~(terminated | truncated)).to(rewards.dtype) * (gamma * lam)  # (B, T) chain weight
 

@@ -19,29 +19,46 @@ import sys
 from typing import Any
 
 from textrl.config import (
+    SECTIONS,
     TrainConfig,
     coerce_field,
     default_config_path,
     field_docs,
     from_dict,
     load_yaml,
+    nest_run_fields,
     preset_for,
+    section_flat,
 )
-from textrl.distributed import end
+from textrl.parallel.distributed import end
 
 __all__ = ["main", "resolve_train_config"]
 
-_RUN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "agent_config"]
+#: TrainConfig's own fields that are flags (the sections' fields are flags under their flat names)
+_RUN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("agent_config", *SECTIONS)]
+#: agent fields that moved to the run config, with where they went
+_MOVED = {"beta": "beta (GRPO's KL weight) is now the run's kl.coef, one β for every agent: use --kl-coef "
+                  "(YAML: kl: {coef: ...})"}
 
 
-def _layer(data: dict[str, Any], agent: str, known_agents: set[str]) -> tuple[dict, dict]:
-    """Split one YAML layer into (run fields, agent fields); sections named after other agents are dropped."""
+def _split_layer(data: dict[str, Any], agent: str) -> tuple[dict, dict]:
+    """Split one YAML layer into (run fields with sections nested, agent fields): the agent's section is read
+    under any of its names (``reinforce++`` or ``reinforce_pp``); sections named after other agents are dropped."""
+    from textrl.agents.base import AGENTS, ALIASES, canonical_agent
+
     data = dict(data)
     agent_fields = dict(data.pop("agent_config", None) or {})
-    agent_fields.update(data.pop(agent, None) or {})
-    for other in known_agents:
-        data.pop(other, None)
-    return data, agent_fields
+    for name in [*AGENTS, *ALIASES]:
+        section = data.pop(name, None)
+        if canonical_agent(name) == agent:
+            agent_fields.update(section or {})
+    return nest_run_fields(data), agent_fields
+
+
+def _merge(run: dict[str, Any], layer: dict[str, Any]) -> None:
+    """Later layers win, field by field inside the sections too."""
+    for key, value in layer.items():
+        run[key] = {**run.get(key, {}), **value} if key in SECTIONS else value
 
 
 def _prescan(argv: list[str]) -> argparse.Namespace:
@@ -70,7 +87,7 @@ def resolve_train_config(argv: list[str]) -> tuple[TrainConfig, bool]:
     Layers, later wins: dataclass defaults < env preset < CONFIG file (or the run's config.yaml with
     --resume) < command-line flags.
     """
-    from textrl.agents.base import AGENTS, agent_class
+    from textrl.agents.base import agent_class, canonical_agent
     from textrl.train import config_from_run_dir
 
     pre = _prescan(argv)
@@ -86,24 +103,35 @@ def resolve_train_config(argv: list[str]) -> tuple[TrainConfig, bool]:
         file_data = load_yaml(default_config_path())
     else:
         file_data = {}
-    agent = pre.agent or file_data.get("agent") or TrainConfig.agent
+    agent = canonical_agent(pre.agent or file_data.get("agent") or TrainConfig.agent)
     env = pre.env or file_data.get("env") or TrainConfig.env
     agent_cls = agent_class(agent)  # unknown agent -> clear ValueError before anything else
 
+    for token in argv:  # flags of fields that moved say where they went
+        moved = token[2:].partition("=")[0] if token.startswith("--") else ""
+        if moved in _MOVED:
+            raise ValueError(f"--{moved}: {_MOVED[moved]}")
     parser = _train_parser(agent_cls.config_class)
     args = parser.parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume", "num_processes")}
 
-    known = set(AGENTS)
-    run, agent_fields = {}, {}
+    run: dict[str, Any] = {}
+    agent_fields: dict[str, Any] = {}
     for layer in (preset_for(env), file_data):
-        r, a = _layer(layer, agent, known)
-        run.update(r)
+        r, a = _split_layer(layer, agent)
+        _merge(run, r)
         agent_fields.update(a)
     agent_names = {f.name for f in dataclasses.fields(agent_cls.config_class)}
     for key, value in flags.items():
-        (run if key in _RUN_FIELDS else agent_fields)[key] = value
+        section, _, name = key.partition(".")
+        if name:
+            run.setdefault(section, {})[name] = value
+        else:
+            (run if key in _RUN_FIELDS else agent_fields)[key] = value
     unknown = sorted(set(agent_fields) - agent_names)
+    for key in unknown:
+        if key in _MOVED:
+            raise ValueError(f"agent_config: {_MOVED[key]}")
     if unknown:
         raise ValueError(f"agent_config: {agent} has no field(s) {unknown}; its fields are {sorted(agent_names)}")
     run["agent"], run["env"] = agent, env
@@ -122,30 +150,35 @@ def _field_type(cls: type, name: str):
     return convert
 
 
+def _add_fields(group: argparse._ArgumentGroup, cls: type, section: str | None = None,
+                skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of dataclass ``cls`` (a section's fields under their flat names), with its doc."""
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flat = section_flat(section, f.name) if section else f.name
+        default = f.default if f.default is not dataclasses.MISSING else "{}"
+        names = [f"--{flat.replace('_', '-')}"] + ([f"--{flat}"] if "_" in flat else [])
+        group.add_argument(*names, dest=f"{section}.{f.name}" if section else f.name, metavar="V", default=None,
+                           type=_field_type(cls, f.name), help=f"{docs.get(f.name, '')} (default: {default})")
+
+
 def _train_parser(agent_config_cls: type) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="textrl train",
-        description="Train an agent on a Gymnasium env. Any config field can be given as --field-name VALUE.",
+        prog="textrl train", allow_abbrev=False,
+        description="Train an agent on a Gymnasium env. Any config field can be given as --field-name VALUE "
+                    "(the fields of the model, sampling, kl and eval sections by the names shown below).",
     )
     parser.add_argument("config", nargs="?", help="YAML config; default: the embedded default experiment")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     _add_num_processes(parser)
-    run_group = parser.add_argument_group("run (TrainConfig)")
-    agent_group = parser.add_argument_group(f"agent ({agent_config_cls.__name__})")
-    seen: set[str] = set()
-    for cls, group in ((TrainConfig, run_group), (agent_config_cls, agent_group)):
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            if f.name == "agent_config" or f.name in seen:
-                continue
-            seen.add(f.name)
-            default = f.default if f.default is not dataclasses.MISSING else "{}"
-            names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-            group.add_argument(
-                *names, dest=f.name, metavar="V", default=None,
-                type=_field_type(cls, f.name),
-                help=f"{docs.get(f.name, '')} (default: {default})",
-            )
+    _add_fields(parser.add_argument_group("run (TrainConfig)"), TrainConfig, skip=("agent_config", *SECTIONS))
+    for section, cls in SECTIONS.items():
+        _add_fields(parser.add_argument_group(f"{section} ({cls.__name__}; YAML: {section}: {{...}})"), cls, section)
+    agent_fields = [f.name for f in dataclasses.fields(agent_config_cls)]
+    clash = [n for n in agent_fields if n in _RUN_FIELDS]
+    _add_fields(parser.add_argument_group(f"agent ({agent_config_cls.__name__})"), agent_config_cls, skip=tuple(clash))
     return parser
 
 
@@ -161,17 +194,12 @@ def _train_rm(argv: list[str]) -> int:
     from textrl.reward_model import RewardModelConfig, train_reward_model
 
     parser = argparse.ArgumentParser(
-        prog="textrl train-rm",
+        prog="textrl train-rm", allow_abbrev=False,
         description="Train a Bradley–Terry reward model from preference pairs (JSONL rows with prompt, chosen, "
                     "rejected). Any field can be given as --field-name VALUE.")
     parser.add_argument("config", nargs="?", help="YAML file with any of the fields below")
     _add_num_processes(parser)
-    group = parser.add_argument_group("reward model (RewardModelConfig)")
-    docs = field_docs(RewardModelConfig)
-    for f in dataclasses.fields(RewardModelConfig):
-        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        group.add_argument(*names, dest=f.name, metavar="V", default=None, type=_field_type(RewardModelConfig, f.name),
-                           help=f"{docs.get(f.name, '')} (default: {f.default})")
+    _add_fields(parser.add_argument_group("reward model (RewardModelConfig)"), RewardModelConfig)
     args = parser.parse_args(argv)
     values = dict(load_yaml(args.config)) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k not in ("config", "num_processes") and v is not None})

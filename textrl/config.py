@@ -1,9 +1,15 @@
-"""Configs are dataclasses: one for the run (:class:`TrainConfig`), one per agent.
+"""Configs are dataclasses: one for the run (:class:`TrainConfig`, with its text-only fields in sections by
+concern — :class:`ModelConfig`, :class:`SamplingConfig`, :class:`KLConfig`, :class:`EvalConfig`) and one per
+agent.
 
 Resolution order, later wins: dataclass defaults < the env's preset (``experiments/presets/<env>.yaml``)
 < the YAML file given on the command line < ``--flags``. The resolved config is written to the run dir
 as ``config.yaml`` and is what ``--resume`` reads back. Field docstrings (the string literal under a
 field) become the ``--help`` text.
+
+In YAML a section is a mapping (``kl: {coef: 0.1}``); each section field also has a flat name, which is its
+command-line flag and is accepted in YAML too (``kl_coef: 0.1``, the layout of configs written before the
+sections existed): :data:`FLAT_KEYS` maps one to the other.
 """
 
 from __future__ import annotations
@@ -17,13 +23,135 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from textrl.validate import finite_number, non_negative_int, one_of, optional_positive, positive_int
+
 __all__ = [
-    "TrainConfig", "coerce_field", "field_docs", "from_dict", "to_dict", "load_yaml", "preset_for", "default_config_path",
+    "TrainConfig", "ModelConfig", "SamplingConfig", "KLConfig", "EvalConfig", "SECTIONS", "FLAT_KEYS",
+    "nest_run_fields", "section_flat", "coerce_field", "field_docs", "from_dict", "to_dict", "load_yaml", "preset_for",
+    "default_config_path",
 ]
+
+
+@dataclass
+class ModelConfig:
+    """Text runs: the policy model and the other models of RLHF."""
+
+    name: str | None = None
+    """Policy model (HF name or path, or the offline "smollm2-135m-instruct"); null = the env's default."""
+    lora_r: int = 0
+    """LoRA rank (0 = train the full model). With LoRA the reference is the policy with adapters off."""
+    lora_alpha: float = 32.0
+    """LoRA alpha (scale = alpha / r)."""
+    lora_targets: tuple[str, ...] = ()
+    """Module names to adapt; empty = peft's default for the architecture."""
+    quantization: str | None = None
+    """Load the frozen base weights in "8bit" or "4bit" (nf4) with bitsandbytes (QLoRA: needs lora_r > 0)."""
+    value_model: str = "head"
+    """Where V(s) comes from (agents with a critic). "head" = a scalar head on the policy's trunk (one model
+    copy); "policy" = a separate critic initialised from the policy's base weights (fully trained, one more
+    copy); any other value = a model name or path (e.g. a trained reward model) to initialise the critic
+    from — it must use the policy's tokenizer."""
+    reward_model: str | None = None
+    """Score completions with a reward model saved by `textrl train-rm` (its directory), replacing the env's
+    own scorer; its stored gain and bias apply."""
+    bf16: bool = False
+    """bf16 autocast for the update (about 2x faster on CPUs with avx512_bf16/AMX; rollouts stay fp32). Off by
+    default: in bf16 a small LoRA update is rounded away inside an update, so the PPO ratio stays 1, clipping
+    never acts and the policy drifts across updates (seen on SmolLM2 + LoRA r16)."""
+
+    flat: ClassVar[dict[str, str]] = {"name": "model"}
+
+    def __post_init__(self) -> None:
+        non_negative_int("lora_r", self.lora_r)
+        finite_number("lora_alpha", self.lora_alpha, minimum=0)
+        self.lora_targets = tuple(self.lora_targets)
+        one_of("quantization", self.quantization, (None, "8bit", "4bit"))
+        if self.quantization and self.lora_r <= 0:
+            raise ValueError(f"quantization={self.quantization!r} freezes the base weights, so the policy needs LoRA "
+                             f"adapters to train: set lora_r > 0 (e.g. --lora-r 16), got lora_r={self.lora_r}")
+
+
+@dataclass
+class SamplingConfig:
+    """Text runs: how completions are sampled. Every log-prob (policy, reference, update) is of logits / temperature."""
+
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 = off)."""
+    min_new_tokens: int = 0
+    """Forbid the stop token for the first this many tokens of a completion (as generate's min_new_tokens)."""
+
+    flat: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        finite_number("temperature", self.temperature, minimum=0)
+        non_negative_int("top_k", self.top_k)
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        non_negative_int("min_new_tokens", self.min_new_tokens)
+
+
+@dataclass
+class KLConfig:
+    """Text runs: the KL to the reference policy. β (``coef``) is one number for every agent: the per-token
+    penalty −β·(log π − log π_ref) in the reward (PPO, RLOO, REINFORCE++) or the weight of a KL loss term (GRPO)."""
+
+    coef: float = 0.05
+    """β (the initial β if target is set)."""
+    target: float | None = None
+    """Target KL per completion for the adaptive controller (Ziegler et al. 2019); null = fixed β."""
+    horizon: int = 10_000
+    """Adaptive controller horizon, in completions."""
+    estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1, k2 or k3."""
+    reference_pass: str = "sequence"
+    """How the reference's log-probs are computed: "sequence" = one parallel forward after each rollout
+    (cheaper); "per_token" = stepping with the env in its own KV cache. The batches are equal."""
+
+    flat: ClassVar[dict[str, str]] = {"coef": "kl_coef", "target": "kl_target", "horizon": "kl_horizon",
+                                      "estimator": "kl_estimator"}
+
+    def __post_init__(self) -> None:
+        finite_number("kl_coef", self.coef, minimum=0, strict=False)
+        optional_positive("kl_target", self.target)
+        positive_int("kl_horizon", self.horizon)
+        if self.estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.estimator!r}")
+        if self.reference_pass not in ("sequence", "per_token"):
+            raise ValueError(f"reference_pass must be 'sequence' or 'per_token', got {self.reference_pass!r}")
+
+
+@dataclass
+class EvalConfig:
+    """Text runs: the held-out evaluation before and after training."""
+
+    generations: int = 1
+    """Answers sampled per held-out prompt; a prompt's score is their mean (more answers shrink the sampling
+    noise of the before/after comparison)."""
+    samples: int = 4
+    """Held-out prompts quoted in samples.md (before and after training)."""
+
+    flat: ClassVar[dict[str, str]] = {"generations": "eval_generations", "samples": "eval_samples"}
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.generations, int) or isinstance(self.generations, bool) or self.generations < 1:
+            raise ValueError(f"eval_generations must be an integer >= 1, got {self.generations!r}")
+        non_negative_int("eval_samples", self.samples)
+
+
+#: the run config's sections, by their key in TrainConfig and in YAML
+SECTIONS: dict[str, type] = {"model": ModelConfig, "sampling": SamplingConfig, "kl": KLConfig, "eval": EvalConfig}
+#: flat name (flag, legacy YAML key) -> (section, field)
+FLAT_KEYS: dict[str, tuple[str, str]] = {
+    cls.flat.get(f.name, f.name): (key, f.name) for key, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+}
 
 
 @dataclass
@@ -33,7 +161,7 @@ class TrainConfig:
     env: str = "CartPole-v1"
     """Gymnasium env id (built-in, textrl/…, or any id registered with gymnasium.register)."""
     agent: str = "ppo"
-    """Agent name: one of textrl.agents.AGENTS (ppo …)."""
+    """Agent name: one of textrl.agents.AGENTS (ppo, rloo, grpo, reinforce++ …)."""
     seed: int = 1
     """Seed for torch, numpy, Python and the envs; the same seed gives the same run on CPU."""
     total_steps: int = 100_000
@@ -48,51 +176,14 @@ class TrainConfig:
     """torch device for the agent ("cpu", "cuda", "cuda:1", "auto" = cuda if available)."""
     torch_threads: int | None = None
     """torch.set_num_threads for this run; null keeps torch's default."""
-    # --- text envs (ignored by classic envs) ---
-    model: str | None = None
-    """Text envs: policy model (HF name or path, or the offline "smollm2-135m-instruct"); default: the env's."""
-    lora_r: int = 0
-    """Text envs: LoRA rank (0 = train the full model). With LoRA the reference is the policy with adapters off."""
-    lora_alpha: float = 32.0
-    """Text envs: LoRA alpha (scale = alpha / r)."""
-    lora_targets: tuple[str, ...] = ()
-    """Text envs: module names to adapt; empty = peft's default for the architecture."""
-    reference_pass: str = "sequence"
-    """Text envs: how the reference's log-probs are computed: "sequence" = one parallel forward after each
-    rollout (cheaper); "per_token" = stepping with the env in its own KV cache. The batches are equal."""
-    reward_model: str | None = None
-    """Text envs: score completions with a reward model saved by `textrl train-rm` (its directory), replacing
-    the env's own scorer; its stored gain and bias apply."""
-    value_model: str = "head"
-    """Text envs: where V(s) comes from. "head" = a scalar head on the policy's trunk (one model copy);
-    "policy" = a separate critic initialised from the policy's base weights (fully trained, one more copy);
-    any other value = a model name or path (e.g. a trained reward model) to initialise the critic from —
-    it must use the policy's tokenizer."""
-    quantization: str | None = None
-    """Text envs: load the frozen base weights in "8bit" or "4bit" (nf4) with bitsandbytes (QLoRA: needs lora_r > 0)."""
-    temperature: float = 1.0
-    """Text envs: sampling temperature; every log-prob (policy and reference) is of logits / temperature."""
-    top_k: int = 0
-    """Text envs: sample from the k most likely tokens only (0 = off)."""
-    top_p: float = 1.0
-    """Text envs: nucleus sampling threshold (1 = off)."""
-    kl_coef: float = 0.05
-    """Text envs: β of the per-token penalty −β·(log π − log π_ref) (the initial β if kl_target is set)."""
-    kl_target: float | None = None
-    """Text envs: target KL per completion for the adaptive controller (Ziegler et al. 2019); null = fixed β."""
-    kl_horizon: int = 10_000
-    """Text envs: adaptive controller horizon, in completions."""
-    kl_estimator: str = "k1"
-    """Text envs: per-token KL estimator in the reward: k1, k2 or k3."""
-    bf16: bool = False
-    """Text envs: bf16 autocast for the PPO update (about 2x faster on CPUs with avx512_bf16/AMX; rollouts stay
-    fp32). Off by default: in bf16 a small LoRA update is rounded away inside an update, so the PPO ratio stays
-    1, clipping never acts and the policy drifts across updates (seen on SmolLM2 + LoRA r16)."""
-    eval_generations: int = 1
-    """Text envs: answers sampled per held-out prompt at evaluation; a prompt's score is their mean (more
-    answers shrink the sampling noise of the before/after comparison)."""
-    eval_samples: int = 4
-    """Text envs: held-out prompts quoted in samples.md (before and after training)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Text runs: the policy model, LoRA, quantisation, critic and reward model (see ModelConfig)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Text runs: temperature, top-k, top-p (see SamplingConfig)."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    """Text runs: β and the KL estimator (see KLConfig)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Text runs: the held-out evaluation (see EvalConfig)."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments passed to gymnasium.make_vec for the env."""
     agent_config: dict[str, Any] = field(default_factory=dict)
@@ -103,46 +194,65 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}; e.g. --{_flag(name)} 100000")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
-        if not isinstance(self.eval_generations, int) or self.eval_generations < 1:
-            raise ValueError(f"eval_generations must be an integer >= 1, got {self.eval_generations!r}")
-        if self.reference_pass not in ("sequence", "per_token"):
-            raise ValueError(f"reference_pass must be 'sequence' or 'per_token', got {self.reference_pass!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        if self.quantization not in (None, "8bit", "4bit"):
-            raise ValueError(f"quantization must be null, '8bit' or '4bit', got {self.quantization!r}")
-        if self.quantization and self.lora_r <= 0:
-            raise ValueError(f"quantization={self.quantization!r} freezes the base weights, so the policy needs LoRA "
-                             f"adapters to train: set lora_r > 0 (e.g. --lora-r 16), got lora_r={self.lora_r}")
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0 (0 = no LoRA), got {self.lora_r!r}")
-        if self.torch_threads is not None and self.torch_threads <= 0:
-            raise ValueError(f"torch_threads must be > 0 or null, got {self.torch_threads!r}")
+        non_negative_int("checkpoint_every", self.checkpoint_every)
+        if self.torch_threads is not None:
+            positive_int("torch_threads", self.torch_threads)
+        for key, cls in SECTIONS.items():  # a section given as a mapping (Python API) becomes its dataclass
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                setattr(self, key, from_dict(cls, value))
+            elif not isinstance(value, cls):
+                raise TypeError(f"{key}: expected a {cls.__name__} or a mapping of its fields, got {value!r}")
 
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def nest_run_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """One layer of run fields (a YAML file, flags) with flat section keys (``kl_coef``, ``model: NAME``)
+    moved into their sections (``kl: {coef}``, ``model: {name}``). A field given both ways is an error."""
+    out: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, name: str, value: Any, given_as: str) -> None:
+        if name in sections.setdefault(section, {}):
+            raise ValueError(f"{given_as} and {section}.{name} are the same field, given twice; keep one "
+                             f"({section}: {{{name}: ...}} in YAML, --{_flag(section_flat(section, name))} as a flag)")
+        sections[section][name] = value
+
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for name, v in value.items():
+                put(key, name, v, f"{key}.{name}")
+        elif key in FLAT_KEYS and not isinstance(value, tuple(SECTIONS.values())):
+            put(*FLAT_KEYS[key], value, key)
+        else:
+            out[key] = value
+    return {**out, **sections}
+
+
+def section_flat(section: str, name: str) -> str:
+    """The flat name (flag, legacy YAML key) of a section field."""
+    return SECTIONS[section].flat.get(name, name)
+
+
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass, by field name."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    """The docstring written under each field of a dataclass (or of its dataclass bases), by field name."""
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 
@@ -155,49 +265,60 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _coerce(tp: Any, value: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(value)
+        return bool(value)
+    if tp is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(float(value)) if isinstance(value, str) else int(value)
+    if tp is float:
+        return float(value)
+    if tp is str:
+        return str(value)
+    if typing.get_origin(tp) is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        inner = typing.get_args(tp)[0]
+        return tuple(inner(v) for v in value)
+    if typing.get_origin(tp) is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(value)
+    return value
+
+
 def coerce_field(cls: type, name: str, value: Any) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or raise naming the field."""
-    hints = typing.get_type_hints(cls)
-    tp, optional = _base_type(hints[name])
+    tp, optional = _base_type(typing.get_type_hints(cls)[name])
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
         if optional:
             return None
         raise ValueError(f"{name}: null is not allowed; expected {tp}")
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, (tp, dict)) else _raise_type(name, tp, value)
     try:
-        if tp is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes"):
-                    return True
-                if value.lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
-        if typing.get_origin(tp) is tuple:
-            if isinstance(value, str):
-                value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-            inner = typing.get_args(tp)[0]
-            return tuple(inner(v) for v in value)
-        if typing.get_origin(tp) is dict or tp is dict:
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, dict):
-                raise ValueError(value)
-            return value
+        return _coerce(tp, value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
-    return value
+        _raise_type(name, tp, value)
+
+
+def _raise_type(name: str, tp: Any, value: Any):
+    raise ValueError(f"{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the list of known ones."""
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the list of known ones. For
+    :class:`TrainConfig` the flat section keys are accepted too (:func:`nest_run_fields`)."""
+    if cls is TrainConfig:
+        data = nest_run_fields(data)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -206,8 +327,13 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    out = dataclasses.asdict(obj)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    """A config as plain YAML-able data (sections nested, tuples as lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+
+    return plain(dataclasses.asdict(obj))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

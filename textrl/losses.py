@@ -17,7 +17,6 @@ __all__ = [
     "sequence_policy_loss",
     "aggregate",
     "value_loss",
-    "entropy_from_logits",
     "explained_variance",
     "kl_estimate",
     "KLEstimator",
@@ -119,7 +118,7 @@ def value_loss(
     L_V = E_m[max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²)],   R = Â + V_old
 
     With ``clip_range_vf=None`` it is the plain E_m[(V − R)²] (Stable-Baselines3's default).
-    Note the scale: TRL and CleanRL put a factor 0.5 in front, so their ``vf_coef`` c equals our c / 2.
+    Note the scale: TRL and CleanRL put a factor 0.5 in front, so their ``vf_coef`` is 2 × ours.
     """
     returns = returns.detach()
     old_values = old_values.detach()
@@ -133,16 +132,6 @@ def value_loss(
         loss_per = torch.maximum(sq, sq_clipped)
         clipfrac = masked_mean((sq_clipped > sq).to(values.dtype), mask).detach()
     return masked_mean(_where_real(loss_per, mask), mask), {"clipfrac": clipfrac}
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution softmax(logits) over the last dim: H = logsumexp(z) − Σ p·z.
-
-    Shape ``[..., V]`` → ``[...]``. Uses ``logsumexp`` so large logits do not overflow.
-    """
-    logits = logits.float()
-    p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -30,18 +30,16 @@ from typing import Any
 
 import torch
 
-from textrl.distributed import (
+from textrl.parallel.distributed import (
     all_sum,
     barrier,
     broadcast_object,
-    configure_deepspeed,
-    gathered_weights,
-    is_deepspeed,
     is_main,
     make_accelerator,
     rank,
     world_size,
 )
+from textrl.parallel.learner import Learner
 
 __all__ = ["RewardModelConfig", "PreferenceRow", "load_preferences", "train_reward_model", "TrainedRewardScorer",
            "bradley_terry_loss", "NORMALISATION_FILE"]
@@ -180,10 +178,10 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
 
 def _resolve_backbone(name: str) -> str:
     if name == "minilm":
-        from textrl.models import minilm_path
+        from textrl.lm.models import minilm_path
 
         return str(minilm_path())
-    from textrl.models import resolve_model_path
+    from textrl.lm.models import resolve_model_path
 
     return str(resolve_model_path(name))
 
@@ -198,7 +196,7 @@ def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_leng
 def _load_model(path: str, cfg: RewardModelConfig):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from textrl.models import disable_dropout
+    from textrl.lm.models import disable_dropout
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -234,37 +232,41 @@ def pairwise_accuracy(model, tokenizer, rows: list[PreferenceRow], max_length: i
     prompts = [r.prompt for r in mine]
     rc = _scores(model, tokenizer, prompts, [r.chosen for r in mine], max_length)
     rr = _scores(model, tokenizer, prompts, [r.rejected for r in mine], max_length)
-    correct = all_sum(torch.tensor(float((rc > rr).sum()), dtype=torch.float64, device=_device(model)))
+    correct = all_sum(torch.tensor(float((rc > rr).sum()), dtype=torch.float64, device=_model_device(model)))
     return float(correct) / max(len(rows), 1)
 
 
-def _device(model) -> torch.device:
+def _model_device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _split(cfg: RewardModelConfig, rng: random.Random) -> tuple[list[PreferenceRow], list[PreferenceRow], list[str]]:
+    """(training rows, held-out rows, problems): ``eval_data``, or a seeded ``eval_fraction`` of ``data``."""
+    rows, problems = load_preferences(cfg.data, cfg.skip_bad_rows)
+    if cfg.eval_data:
+        eval_rows, eval_problems = load_preferences(cfg.eval_data, cfg.skip_bad_rows)
+        return rows, eval_rows, problems + [f"eval_data {p}" for p in eval_problems]
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    n_eval = max(1, round(cfg.eval_fraction * len(rows)))
+    if len(rows) - n_eval < 1:
+        raise ValueError(f"data: {len(rows)} usable row(s) leave nothing to train on after holding out "
+                         f"eval_fraction={cfg.eval_fraction}")
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]], problems
 
 
 def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str, Any]:
     """Train, evaluate, normalise and save; returns the summary (also written to ``summary.json``)."""
+    from dataclasses import asdict
+
     from textrl.tracking import Tracker
 
     if not cfg.data:
         raise ValueError("data: a preference JSONL file is required (--data PREFS.jsonl)")
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    rows, problems = load_preferences(cfg.data, cfg.skip_bad_rows)
     rng = random.Random(cfg.seed)
-    if cfg.eval_data:
-        eval_rows, eval_problems = load_preferences(cfg.eval_data, cfg.skip_bad_rows)
-        problems += [f"eval_data {p}" for p in eval_problems]
-        train_rows = rows
-    else:
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        n_eval = max(1, round(cfg.eval_fraction * len(rows)))
-        if len(rows) - n_eval < 1:
-            raise ValueError(f"data: {len(rows)} usable row(s) leave nothing to train on after holding out "
-                             f"eval_fraction={cfg.eval_fraction}")
-        eval_rows = [rows[i] for i in order[:n_eval]]
-        train_rows = [rows[i] for i in order[n_eval:]]
+    train_rows, eval_rows, problems = _split(cfg, rng)
     # Under `accelerate launch` / `torchrun` this joins the process group: each batch is split among the
     # processes, DDP averages the gradients, the main process writes the files.
     accelerator = make_accelerator("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,10 +275,7 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
     path = _resolve_backbone(cfg.model)
     tokenizer, model = _load_model(path, cfg)
     model = model.to(accelerator.device)
-    from dataclasses import asdict
-
-    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    total = steps_per_epoch * cfg.num_epochs
+    total = math.ceil(len(train_rows) / cfg.batch_size) * cfg.num_epochs
     tracker = Tracker(out, {**asdict(cfg), "backbone_path": path, "train_pairs": len(train_rows),
                             "eval_pairs": len(eval_rows)}, total=total * cfg.batch_size, enabled=main,
                       postfix_keys={"train/loss": "loss", "eval/pairwise_accuracy": "acc"})
@@ -288,69 +287,76 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(total, 1)))
-    if is_deepspeed(accelerator):  # one backward per batch: this process's share of it
-        configure_deepspeed(accelerator, max(cfg.batch_size // world, 1), 1.0)
-    trained, opt = accelerator.prepare(model, opt)  # DDP (or a DeepSpeed engine) around the model
-    full = lambda: gathered_weights(accelerator, trained, model)  # noqa: E731 (ZeRO-3: see gathered_weights)
-    with full():
+    # DDP (or a DeepSpeed engine: one backward per batch, this process's share of it) around the model
+    learner = Learner(model, opt, max_grad_norm=1.0, accelerator=accelerator, micro_batch=max(cfg.batch_size // world, 1))
+    with learner.full_weights():
         acc0 = pairwise_accuracy(model.eval(), tokenizer, eval_rows, cfg.max_length)
-    step, nan_skipped, acc = 0, 0, acc0
     start = time.perf_counter()
     try:
-        for epoch in range(cfg.num_epochs):
-            model.train()  # dropout is 0 everywhere; train mode only for layers that care (none here)
-            order = list(range(len(train_rows)))
-            rng.shuffle(order)
-            for i in range(0, len(order), cfg.batch_size):
-                batch = [train_rows[j] for j in order[i:i + cfg.batch_size]]
-                if len(batch) < world:  # a tail too short to give every process a pair: dropped by all
-                    continue
-                n_all = len(batch)
-                batch = batch[rank() * n_all // world:(rank() + 1) * n_all // world]  # this process's share
-                prompts = [r.prompt for r in batch] * 2
-                responses = [r.chosen for r in batch] + [r.rejected for r in batch]
-                enc = encode(tokenizer, prompts, responses, cfg.max_length, _device(model))
-                r = trained(**enc).logits[:, 0].float()
-                rc, rr = r[:len(batch)], r[len(batch):]
-                margin = torch.tensor([cfg.margin if b.margin is None else b.margin for b in batch], device=r.device)
-                loss = bradley_terry_loss(rc, rr, margin)
-                opt.zero_grad(set_to_none=True)
-                # sums over the whole batch (all processes): loss, correct pairs, margin, a non-finite flag
-                part = torch.stack([loss.detach().double() * len(batch), (rc > rr).sum().double(),
-                                    (rc - rr).detach().sum().double(), (~torch.isfinite(loss)).double()])
-                part = all_sum(part)
-                if part[3] > 0:  # every process skips together
-                    nan_skipped += 1
-                    continue
-                # each process's mean loss weighs by its share of the batch; DDP's average divides by world
-                accelerator.backward(loss * (len(batch) * world / n_all))
-                grad = accelerator.clip_grad_norm_(params, 1.0)
-                grad = torch.as_tensor(0.0 if grad is None else grad, dtype=torch.float32)  # DeepSpeed: a float
-                if not torch.isfinite(grad):
-                    nan_skipped += 1
-                    opt.zero_grad(set_to_none=True)
-                    continue
-                opt.step()
-                sched.step()
-                step += 1
-                stats = {"train/loss": float(part[0]) / n_all, "train/accuracy": float(part[1]) / n_all,
-                         "train/margin": float(part[2]) / n_all, "train/grad_norm": float(grad),
-                         "charts/learning_rate": sched.get_last_lr()[0], "train/nan_skipped": float(nan_skipped)}
-                if i + cfg.batch_size >= len(order):  # end of epoch: held-out pairwise accuracy
-                    with full():
-                        acc = pairwise_accuracy(model.eval(), tokenizer, eval_rows, cfg.max_length)
-                    model.train()
-                    stats["eval/pairwise_accuracy"] = acc
-                    stats["train/epoch"] = float(epoch + 1)
-                tracker.log(stats, step * cfg.batch_size)
+        acc = _train_epochs(cfg, learner, sched, tokenizer, train_rows, eval_rows, rng, tracker, acc0)
     finally:
         tracker.close()
     model.eval()
-    with full():  # the main process fits the normalisation and saves; the others wait
+    with learner.full_weights():  # the main process fits the normalisation and saves; the others wait
         summary = _finish(cfg, model, tokenizer, out, train_rows, eval_rows, problems, acc0, acc, start, quiet) \
             if main else {"output_dir": str(out), "eval_accuracy_before": acc0, "eval_accuracy": acc}
         barrier()
     return summary
+
+
+def _train_epochs(cfg: RewardModelConfig, learner: Learner, sched, tokenizer, train_rows: list[PreferenceRow],
+                  eval_rows: list[PreferenceRow], rng: random.Random, tracker, acc: float) -> float:
+    """The epochs of Bradley–Terry steps; returns the last held-out pairwise accuracy."""
+    model, world, step, nan_skipped = learner.policy, world_size(), 0, 0
+    for epoch in range(cfg.num_epochs):
+        model.train()  # dropout is 0 everywhere; train mode only for layers that care (none here)
+        order = list(range(len(train_rows)))
+        rng.shuffle(order)
+        for i in range(0, len(order), cfg.batch_size):
+            batch = [train_rows[j] for j in order[i:i + cfg.batch_size]]
+            if len(batch) < world:  # a tail too short to give every process a pair: dropped by all
+                continue
+            n_all = len(batch)
+            batch = batch[rank() * n_all // world:(rank() + 1) * n_all // world]  # this process's share
+            loss, part = _batch_loss(cfg, learner.model, tokenizer, batch)
+            learner.optimizer.zero_grad(set_to_none=True)
+            part = all_sum(part)  # sums over the whole batch (all processes): loss, correct, margin, non-finite
+            if part[3] > 0:  # every process skips together
+                nan_skipped += 1
+                continue
+            # each process's mean loss weighs by its share of the batch; DDP's average divides by world
+            learner.backward(loss * (len(batch) * world / n_all))
+            grad = learner.clip_grad_norm()
+            if not learner.apply(grad):
+                nan_skipped += 1
+                continue
+            sched.step()
+            step += 1
+            stats = {"train/loss": float(part[0]) / n_all, "train/accuracy": float(part[1]) / n_all,
+                     "train/margin": float(part[2]) / n_all, "train/grad_norm": float(grad),
+                     "charts/learning_rate": sched.get_last_lr()[0], "train/nan_skipped": float(nan_skipped)}
+            if i + cfg.batch_size >= len(order):  # end of epoch: held-out pairwise accuracy
+                with learner.full_weights():
+                    acc = pairwise_accuracy(model.eval(), tokenizer, eval_rows, cfg.max_length)
+                model.train()
+                stats.update({"eval/pairwise_accuracy": acc, "train/epoch": float(epoch + 1)})
+            tracker.log(stats, step * cfg.batch_size)
+    return acc
+
+
+def _batch_loss(cfg: RewardModelConfig, model, tokenizer, batch: list[PreferenceRow]):
+    """The Bradley–Terry loss of this process's pairs and the sums to agree on: loss·n, correct pairs, margin,
+    a non-finite flag."""
+    prompts = [r.prompt for r in batch] * 2
+    responses = [r.chosen for r in batch] + [r.rejected for r in batch]
+    enc = encode(tokenizer, prompts, responses, cfg.max_length, _model_device(model))
+    r = model(**enc).logits[:, 0].float()
+    rc, rr = r[:len(batch)], r[len(batch):]
+    margin = torch.tensor([cfg.margin if b.margin is None else b.margin for b in batch], device=r.device)
+    loss = bradley_terry_loss(rc, rr, margin)
+    part = torch.stack([loss.detach().double() * len(batch), (rc > rr).sum().double(),
+                        (rc - rr).detach().sum().double(), (~torch.isfinite(loss)).double()])
+    return loss, part
 
 
 def _finish(cfg: RewardModelConfig, model, tokenizer, out: Path, train_rows, eval_rows, problems, acc0: float,

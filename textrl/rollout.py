@@ -1,41 +1,28 @@
-"""Rollout collection, shared by every agent (the collect / update split of Stable-Baselines3).
+"""The rollout data types: what collection returns and agents learn from. Data only, no behaviour.
 
-``Collector.collect(agent)`` drives a Gymnasium ``VectorEnv`` for ``num_steps`` steps and returns a
-:class:`Rollout` of ``[B, T]`` tensors (B = ``num_envs`` rows, T = ``num_steps``) with one boolean mask.
-Agents only turn a Rollout into a loss.
+- :class:`Rollout`: a classic env's transitions, ``[B, T]`` = sub-envs × steps (:mod:`textrl.collector`).
+- :class:`TokenRollout`: a text env's episodes, one row per episode (:mod:`textrl.lm.collect`).
+
+One mask convention: boolean, True where a position is real; padding is never read (see :mod:`textrl.masking`).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import ClassVar
 
-import gymnasium as gym
-import numpy as np
 import torch
-from gymnasium.vector import AutoresetMode
 
-from textrl.advantages import next_values_from
-
-__all__ = ["ActOutput", "Actor", "Rollout", "Collector"]
+__all__ = ["ActOutput", "Rollout", "TokenRollout"]
 
 
 @dataclass
 class ActOutput:
-    """What an agent returns for one batched step."""
+    """What a classic policy returns for one batched step."""
 
     actions: torch.Tensor  # (B,) sampled actions
     logprobs: torch.Tensor  # (B,) log π(a|s) of the sampled actions
     values: torch.Tensor  # (B,) V(s)
-
-
-class Actor(Protocol):
-    """The part of an agent the collector needs."""
-
-    def act(self, obs: torch.Tensor) -> ActOutput: ...
-
-    def value(self, obs: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -43,7 +30,7 @@ class Rollout:
     """A batch of transitions, rows × steps. All tensors are ``[B, T]`` unless noted.
 
     ``mask[b, t]`` is True for a real transition. It is False for the dead step a next-step autoreset
-    spends resetting a finished sub-env (its action is ignored by the env), and for padding in text envs.
+    spends resetting a finished sub-env (its action is ignored by the env).
     ``next_values[b, t]`` is V(s_{t+1}) as step t saw it: the value of the true final observation where a
     same-step autoreset replaced it.
     """
@@ -60,113 +47,48 @@ class Rollout:
     episode_returns: list[float] = field(default_factory=list)  # episodes that finished in this rollout
     episode_lengths: list[int] = field(default_factory=list)
 
-    @property
-    def num_transitions(self) -> int:
-        return int(self.mask.sum())
+    #: a truncated step's next state still has value: GAE bootstraps from ``next_values`` there
+    bootstrap_truncated: ClassVar[bool] = True
 
 
-class Collector:
-    """Steps a Gymnasium vector env with an agent and keeps the env state between rollouts.
+@dataclass
+class TokenRollout:
+    """A batch of text episodes, one per row.
 
-    Supports both autoreset modes a Gymnasium vector env may declare in ``metadata["autoreset_mode"]``:
-    next-step (the step after an episode ends is a dead reset step: masked out) and same-step (the reset
-    happens inside the ending step; a truncated episode is bootstrapped from ``info["final_obs"]``).
-    Episode returns and lengths come from ``gymnasium.wrappers.vector.RecordEpisodeStatistics``, which the
-    collector adds if the env lacks it.
+    The model's view is ``input_ids``/``attention_mask`` ``[B, L]``: left-padded prompts in the columns before
+    ``response_start`` = P, then the response. Per-token tensors are ``[B, T]``, T = L − P, column t of them
+    being sequence column P + t. ``action_mask`` marks the agent's tokens (the actions: losses, advantages,
+    the KL and every logged token average count them only); ``attention_mask`` marks every real token —
+    prompt, agent and env-appended tokens — so an env may write context that is not an action.
     """
 
-    def __init__(self, envs: gym.vector.VectorEnv, num_steps: int, device: str | torch.device = "cpu"):
-        if num_steps <= 0:
-            raise ValueError(f"num_steps must be > 0, got {num_steps}")
-        mode = envs.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
-        mode = AutoresetMode(mode) if isinstance(mode, str) else mode
-        if mode == AutoresetMode.DISABLED:
-            raise ValueError(
-                "envs.metadata['autoreset_mode'] is DISABLED; the collector needs NEXT_STEP or SAME_STEP "
-                "(text envs, which reset whole batches, use their own rollout helper)"
-            )
-        if not _has_wrapper(envs, gym.wrappers.vector.RecordEpisodeStatistics):
-            envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-        self.envs = envs
-        self.mode = mode
-        self.num_steps = num_steps
-        self.num_envs = envs.num_envs
-        self.device = torch.device(device)
-        self.recent_returns: deque[float] = deque(maxlen=100)
-        self._obs: np.ndarray | None = None
-        self._pending_reset = np.zeros(self.num_envs, dtype=bool)
+    input_ids: torch.Tensor  # (B, L) token ids, PAD where attention_mask is 0
+    attention_mask: torch.Tensor  # (B, L) long: 1 where the model reads the column
+    response_start: int  # P: the first response column
+    action_mask: torch.Tensor  # (B, T) bool: the agent's tokens
+    logprobs: torch.Tensor  # (B, T) log π(a_t|s_t) at sampling (at the sampling temperature); 0 off actions
+    ref_logprobs: torch.Tensor  # (B, T) log π_ref(a_t|s_t) (0 without a KL wrapper)
+    rewards: torch.Tensor  # (B, T) env reward: score at the last token − β·KL per token
+    scores: torch.Tensor  # (B,) task score of each episode
+    kl: torch.Tensor  # (B, T) per-token KL estimate (0 off actions)
+    terminated: torch.Tensor  # (B, T) bool, True at a stop token
+    truncated: torch.Tensor  # (B, T) bool, True at the length limit without a stop token
+    prompt_index: torch.Tensor  # (B,) which prompt each row answered
 
-    def reset(self, seed: int | None = None) -> None:
-        self._obs, _ = self.envs.reset(seed=seed)
-        self._pending_reset[:] = False
+    #: a text episode's score is paid at its last token whether a stop token or the length limit ended it, so
+    #: a truncated episode has nothing left to bootstrap: V(s_T) would add a guess of a score already paid
+    bootstrap_truncated: ClassVar[bool] = False
 
-    def _to_tensor(self, obs: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
+    @property
+    def prompt_ids(self) -> torch.Tensor:
+        """``[B, P]`` left-padded prompts."""
+        return self.input_ids[:, :self.response_start]
 
-    @torch.no_grad()
-    def collect(self, agent: Actor) -> Rollout:
-        if self._obs is None:
-            self.reset()
-        T, B = self.num_steps, self.num_envs
-        obs_shape = np.asarray(self._obs).shape[1:]
-        # Filled step-major (T, B) because we write one step at a time; transposed to (B, T) at the end.
-        obs = torch.empty((T, B, *obs_shape), dtype=torch.float32, device=self.device)
-        actions = torch.empty((T, B), dtype=torch.long, device=self.device)
-        logprobs = torch.empty((T, B), device=self.device)
-        values = torch.empty((T, B), device=self.device)
-        rewards = torch.empty((T, B), device=self.device)
-        terminated = torch.empty((T, B), dtype=torch.bool)
-        truncated = torch.empty((T, B), dtype=torch.bool)
-        mask = torch.empty((T, B), dtype=torch.bool)
-        final_values: dict[tuple[int, int], float] = {}  # (t, b) -> V(final_obs), same-step mode only
-        ep_returns: list[float] = []
-        ep_lengths: list[int] = []
+    @property
+    def prompt_mask(self) -> torch.Tensor:
+        return self.attention_mask[:, :self.response_start]
 
-        for t in range(T):
-            obs[t] = self._to_tensor(self._obs)
-            out = agent.act(obs[t])
-            actions[t], logprobs[t], values[t] = out.actions, out.logprobs, out.values
-            self._obs, r, term, trunc, info = self.envs.step(out.actions.cpu().numpy())
-            rewards[t] = torch.as_tensor(r, dtype=torch.float32)
-            terminated[t] = torch.from_numpy(np.asarray(term, dtype=bool))
-            truncated[t] = torch.from_numpy(np.asarray(trunc, dtype=bool))
-            mask[t] = torch.from_numpy(~self._pending_reset)
-            if self.mode == AutoresetMode.NEXT_STEP:
-                self._pending_reset = np.asarray(term, dtype=bool) | np.asarray(trunc, dtype=bool)
-            elif np.any(trunc):
-                idx = np.flatnonzero(trunc)
-                final = self._to_tensor(np.stack([info["final_obs"][i] for i in idx]))
-                for i, v in zip(idx, agent.value(final).tolist(), strict=True):
-                    final_values[(t, int(i))] = v
-            if "episode" in info:
-                done = info["_episode"]
-                ep_returns += info["episode"]["r"][done].astype(float).tolist()
-                ep_lengths += info["episode"]["l"][done].astype(int).tolist()
-
-        last_values = agent.value(self._to_tensor(self._obs))  # (B,) V(s_T)
-        values_bt = values.T.contiguous()
-        next_values = next_values_from(values_bt, last_values.to(values_bt.dtype))
-        for (t, b), v in final_values.items():
-            next_values[b, t] = v
-        self.recent_returns.extend(ep_returns)
-        return Rollout(
-            obs=obs.transpose(0, 1).contiguous(),
-            actions=actions.T.contiguous(),
-            logprobs=logprobs.T.contiguous(),
-            values=values_bt,
-            next_values=next_values,
-            rewards=rewards.T.contiguous(),
-            terminated=terminated.T.contiguous().to(self.device),
-            truncated=truncated.T.contiguous().to(self.device),
-            mask=mask.T.contiguous().to(self.device),
-            episode_returns=ep_returns,
-            episode_lengths=ep_lengths,
-        )
-
-
-def _has_wrapper(env: Any, cls: type) -> bool:
-    while env is not None:
-        if isinstance(env, cls):
-            return True
-        env = getattr(env, "env", None)
-    return False
+    @property
+    def tokens(self) -> torch.Tensor:
+        """``[B, T]`` the response columns (agent and env tokens; PAD after a row's end)."""
+        return self.input_ids[:, self.response_start:]

@@ -7,6 +7,7 @@ deterministic) and never passes ``trust_remote_code`` unless the caller asks.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -17,11 +18,27 @@ from torch import nn
 
 __all__ = [
     "SMOLLM2", "MINILM", "smollm2_gguf_path", "minilm_path", "load_causal_lm", "load_tokenizer", "disable_dropout",
+    "register_model", "resolve_model_path",
 ]
 
 #: the names under which load_causal_lm finds the offline models
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
+
+#: models built in memory, by name: (model factory, tokenizer factory) as "module:function" strings
+_REGISTERED: dict[str, tuple[str, str]] = {}
+
+
+def register_model(name: str, model: str, tokenizer: str) -> None:
+    """Make ``name`` loadable by :func:`load_causal_lm` / :func:`load_tokenizer` from two factories given as
+    ``"module:function"`` (imported on first use): ``model(seed=0)`` and ``tokenizer()``. The toy task
+    registers its tiny in-memory model this way (``textrl/tiny-char-gpt2``)."""
+    _REGISTERED[name] = (model, tokenizer)
+
+
+def _registered(name: str, which: int):
+    module, _, attr = _REGISTERED[name][which].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -98,10 +115,8 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    from textrl.envs.toy import TINY_MODEL, char_tokenizer
-
-    if name_or_path == TINY_MODEL:
-        return char_tokenizer()
+    if name_or_path in _REGISTERED:
+        return _registered(name_or_path, 1)()
     return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
 
 
@@ -134,12 +149,10 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
-    from textrl.envs.toy import TINY_MODEL, char_tokenizer, tiny_gpt2
-
-    if name_or_path == TINY_MODEL:  # built in memory: the toy tasks and tests need no download
+    if name_or_path in _REGISTERED:  # built in memory: the toy tasks and tests need no download
         if quantization:
-            raise ValueError(f"quantization needs a saved model; {TINY_MODEL} is built in memory")
-        return tiny_gpt2(len(char_tokenizer()), seed=kwargs.get("seed", 0))
+            raise ValueError(f"quantization needs a saved model; {name_or_path} is built in memory")
+        return _registered(name_or_path, 0)(seed=kwargs.get("seed", 0))
     if quantization:
         kwargs = {**kwargs, "quantization_config": quantization_config(quantization),
                   "device_map": kwargs.get("device_map", "cpu")}

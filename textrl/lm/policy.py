@@ -1,6 +1,6 @@
-"""The language-model actor-critic: a causal LM policy with a scalar value head on its shared trunk,
-optionally LoRA through peft. With LoRA the reference policy is the same weights with the adapters
-disabled — no second copy in memory.
+"""The language-model actor-critic: a causal LM policy with (for agents with a critic) a scalar value head
+on its shared trunk, optionally LoRA through peft. With LoRA the reference policy is the same weights with
+the adapters disabled — no second copy in memory.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from textrl.decoding import positions_from_mask
-from textrl.models import disable_dropout
+from textrl.lm.decoding import positions_from_mask
+from textrl.lm.models import disable_dropout
+from textrl.logprobs import logprobs_and_entropy
 
 __all__ = ["LMActorCritic", "AdaptersOff", "add_lora"]
 
@@ -45,10 +46,11 @@ class AdaptersOff:
 
 
 class LMActorCritic(nn.Module):
-    """Policy logits and V(s) from one forward of a causal LM.
+    """Policy log-probs (at the sampling ``temperature``) and V(s) from one forward of a causal LM.
 
     The value head reads the last hidden state at each position: V(s_t) for the state ending at that
-    token, i.e. the state in which the next token is chosen.
+    token, i.e. the state in which the next token is chosen. ``value_head=False`` builds none (critic-free
+    agents): values are then None and no hidden states are kept.
 
     The head starts at zero (V ≡ 0, so the first advantages are the returns, not noise) and reads the
     hidden state scaled by 1/√hidden. Pretrained trunks emit hidden states of norm ~√hidden·O(1) (SmolLM2:
@@ -57,18 +59,24 @@ class LMActorCritic(nn.Module):
     explained variance < 0 for a whole run). With the scale a step moves V by ~lr·√hidden.
     """
 
-    def __init__(self, lm: nn.Module, critic: nn.Module | None = None):
+    def __init__(self, lm: nn.Module, critic: nn.Module | None = None, temperature: float = 1.0,
+                 value_head: bool = True):
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.lm = disable_dropout(lm)
+        self.temperature = float(temperature)
         # A separate critic trunk (TRL/OpenRLHF style: initialised from the policy or the reward model);
         # None = the value head reads the policy's own last hidden state (one forward, one copy).
         self.critic = disable_dropout(critic) if critic is not None else None
-        config = (critic if critic is not None else lm).config
-        hidden = getattr(config, "hidden_size", None) or config.n_embd
-        self.value_head = nn.Linear(hidden, 1)
-        self.value_scale = 1.0 / math.sqrt(hidden)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head: nn.Linear | None = None
+        if value_head:
+            config = (critic if critic is not None else lm).config
+            hidden = getattr(config, "hidden_size", None) or config.n_embd
+            self.value_head = nn.Linear(hidden, 1)
+            self.value_scale = 1.0 / math.sqrt(hidden)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
 
     @property
     def is_lora(self) -> bool:
@@ -77,9 +85,6 @@ class LMActorCritic(nn.Module):
     def reference(self) -> AdaptersOff | None:
         """The reference policy sharing these weights (LoRA), or None when a frozen copy is needed."""
         return AdaptersOff(self.lm) if self.is_lora else None
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
@@ -95,49 +100,51 @@ class LMActorCritic(nn.Module):
 
     def logits_and_values(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         mask = attention_mask.long()
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         positions = positions_from_mask(mask)
+        head_reads_lm = self.value_head is not None and self.critic is None
         out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                      output_hidden_states=self.critic is None, **extra)
+                      output_hidden_states=head_reads_lm, **extra)
+        if self.value_head is None:
+            return out.logits, None
         if self.critic is None:
             hidden = out.hidden_states[-1]
         else:
             hidden = self.critic(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                  output_hidden_states=True).hidden_states[-1]
         hidden = hidden.to(self.value_head.weight.dtype) * self.value_scale
-        values = self.value_head(hidden).squeeze(-1)
-        return out.logits, values
+        return out.logits, self.value_head(hidden).squeeze(-1)
 
     def evaluate_response(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         response_start: int,
-        temperature: float = 1.0,
         entropy_grad: bool = False,
         with_entropy: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """For responses in columns ``>= response_start`` (T of them):
-
-        Returns log π(a_t|s_t) ``[B, T]`` (temperature-scaled), entropy ``[B, T]``, V(s_t) ``[B, T]`` and
-        the value after the last column V(s_T) ``[B]`` (the truncation bootstrap). The entropy carries a
-        gradient only with ``entropy_grad`` (an entropy bonus): backward through a softmax over the whole
-        vocabulary is the largest cost of a small model's update; ``with_entropy=False`` skips it (None).
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """For the response in columns ``>= response_start`` (T of them): log π(a_t|s_t) ``[B, T]`` at the
+        temperature, the entropy ``[B, T]`` (see :func:`~textrl.logprobs.logprobs_and_entropy` for
+        ``entropy_grad``/``with_entropy``), V(s_t) ``[B, T]`` and the value after the last column V(s_T)
+        ``[B]`` (the last two None without a value head)."""
         T = input_ids.shape[1] - response_start
         # logits of the last T + 1 positions only: the prompt's other positions predict nothing we need
         logits, values = self.logits_and_values(input_ids, attention_mask, logits_to_keep=T + 1)
-        logits = logits[:, -(T + 1) : -1].float()  # (B, T, V): position t predicts column t
-        if temperature != 1.0:  # skip a full-vocabulary copy (and its backward) when it changes nothing
-            logits = logits / temperature
-        lse = torch.logsumexp(logits, dim=-1)  # (B, T)
-        actions = input_ids[:, response_start:]
-        logprobs = logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1) - lse  # (B, T), no (B, T, V) log_softmax
-        entropy = None
-        if with_entropy or entropy_grad:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (B, T)
+        logits = logits[:, -(T + 1) : -1]  # (B, T, V): position t predicts column t
+        logprobs, entropy = logprobs_and_entropy(logits, input_ids[:, response_start:], self.temperature,
+                                                 with_entropy, entropy_grad)
+        if values is None:
+            return logprobs, entropy, None, None
         v = values[:, response_start - 1 :].float()  # (B, T + 1): V(s_t) for t = 0..T
         return logprobs, entropy, v[:, :-1], v[:, -1]
+
+    @torch.no_grad()
+    def evaluate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
+                       with_entropy: bool = True, rows: int = 16) -> tuple:
+        """:meth:`evaluate_response` without gradient over a whole batch, in chunks of ``rows`` (bounds the
+        ``[rows, T, V]`` logits); the chunks' outputs concatenated."""
+        chunks = [self.evaluate_response(input_ids[i:i + rows], attention_mask[i:i + rows], response_start,
+                                         with_entropy=with_entropy) for i in range(0, input_ids.shape[0], rows)]
+        return tuple(torch.cat(parts) if parts[0] is not None else None for parts in zip(*chunks, strict=True))

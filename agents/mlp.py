@@ -1,0 +1,61 @@
+"""The actor-critic PPO uses on classic Gymnasium envs: separate tanh MLPs for the logits and the value
+(no shared trunk, as Stable-Baselines3's ``MlpPolicy``), orthogonal init as in the PPO reference code."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from textrl.rollout import ActOutput
+
+__all__ = ["MLPActorCritic"]
+
+
+def _orthogonal_linear(n_in: int, n_out: int, gain: float) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out)
+    nn.init.orthogonal_(layer.weight, gain)  # orthogonal init, as in the PPO reference implementations
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _mlp(n_in: int, hidden: tuple[int, ...], n_out: int, out_gain: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [_orthogonal_linear(n_in, h, math.sqrt(2)), nn.Tanh()]
+        n_in = h
+    layers.append(_orthogonal_linear(n_in, n_out, out_gain))
+    return nn.Sequential(*layers)
+
+
+class MLPActorCritic(nn.Module):
+    """Policy logits and V(s) of a flat observation; ``act`` and ``value`` are what the collector calls."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: tuple[int, ...]):
+        super().__init__()
+        self.pi = _mlp(obs_dim, hidden_sizes, n_actions, out_gain=0.01)  # near-uniform initial policy
+        self.vf = _mlp(obs_dim, hidden_sizes, 1, out_gain=1.0)
+
+    @classmethod
+    def for_env(cls, envs: gym.vector.VectorEnv, hidden_sizes: tuple[int, ...]) -> MLPActorCritic:
+        """Sized for a vector env with Box observations and a Discrete action space."""
+        obs_dim = int(np.prod(envs.single_observation_space.shape))
+        return cls(obs_dim, int(envs.single_action_space.n), hidden_sizes)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = obs.reshape(obs.shape[0], -1)  # (N, obs_dim)
+        return self.pi(x), self.vf(x).squeeze(-1)  # (N, A), (N,)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> ActOutput:
+        logits, values = self(obs)  # (B, A), (B,)
+        logp_all = torch.log_softmax(logits, dim=-1)
+        actions = torch.multinomial(logp_all.exp(), 1)  # (B, 1)
+        return ActOutput(actions.squeeze(-1), logp_all.gather(-1, actions).squeeze(-1), values)
+
+    @torch.no_grad()
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self(obs)[1]

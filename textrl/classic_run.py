@@ -1,0 +1,167 @@
+"""A run on a classic Gymnasium env: a vector env of sub-envs, an MLP actor-critic, PPO.
+
+Data-parallel under ``accelerate launch``/``torchrun``: process r steps sub-envs r·n … r·n + n − 1 of the
+global vector env, seeded seed + i like Gymnasium's reset(seed) seeds sub-env i; DDP averages the
+gradients; metrics are gathered and the files written once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import sys
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+
+from textrl.agents.base import agent_class
+from textrl.agents.mlp import MLPActorCritic
+from textrl.checkpoint import load_checkpoint, save_checkpoint
+from textrl.collector import Collector
+from textrl.config import TrainConfig, from_dict
+from textrl.parallel.distributed import gather_objects, make_accelerator, rank, world_size
+from textrl.parallel.learner import Learner
+from textrl.rollout import Rollout
+from textrl.runs import Run, RunResult, resolve_output_dir, seed_everything
+from textrl.tracking import Tracker
+
+__all__ = ["ClassicRun", "make_envs", "check_env_id", "torch_device"]
+
+
+def check_env_id(env_id: str) -> None:
+    """Fail early, with suggestions, if ``env_id`` is not registered with Gymnasium."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as err:
+        close = difflib.get_close_matches(env_id, list(gym.envs.registry), n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        raise ValueError(
+            f"env: unknown env id {env_id!r} ({err}).{hint} Register your env with gymnasium.register(...) "
+            "in a module and pass 'your_module:YourEnv-v0' so it is imported first."
+        ) from None
+
+
+def make_envs(cfg: TrainConfig, num_envs: int | None = None) -> gym.vector.VectorEnv:
+    """A vector env of ``cfg.num_envs`` sub-envs (or ``num_envs``: a process's shard). Envs with a native
+    ``vector_entry_point`` are built by it; the rest run in a sync vector env with same-step autoreset."""
+    check_env_id(cfg.env)
+    num_envs = num_envs or cfg.num_envs
+    if gym.spec(cfg.env).vector_entry_point is not None:
+        return gym.make_vec(cfg.env, num_envs=num_envs, **cfg.env_kwargs)
+    return gym.make_vec(cfg.env, num_envs=num_envs, vectorization_mode="sync",
+                        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **cfg.env_kwargs)
+
+
+def torch_device(name: str) -> str:
+    """The torch device a ``device`` field names ("auto" = cuda if available)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class ClassicRun(Run):
+    """PPO (or any agent for Box observations and Discrete actions) on a Gymnasium vector env."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False):
+        check_env_id(cfg.env)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        seed_everything(cfg.seed)
+        self.cfg, self.quiet, self.history, self.returns = cfg, quiet, [], []
+        accelerator, world, self.rank, local = None, 1, 0, cfg.num_envs
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun: data-parallel
+            accelerator = make_accelerator(torch_device(cfg.device))
+            world, self.rank = world_size(), rank()
+            if cfg.num_envs % world:
+                raise ValueError(f"num_envs={cfg.num_envs} is the global number of sub-envs and must be a multiple "
+                                 f"of the number of processes ({world})")
+            local = cfg.num_envs // world
+        self.main, self.world, self.local_envs = self.rank == 0, world, local
+        self.output_dir = resolve_output_dir(cfg)
+        self.envs = make_envs(cfg, local)
+        self.agent, self.learner = self._build_agent(accelerator)
+        if world > 1:
+            seed_everything(cfg.seed + self.rank)  # independent action noise per process (weights are synchronised)
+        num_steps = self.agent.config.num_steps
+        self.steps_per_update = cfg.num_envs * num_steps
+        self.num_updates = math.ceil(cfg.total_steps / self.steps_per_update)
+        self.collector = Collector(self.envs, num_steps, device=self.device)
+        if resume:
+            self._resume()
+        else:
+            self.collector.reset(seed=cfg.seed + self.rank * local)
+            self.envs.action_space.seed(cfg.seed)
+        resolved = self.write_config()
+        self.tracker = Tracker(self.output_dir, resolved, total=self.num_updates * self.steps_per_update,
+                               initial=self.global_step, enabled=self.main,
+                               postfix_keys={"env/episode_return_mean20": "return", "losses/policy": "pg_loss",
+                                             "policy/approx_kl": "kl"})
+
+    def _build_agent(self, accelerator):
+        cls = agent_class(self.cfg.agent)
+        agent_cfg = from_dict(cls.config_class, self.cfg.agent_config)
+        cls.check_env(self.envs, agent_cfg)
+        num_steps = getattr(agent_cfg, "num_steps", None)
+        if num_steps is None:
+            raise TypeError(f"agent: {self.cfg.agent} learns from text envs; {self.cfg.env} is a classic Gymnasium "
+                            "env. Use --agent ppo")
+        n = self.local_envs
+        agent_cfg.check_batch(n * num_steps, f"num_envs × num_steps = {n} × {num_steps} = {n * num_steps}")
+        # data-parallel: each process on its own device (cuda:LOCAL_RANK on GPUs), as accelerate assigned it
+        device = torch_device(self.cfg.device)
+        self.device = torch.device(device if accelerator is None or device == "cpu" else accelerator.device)
+        policy = MLPActorCritic.for_env(self.envs, agent_cfg.hidden_sizes).to(self.device)
+        agent = cls(agent_cfg, policy)
+        return agent, Learner.for_agent(agent, accelerator, n * num_steps)
+
+    def _resume(self) -> None:
+        agent_state, state = load_checkpoint(self.output_dir, device=self.device)
+        self.learner.load_state_dict(agent_state)
+        self.start_update, self.global_step = state["update"], state["global_step"]
+        self.returns = state.get("episode_returns", [])
+        # Env internals are not checkpointed: sub-envs restart fresh episodes from a derived seed.
+        self.collector.reset(seed=self.cfg.seed + 7919 * self.start_update + self.rank * self.local_envs)
+
+    def start(self) -> None:
+        if not self.quiet:
+            self.tracker.message(
+                f"textrl: {self.cfg.agent} on {self.cfg.env}: {self.num_updates} updates × {self.steps_per_update} "
+                f"steps -> {self.output_dir}" + (f" ({self.world} processes × {self.local_envs} sub-envs)"
+                                                 if self.world > 1 else ""))
+
+    def collect(self) -> Rollout:
+        return self.collector.collect(self.agent.policy)
+
+    def after_update(self, batch: Rollout, stats: dict[str, float], elapsed: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        finished = gather_objects(batch.episode_returns)  # every process's episodes, in rank order
+        self.returns += finished
+        if finished:
+            out["env/episode_return"] = float(np.mean(finished))
+            out["env/episode_length"] = float(np.mean(gather_objects(batch.episode_lengths)))
+        if self.returns:
+            out["env/episode_return_mean20"] = float(np.mean(self.returns[-20:]))
+        out["time/steps_per_s"] = (self.global_step - self.start_update * self.steps_per_update) / elapsed
+        return out
+
+    def checkpoint(self, update: int) -> None:
+        if self.main:
+            save_checkpoint(self.output_dir, self.learner.state_dict(), {
+                "update": update, "global_step": self.global_step, "episode_returns": self.returns[-1000:],
+            })
+        self.barrier()
+
+    def close(self) -> None:
+        super().close()
+        self.envs.close()
+
+    def finish(self, stats: dict[str, float]) -> RunResult:
+        result = RunResult(self.output_dir, self.global_step, self.num_updates, self.history, stats,
+                           episode_returns=self.returns)
+        if not self.quiet and self.main:
+            print(f"final: mean return of the last 20 episodes = {result.mean_return():.1f} "
+                  f"({self.global_step} steps, {len(self.returns)} episodes) -> {self.output_dir}", file=sys.stderr)
+        return result

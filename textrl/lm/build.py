@@ -1,0 +1,113 @@
+"""Building the pieces of an LM run: policy, reference, critic, text env and KL wrapper.
+
+These are the public build functions that ``textrl train``, the experiments, the benchmarks and the tests
+use; each takes the run config (or the part of it it needs) and returns plain objects.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import gymnasium as gym
+import torch
+
+from textrl.config import KLConfig, ModelConfig, TrainConfig
+from textrl.envs.kl_penalty import KLPenalty
+from textrl.kl_control import make_kl_controller
+from textrl.lm.models import load_causal_lm, load_tokenizer
+from textrl.lm.policy import LMActorCritic, add_lora
+from textrl.parallel.deepspeed import unpartitioned_loading, zero3_loading
+from textrl.shard import Shard
+
+__all__ = ["policy_model_name", "build_policy", "build_critic", "build_text_env", "build_kl_env", "load_reward_model"]
+
+
+def policy_model_name(cfg: TrainConfig) -> str:
+    """The policy model of a text run: ``model.name``, or the default its env registered."""
+    return cfg.model.name or gym.spec(cfg.env).kwargs["model"]
+
+
+def build_critic(model: ModelConfig, policy_name: str, lm: torch.nn.Module) -> torch.nn.Module | None:
+    """The separate critic trunk of ``value_model`` (None for "head"), fully trainable, checked against the
+    policy's vocabulary (the critic reads the policy's token ids)."""
+    if model.value_model == "head":
+        return None
+    if model.quantization and model.value_model == "policy":
+        raise ValueError("value_model: 'policy' copies the policy's weights, which are quantised here; "
+                         "give the critic's model name/path instead, or use value_model: head")
+    # (a copy is loaded afresh when ZeRO-3 partitioned the policy while loading it: a deep copy would copy shards)
+    copy_policy = model.value_model == "policy" and not zero3_loading()
+    critic = copy.deepcopy(lm) if copy_policy else load_causal_lm(policy_name if model.value_model == "policy"
+                                                                   else model.value_model)
+    vocab, need = critic.get_input_embeddings().num_embeddings, lm.get_input_embeddings().num_embeddings
+    if vocab < need:
+        raise ValueError(f"value_model: {model.value_model!r} has a vocabulary of {vocab} tokens, the policy "
+                         f"{policy_name!r} {need}; the critic must share the policy's tokenizer")
+    for p in critic.parameters():
+        p.requires_grad_(True)
+    return critic
+
+
+def build_policy(cfg: TrainConfig, device: torch.device | str, value_head: bool = True):
+    """``(tokenizer, policy, reference)`` of a text run: the policy model (LoRA adapters if ``model.lora_r``,
+    bitsandbytes base weights if ``model.quantization``) in an :class:`LMActorCritic` at the sampling
+    temperature, with a value head (and the critic of ``model.value_model``) when ``value_head``; the
+    reference is the policy with its adapters off (LoRA) or a frozen copy."""
+    name, model = policy_model_name(cfg), cfg.model
+    tokenizer = load_tokenizer(name)
+    lm = load_causal_lm(name, quantization=model.quantization)
+    critic = build_critic(model, name, lm) if value_head else None
+    reference = None
+    if model.lora_r > 0:
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        lm = add_lora(lm, model.lora_r, model.lora_alpha, list(model.lora_targets) or None)
+    elif zero3_loading():  # the frozen copy, whole on every process (ZeRO-3 partitioned the policy's load)
+        with unpartitioned_loading():
+            reference = load_causal_lm(name)
+    else:
+        reference = copy.deepcopy(lm)  # a frozen copy (the KL wrapper freezes it)
+    policy = LMActorCritic(lm, critic, cfg.sampling.temperature, value_head=value_head).to(device)
+    reference = policy.reference() if reference is None else reference.to(device)
+    return tokenizer, policy, reference
+
+
+def load_reward_model(path: str, device: torch.device | str):
+    """A reward model saved by ``textrl train-rm``, as a scorer (whole on every process, even under ZeRO-3)."""
+    from textrl.reward_model import TrainedRewardScorer
+
+    with unpartitioned_loading():
+        return TrainedRewardScorer(path, device=device)
+
+
+def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str, num_envs: int | None = None,
+                   shard: Shard | None = None, num_generations: int = 1, scorer: Any = None) -> gym.vector.VectorEnv:
+    """The run's text env: ``cfg.env`` with ``cfg.env_kwargs``, ``num_envs`` rows (default ``cfg.num_envs``),
+    the rows ``shard`` of a data-parallel batch, k = ``num_generations`` rows per prompt, and ``scorer``
+    (e.g. a loaded reward model) replacing the env's own."""
+    kwargs = dict(cfg.env_kwargs)
+    given = kwargs.pop("num_generations", num_generations)
+    if given != num_generations:
+        raise ValueError(f"env_kwargs.num_generations={given} conflicts with {cfg.agent}.num_generations="
+                         f"{num_generations}; set it once, in the agent's section")
+    if num_generations > 1:
+        kwargs["num_generations"] = num_generations
+    if shard is not None and shard.sharded:
+        kwargs["shard"] = shard
+    if scorer is not None:
+        kwargs["scorer"] = scorer
+    with unpartitioned_loading():  # scorer models are frozen and whole on every process, even under ZeRO-3
+        envs = gym.make_vec(cfg.env, num_envs=num_envs or cfg.num_envs, tokenizer=tokenizer, device=device, **kwargs)
+    if not hasattr(envs.unwrapped, "with_prompts"):
+        raise TypeError(f"env: {cfg.env} is not a textrl text env (got {type(envs.unwrapped).__name__}); text runs "
+                        "need a TextGenVectorEnv (see textrl.envs)")
+    return envs
+
+
+def build_kl_env(envs: gym.vector.VectorEnv, reference: Any, kl: KLConfig, temperature: float,
+                 in_reward: bool = True) -> KLPenalty:
+    """The :class:`~textrl.envs.kl_penalty.KLPenalty` wrapper: β = ``kl.coef`` (adaptive with ``kl.target``)
+    in the reward, or β = 0 when the agent puts the KL in its loss (the wrapper then only reports it)."""
+    controller = make_kl_controller(kl.coef if in_reward else 0.0, kl.target if in_reward else None, kl.horizon)
+    return KLPenalty(envs, reference, controller, kl.estimator, temperature, kl.reference_pass)

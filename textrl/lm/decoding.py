@@ -1,0 +1,106 @@
+"""A causal LM advanced with its KV cache, and the one-forward log-probs of whole sequences.
+
+:class:`CachedForward` runs one ``prefill`` over (left-padded) prefixes, then ``extend`` appends columns —
+one sampled token per row, or several tokens an env wrote — encoding only the new columns. It keeps its
+own attention mask in cache layout (one column per cached position), so rows may be ended (fed a masked
+slot), extended by different numbers of tokens, or re-prefilled independently of how the env lays out its
+token buffer. The policy's generator and the KL wrapper's per-token reference both use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from textrl.logprobs import token_logprobs
+
+__all__ = ["CachedForward", "positions_from_mask", "sequence_logprobs"]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: the i-th real token of a row gets position i. ``[B, L]``."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class CachedForward:
+    """Next-token logits of a causal LM, advanced column by column with a KV cache.
+
+    ``model`` is a Hugging Face causal LM (anything accepting ``input_ids, attention_mask, position_ids,
+    past_key_values, use_cache`` and returning ``.logits``). ``next_logits`` ``[B, V]`` (float32, not
+    temperature-scaled) predicts each row's next token.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, C) cache-layout attention mask
+        self.next_logits: torch.Tensor | None = None  # (B, V)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encode ``[B, L]`` left-padded prefixes; returns the next-token logits ``[B, V]``."""
+        used = attention_mask.bool().any(0).nonzero()
+        if used.numel() == 0:
+            raise ValueError("prefill: every row is empty (attention_mask is all 0)")
+        start, end = int(used[0]), int(used[-1]) + 1  # drop columns that are padding in every row
+        ids, mask = input_ids[:, start:end], attention_mask[:, start:end].long()
+        self.cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.mask = mask
+        # Each row's next token is predicted at its own last real column (rows reset by mask may end earlier).
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (B,)
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        self.next_logits = out.logits[rows, last].float()  # (B, V)
+        return self.next_logits
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Append ``[B, n]`` columns (``mask`` False: a masked slot, e.g. a row that has ended or a row that
+        appends fewer tokens than another). Rows with a real new column get the logits predicted after their
+        last one; rows without keep theirs. Returns the next-token logits ``[B, V]``."""
+        assert self.mask is not None, "prefill first"
+        mask = mask.to(self.mask.device).long()  # (B, n)
+        positions = self.mask.sum(-1, keepdim=True) - 1 + mask.cumsum(-1)  # (B, n): masked slots repeat the last
+        self.mask = torch.cat([self.mask, mask], dim=-1)  # (B, C + n)
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        n = mask.shape[1]
+        last = n - 1 - mask.flip(-1).argmax(-1)  # (B,) each row's last real new column
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        new = out.logits[rows, last].float()  # (B, V)
+        self.next_logits = torch.where(mask.bool().any(-1, keepdim=True), new, self.next_logits)
+        return self.next_logits
+
+    def logprobs_of(self, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """log p(token) under the current next-token distribution at ``temperature``, ``[B]``."""
+        assert self.next_logits is not None, "prefill first"
+        return token_logprobs(self.next_logits, tokens, temperature)
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_start: int,
+    temperature: float = 1.0,
+    chunk_rows: int = 16,
+) -> torch.Tensor:
+    """One parallel forward over full sequences: log p(x_t | x_<t) for every response position.
+
+    ``input_ids`` ``[B, L]`` holds left-padded prompts in columns ``< response_start`` and the response
+    after; returns ``[B, L - response_start]``. This is the sequence-level path (what TRL does after
+    ``generate``; the KL wrapper's reference pass) and what the KV-cached path is tested against.
+    """
+    out = []
+    T = input_ids.shape[1] - response_start
+    for i in range(0, input_ids.shape[0], chunk_rows):  # bounds the [rows, T, V] logits
+        ids, mask = input_ids[i : i + chunk_rows], attention_mask[i : i + chunk_rows].long()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                       logits_to_keep=T + 1).logits
+        logits = logits[:, -(T + 1) : -1]  # (b, T, V): position t predicts column response_start + t
+        out.append(token_logprobs(logits, ids[:, response_start:], temperature))
+    return torch.cat(out)

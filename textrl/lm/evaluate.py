@@ -1,0 +1,104 @@
+"""Held-out evaluation of a text run: every held-out prompt answered a few times, scored and compared.
+
+The before/after comparison is *paired*: the same prompts, answered with the same sampling seed, so the
+prompt-to-prompt spread of the score cancels in the difference (:func:`paired_gain`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from textrl.config import KLConfig, SamplingConfig
+from textrl.lm.build import build_kl_env
+from textrl.lm.collect import collect_tokens
+from textrl.lm.generate import HFGenerator
+from textrl.lm.sampling import TokenSampler
+from textrl.parallel.distributed import gather_objects, rank, world_size
+from textrl.rollout import TokenRollout
+from textrl.shard import Shard
+
+__all__ = ["EvalResult", "paired_gain", "summary_line", "decode_completions", "evaluate_heldout"]
+
+
+@dataclass
+class EvalResult:
+    mean: float
+    se: float
+    kl: float  # mean summed KL per completion
+    samples: list[tuple[str, str]] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # per held-out prompt, in prompt order
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4f} ± {self.se:.4f}"
+
+
+def paired_gain(before: EvalResult, after: EvalResult) -> tuple[float, float]:
+    """Mean and standard error of after − before over the same held-out prompts (a paired comparison: the
+    prompt-to-prompt spread of the score cancels; both evaluations also share the sampling seed)."""
+    d = torch.tensor(after.scores, dtype=torch.float64) - torch.tensor(before.scores, dtype=torch.float64)
+    if d.numel() < 2:
+        return float("nan"), float("nan")
+    return float(d.mean()), float(d.std() / math.sqrt(d.numel()))
+
+
+def summary_line(before: EvalResult | None, after: EvalResult) -> str:
+    """``held-out reward: BEFORE ± SE -> AFTER ± SE (kl=K)``, plus the paired gain when both exist."""
+    head = f"{before}" if before is not None else "(resumed)"
+    line = f"held-out reward: {head} -> {after} (kl={after.kl:.3f})"
+    if before is not None and len(before.scores) == len(after.scores):
+        gain, se = paired_gain(before, after)
+        line += f"; paired gain {gain:+.4f} ± {se:.4f} ({gain / se if se > 0 else float('nan'):.1f} SE)"
+    return line
+
+
+def decode_completions(tokenizer: Any, ro: TokenRollout) -> list[str]:
+    """The agent's tokens of every row, decoded (special tokens skipped)."""
+    ids = [t[m].tolist() for t, m in zip(ro.tokens, ro.action_mask, strict=True)]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, tokenizer: Any, prompts: list[str] | None, *,
+                     sampling: SamplingConfig, kl: KLConfig, generations: int, samples: int, seed: int,
+                     device: torch.device | str) -> EvalResult | None:
+    """Answer every held-out prompt ``generations`` times with the causal LM ``policy`` (sequential order,
+    sampling stream seeded ``seed + 12345``, rows of at most 64, envs made by the text env ``env``'s
+    ``with_prompts``). A prompt's score is the mean of its answers; the result is the mean over prompts ± the
+    standard error of that mean (prompts are the independent units); ``samples`` prompts keep their first answer.
+
+    Data-parallel runs call it on every process: each takes a contiguous share of every chunk of rows (its
+    slice of the chunk's sampling uniforms, as in training), and the rows are gathered, so the result is the
+    one-process result."""
+    if not prompts:
+        return None
+    k = generations
+    rows = [p for p in prompts for _ in range(k)]
+    per_prompt = torch.zeros(len(prompts), dtype=torch.float64)
+    quoted, kl_sum = [], 0.0
+    rng = torch.Generator(device=device).manual_seed(seed + 12345)
+    chunk = max(k, 64 // k * k)
+    world, me = world_size(), rank()
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        lo, hi = me * len(part) // world, (me + 1) * len(part) // world  # this process's rows of the chunk
+        shard = Shard(lo, len(part)) if world > 1 else Shard()
+        mine: list[tuple[float, float, str]] = []
+        if hi > lo:
+            kl_env = build_kl_env(env.with_prompts(part, num_envs=hi - lo, shard=shard), reference, kl,
+                                  sampling.temperature, in_reward=False)  # the KL is measured, not paid
+            ro = collect_tokens(kl_env, HFGenerator.from_config(policy, sampling, rng, shard), seed=seed)
+            mine = list(zip(ro.scores.tolist(), ro.kl.sum(1).tolist(), decode_completions(tokenizer, ro), strict=True))
+        else:  # no rows here (a chunk smaller than the process count): keep the sampler in step
+            TokenSampler(rng=rng, shard=shard).sync(0, device)
+        scores, kls, texts = zip(*gather_objects(mine), strict=True)  # the chunk's rows, in row order
+        first = start // k  # rows are prompt-major: row j answers prompt first + j // k
+        per_prompt.index_add_(0, first + torch.arange(len(part)) // k, torch.tensor(scores, dtype=torch.float64) / k)
+        kl_sum += float(torch.tensor(kls, dtype=torch.float32).sum())
+        quoted += [(part[j], texts[j]) for j in range(0, len(part), k)]  # the first answer of each prompt
+    n = len(prompts)
+    se = float(per_prompt.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return EvalResult(float(per_prompt.mean()), se, kl_sum / len(rows), quoted[:samples], per_prompt.tolist())

@@ -1,0 +1,75 @@
+"""The generator protocol (how collection asks a model for tokens) and its reference implementation.
+
+A generator is given its model and sampling config at construction; collection then calls ``prefill``
+with the reset observation, ``sample`` once per step, ``extend`` with the columns the env wrote (the
+sampled tokens, and any tokens the env appends between the agent's turns), and ``finish`` at the end of
+the episode batch. Faster generators (static cache, compiled steps, continuous batching) implement the same
+four methods and are tested against :class:`HFGenerator`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from textrl.lm.decoding import CachedForward
+from textrl.lm.sampling import TokenSampler
+from textrl.shard import Shard
+
+__all__ = ["Generator", "HFGenerator"]
+
+
+class Generator(Protocol):
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Encode the prompts ``[B, L]`` (left-padded)."""
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next tokens ``[B]`` and their log-probs ``[B]`` under the policy at the sampling temperature."""
+
+    def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        """Append columns ``[B, n]`` to every row's context (``mask`` False: nothing for that row there)."""
+
+    def finish(self) -> None:
+        """The episode batch is over (keeps data-parallel processes' random streams in step)."""
+
+
+class HFGenerator:
+    """Token-by-token sampling from a Hugging Face causal LM with its KV cache (:class:`CachedForward`): one
+    forward per step for the whole batch, never the prefix again, no host round trip per token.
+
+    The log-prob returned with each token is that of the full temperature-scaled distribution (what the update
+    recomputes); with top-k/top-p/min_new_tokens the sampling distribution is truncated, which makes the
+    samples slightly off-policy — the same convention as TRL.
+    """
+
+    def __init__(self, model: torch.nn.Module, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 rng: torch.Generator | None = None, shard: Shard | None = None, min_new_tokens: int = 0,
+                 stop_ids: tuple[int, ...] = ()):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.forward = CachedForward(model)
+        self.sampler = TokenSampler(temperature, top_k, top_p, rng, shard, min_new_tokens, stop_ids)
+        self.rows = 0
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, sampling, rng: torch.Generator | None = None,
+                    shard: Shard | None = None, stop_ids: tuple[int, ...] = ()) -> HFGenerator:
+        """From a :class:`~textrl.config.SamplingConfig`."""
+        return cls(model, sampling.temperature, sampling.top_k, sampling.top_p, rng, shard,
+                   sampling.min_new_tokens, stop_ids)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.rows = input_ids.shape[0]
+        self.forward.prefill(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.sampler(self.forward.next_logits)  # (B,)
+        return tokens, self.forward.logprobs_of(tokens, self.sampler.temperature)
+
+    def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        self.forward.extend(tokens, mask)
+
+    def finish(self) -> None:
+        self.sampler.sync(self.rows, self.forward.next_logits.device)

@@ -1,0 +1,254 @@
+"""A run on a text env: RLHF on a causal LM with any agent (PPO, RLOO, GRPO, REINFORCE++ …).
+
+Built once: the policy (LoRA, quantised base, value head when the agent has a critic), the reference, the
+text env (this process's rows of the global batch) wrapped in the KL penalty, the generator, the agent and
+its learner. Around the loop: the health check, the held-out evaluation before and after (``samples.md``,
+the final ``held-out reward`` line), ``curves.png``, warnings, and full-state checkpoints (weights,
+optimiser, KL controller, every random stream) that resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from textrl.agents.base import agent_class
+from textrl.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from textrl.config import TrainConfig, from_dict
+from textrl.lm.build import build_kl_env, build_policy, build_text_env, load_reward_model
+from textrl.lm.collect import collect_tokens
+from textrl.lm.evaluate import EvalResult, evaluate_heldout, summary_line
+from textrl.lm.generate import HFGenerator
+from textrl.lm.report import plot_curves, write_samples
+from textrl.parallel.deepspeed import is_zero3
+from textrl.parallel.distributed import Reducer, is_main, make_accelerator, process_shard, world_size
+from textrl.parallel.learner import Learner
+from textrl.rollout import TokenRollout
+from textrl.runs import Run, RunResult, resolve_output_dir, seed_everything
+from textrl.tracking import Tracker
+
+__all__ = ["LMRun", "rows_per_process", "rollout_stats", "bf16_supported", "DEEPSPEED_DIR"]
+
+DEEPSPEED_DIR = "checkpoint_deepspeed"  # DeepSpeed's own checkpoints (tag update<N>), beside ours
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def rows_per_process(num_envs: int, world: int, agent_cfg: Any) -> int:
+    """Rows per process; the batch — and each process's shard of it — must split into the agent's groups
+    and minibatches."""
+    agent_cfg.check_batch(num_envs)
+    if world == 1:
+        return num_envs
+    if num_envs % world:
+        raise ValueError(f"num_envs={num_envs} is the global batch and must be a multiple of the number of processes "
+                         f"({world}): choose num_envs from {[world * i for i in range(1, 9)]}")
+    local = num_envs // world
+    try:
+        agent_cfg.check_batch(local)
+    except ValueError as err:
+        raise ValueError(f"with {world} processes each process holds num_envs / {world} = {local} rows, and: {err}. "
+                         "Raise num_envs or run fewer processes") from None
+    return local
+
+
+def rollout_stats(ro: TokenRollout, reduce: Reducer) -> dict[str, float]:
+    """Per-batch rollout metrics, over the union of the processes' rows (one process: its batch)."""
+    scores, seq_kl = reduce.gather(ro.scores), reduce.gather(ro.kl.sum(1))  # (B_global,) each
+    returns, lengths = reduce.gather(ro.rewards.sum(1)), reduce.gather(ro.action_mask.sum(1).float())
+    eos = reduce.gather(ro.terminated.any(1).float())
+    return {
+        "reward/score_mean": float(scores.mean()),
+        "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "reward/total_mean": float(returns.mean()),
+        "policy/kl_ref": float(seq_kl.mean()),  # summed KL per completion
+        "env/response_length": float(lengths.mean()),
+        "env/eos_rate": float(eos.mean()),
+    }
+
+
+class LMRun(Run):
+    """Any registered agent on a textrl text env (``cfg.env`` with a ``model``, or ``model.name`` given)."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False):
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        seed_everything(cfg.seed)
+        self.cfg, self.quiet, self.resumed, self.history = cfg, quiet, resume, []
+        want = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                            ("cpu" if cfg.device == "auto" else cfg.device))
+        # accelerate at the edges: under `accelerate launch` / `torchrun` this joins the process group (gloo on
+        # CPU, NCCL on GPUs) and the run becomes data-parallel, each process stepping its shard of the env
+        accelerator = make_accelerator(want)
+        self.device = accelerator.device if want.type != "cpu" else want
+        self.world, self.main = world_size(), is_main()  # (accelerate on CPU + DeepSpeed reports 1 process)
+        self.output_dir = resolve_output_dir(cfg)
+        if cfg.model.bf16 and not bf16_supported(self.device):
+            raise ValueError(f"bf16: this {self.device.type} has no bf16 support (avx512_bf16/amx_bf16 or a bf16 "
+                             "GPU); set bf16: false")
+        self._build(accelerator)
+        self.steps_per_update = cfg.num_envs * self.base.max_new_tokens
+        self.num_updates = math.ceil(cfg.total_steps / self.steps_per_update)
+        self.sampler_rng = self.generator.sampler.rng
+        if resume:
+            self._resume()
+        else:  # seeds the prompt draws once; rollouts continue the stream (the same global stream on every process)
+            self.base.reset(seed=cfg.seed)
+        self.tracker = Tracker(self.output_dir, self.write_config(), total=self.num_updates * self.steps_per_update,
+                               initial=self.global_step, enabled=self.main,
+                               postfix_keys={"reward/score_mean": "score", "policy/kl_ref": "kl",
+                                             "losses/policy": "pg"})
+        self.comparable_weights = not is_zero3(accelerator)
+        self.tokens_seen, self.warn_streak, self.before = 0.0, 0, None
+
+    def _build(self, accelerator: Any) -> None:
+        """Agent config → (fail early) → policy and reference → env → agent and learner → KL wrapper."""
+        cfg = self.cfg
+        cls = agent_class(cfg.agent)
+        agent_cfg = from_dict(cls.config_class, cfg.agent_config)
+        self.local_envs = rows_per_process(cfg.num_envs, self.world, agent_cfg)  # before loading any model
+        self.tokenizer, self.policy, self.reference = build_policy(cfg, self.device, value_head=cls.has_critic)
+        scorer = load_reward_model(cfg.model.reward_model, self.device) if cfg.model.reward_model else None
+        self.shard = process_shard(self.local_envs)
+        k = int(getattr(agent_cfg, "num_generations", 1))
+        self.envs = build_text_env(cfg, self.tokenizer, self.device, self.local_envs, self.shard, k, scorer)
+        self.base = self.envs.unwrapped
+        cls.check_env(self.envs, agent_cfg)
+        self.agent = cls(agent_cfg, self.policy, kl_coef=cfg.kl.coef if cls.kl_in == "loss" else 0.0)
+        self.learner = Learner.for_agent(self.agent, accelerator, self.local_envs)
+        self.kl_env = build_kl_env(self.envs, self.reference, cfg.kl, cfg.sampling.temperature,
+                                   in_reward=cls.kl_in == "reward")
+        rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.generator = HFGenerator.from_config(self.policy.lm, cfg.sampling, rng, self.shard,
+                                                 stop_ids=(self.base.eos_token_id,))
+
+    def _resume(self) -> None:
+        out = self.output_dir
+        agent_state, state = load_checkpoint(out, device=self.device)
+        if not self.learner.deepspeed:  # DeepSpeed restores weights and optimiser from its own checkpoint
+            self.learner.load_state_dict(agent_state)
+        self.start_update, self.global_step = state["update"], state["global_step"]
+        if self.learner.deepspeed:  # the partitioned optimiser state, from the engine's checkpoint of the update
+            self.learner.load_engine(out / DEEPSPEED_DIR, f"update{self.start_update}")
+        self.kl_env.controller.load_state_dict(state["kl_controller"])
+        self.base.np_random.bit_generator.state = state["env_rng"]
+        self.base.prompt_sampler.load_state_dict(state.get("prompt_sampler", {}))
+        self.sampler_rng.set_state(load_file(str(out / CHECKPOINT_DIR / "sampler.safetensors"))["state"])
+        if self.main:
+            lines = (out / "metrics.jsonl").read_text().splitlines()[:self.start_update]
+            self.history = [json.loads(x) for x in lines]
+
+    # --- what the loop calls --------------------------------------------------------------------
+    def start(self) -> None:
+        live = [m for m in self.policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        if live:
+            raise ValueError(f"dropout must be off in RLHF models; {len(live)} dropout module(s) have p > 0")
+        msg = self.tracker.message
+        msg(f"health: PAD={self.base.pad_token_id} != EOS={self.base.eos_token_id}; dropout off; "
+            f"reference = {'policy with LoRA adapters off' if self.policy.is_lora else 'frozen copy'}")
+        if self.world > 1:
+            msg(f"data-parallel: {self.world} processes × {self.local_envs} rows = num_envs {self.cfg.num_envs} "
+                f"({self.learner.accelerator.distributed_type.value}: gradients averaged across the processes)")
+        if self.agent.kl_in == "loss":
+            msg(f"{self.cfg.agent}: KL to the reference is a loss term (kl.coef={self.agent.kl_coef}); the env's "
+                "reward carries no KL penalty")
+        if self.cfg.model.bf16:
+            msg("bf16 autocast on for the update (rollouts stay fp32; set bf16: false to turn it off)")
+        if not self.resumed:
+            self.before = self.heldout()
+            if self.before is not None and not self.quiet:  # (a no-op on the non-main processes)
+                msg(f"held-out reward before training: {self.before} (kl={self.before.kl:.3f})")
+
+    def heldout(self) -> EvalResult | None:
+        """The held-out evaluation (every process answers its share of the prompts)."""
+        cfg = self.cfg
+        with self.learner.full_weights():
+            return evaluate_heldout(self.base, self.policy.lm, self.reference, self.tokenizer, self.base.eval_prompts,
+                                    sampling=cfg.sampling, kl=cfg.kl, generations=cfg.eval.generations,
+                                    samples=cfg.eval.samples, seed=cfg.seed, device=self.device)
+
+    def collect(self) -> TokenRollout:
+        # Rollouts stay in fp32: bf16 noise on the logits biases the sampled tokens' log π − log π_ref upwards
+        # (tokens whose logit was rounded up get sampled more), inflating the KL penalty.
+        with self.learner.full_weights():
+            return collect_tokens(self.kl_env, self.generator)
+
+    def update(self, batch: TokenRollout, progress_remaining: float) -> dict[str, float]:
+        # the update's old log-probs and new ones come from the same (bf16 or fp32) path
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.model.bf16):
+            return self.learner.update(self.agent, batch, progress_remaining)
+
+    def after_update(self, batch: TokenRollout, stats: dict[str, float], elapsed: float) -> dict[str, float]:
+        out = rollout_stats(batch, self.learner.reduce)
+        self.kl_env.controller.update(out["policy/kl_ref"], n_steps=self.cfg.num_envs)
+        self.tokens_seen += out["env/response_length"] * self.cfg.num_envs  # agent tokens, not padded slots
+        out.update({"reward/kl_coef": self.kl_env.kl_coef, "time/tokens_per_s": self.tokens_seen / elapsed})
+        if stats.get("policy/approx_kl", 0) > 0.1 or stats.get("policy/clipfrac", 0) > 0.3:
+            self.warn_streak += 1
+            if self.warn_streak == 3:
+                self.tracker.message("warning: approx_kl > 0.1 or clipfrac > 0.3 for 3 updates: lower the learning "
+                                     "rate, lower clip_range (0.2 -> 0.1) or raise kl_coef (0.05 -> 0.1)")
+        else:
+            self.warn_streak = 0
+        return out
+
+    def checkpoint(self, update: int) -> None:
+        out = self.output_dir
+        if self.learner.deepspeed:  # every process writes its partition of the optimiser state first
+            self.learner.save_engine(out / DEEPSPEED_DIR, f"update{update}")
+        with self.learner.full_weights():
+            if self.main:  # written once: the processes' states are identical (the env's and sampler's streams
+                # are global, weights and optimiser synchronised): any process count can resume it
+                self._save(update)
+                for old in (out / DEEPSPEED_DIR).glob("update*"):  # keep the engine's matching one
+                    if old.name != f"update{update}":
+                        shutil.rmtree(old, ignore_errors=True)
+            self.barrier()
+
+    def _save(self, update: int) -> None:
+        policy, tokenizer = self.policy, self.tokenizer
+
+        def extra(ckpt: Path) -> None:
+            save_file({"state": self.sampler_rng.get_state()}, str(ckpt / "sampler.safetensors"))
+            # The policy in Hugging Face layout (peft adapter or full model) and the value head, for users.
+            policy.lm.save_pretrained(ckpt / "policy", safe_serialization=True)
+            tokenizer.save_pretrained(ckpt / "policy")
+            if policy.value_head is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
+                          str(ckpt / "value_head.safetensors"))
+            if policy.critic is not None:  # the separate critic's trunk, in Hugging Face layout
+                policy.critic.save_pretrained(ckpt / "critic", safe_serialization=True)
+
+        save_checkpoint(self.output_dir, self.learner.state_dict(), {
+            "update": update, "global_step": self.global_step, "kl_controller": self.kl_env.controller.state_dict(),
+            "env_rng": self.base.np_random.bit_generator.state, "env_seed": self.base.np_random_seed,
+            "prompt_sampler": self.base.prompt_sampler.state_dict(),
+        }, write_extra=extra)
+
+    def finish(self, stats: dict[str, float]) -> RunResult:
+        after = self.heldout()
+        result = RunResult(self.output_dir, self.global_step, self.num_updates, self.history, stats)
+        if not self.main:
+            return result
+        if self.history:
+            plot_curves(self.history, self.output_dir / "curves.png")
+        write_samples(self.output_dir / "samples.md", self.before, after)
+        if after is not None and not self.quiet:
+            print(summary_line(self.before, after), file=sys.stderr)
+        result.before, result.after = self.before, after
+        return result

@@ -1,0 +1,120 @@
+"""What a training run is: the pieces built once (envs, policy, agent, learner, tracker) and the few steps
+the loop (:mod:`textrl.loop`) drives. Two kinds exist: :class:`~textrl.classic_run.ClassicRun` (a Gymnasium
+env with an MLP policy) and :class:`~textrl.lm.run.LMRun` (a text env with a language model);
+:func:`textrl.train.make_run` picks one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from textrl.config import TrainConfig, to_dict
+from textrl.parallel.distributed import barrier, broadcast_object
+
+__all__ = ["Run", "RunResult", "seed_everything", "default_output_dir", "resolve_output_dir"]
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns (classic runs fill the episode fields, text runs the held-out ones)."""
+
+    output_dir: Path
+    global_step: int
+    updates: int
+    history: list[dict[str, float]] = field(default_factory=list)  # every update's metrics, with global_step
+    last_stats: dict[str, float] = field(default_factory=dict)
+    episode_returns: list[float] = field(default_factory=list)  # classic: every finished episode, in order
+    before: Any = None  # text: the held-out EvalResult before training (None when resumed)
+    after: Any = None  # text: the held-out EvalResult after training
+
+    def mean_return(self, last: int = 20) -> float:
+        """Classic runs: mean return of the last ``last`` finished episodes (NaN if none finished)."""
+        tail = self.episode_returns[-last:]
+        return float(np.mean(tail)) if tail else float("nan")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_output_dir(cfg: TrainConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{cfg.env.replace('/', '_').replace(':', '_')}__{cfg.agent}__s{cfg.seed}__{stamp}")
+
+
+def resolve_output_dir(cfg: TrainConfig) -> Path:
+    """The run directory: the configured one, or one named after the clock by the main process."""
+    return Path(cfg.output_dir if cfg.output_dir is not None else broadcast_object(default_output_dir(cfg)))
+
+
+class Run:
+    """The base of both run kinds. Subclasses build their pieces in ``__init__`` (resuming if asked) and
+    implement :meth:`collect`, :meth:`update`, :meth:`after_update`, :meth:`checkpoint`, :meth:`finish`."""
+
+    cfg: TrainConfig
+    output_dir: Path
+    tracker: Any
+    main: bool
+    agent: Any
+    learner: Any
+    num_updates: int
+    steps_per_update: int
+    start_update: int = 0
+    global_step: int = 0
+    quiet: bool = False
+    #: data-parallel weights can be compared across processes (not under ZeRO-3, where each holds a partition)
+    comparable_weights: bool = True
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The config as run: the user's config with the output directory and the agent's full config."""
+        return {**to_dict(self.cfg), "output_dir": str(self.output_dir), "agent_config": to_dict(self.agent.config)}
+
+    def write_config(self) -> dict[str, Any]:
+        resolved = self.resolved_config()
+        if self.main:  # the main process writes every file of the run; the others only train
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        return resolved
+
+    # --- what the loop calls --------------------------------------------------------------------
+    def start(self) -> None:
+        """Before the first update of this session (e.g. the held-out evaluation before training)."""
+
+    def collect(self) -> Any:
+        raise NotImplementedError
+
+    def update(self, batch: Any, progress_remaining: float) -> dict[str, float]:
+        return self.learner.update(self.agent, batch, progress_remaining)
+
+    def after_update(self, batch: Any, stats: dict[str, float], elapsed: float) -> dict[str, float]:
+        """Run-specific metrics of this update (episode returns, rollout statistics, throughput)."""
+        raise NotImplementedError
+
+    def log(self, stats: dict[str, float]) -> None:
+        self.tracker.log(stats, self.global_step)
+        self.history.append({"global_step": self.global_step, **stats})
+        if stats.get("train/nan_skipped"):
+            self.tracker.message(f"step {self.global_step}: skipped {int(stats['train/nan_skipped'])} optimiser "
+                                 "step(s) with a non-finite loss or gradient (weights kept)")
+
+    def checkpoint(self, update: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.tracker.close()
+
+    def finish(self, stats: dict[str, float]) -> RunResult:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        barrier()
