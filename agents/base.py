@@ -29,7 +29,7 @@ from textrl.masking import masked_mean
 from textrl.validate import finite_number, optional_positive, positive_int
 
 __all__ = ["Agent", "UpdateConfig", "OnPolicyConfig", "Reduce", "AGENTS", "ALIASES", "agent_class", "canonical_agent", "register_agent", "lm_batch",
-           "lm_forward", "on_policy_logprobs", "entropy_terms", "is_token_env"]
+           "lm_forward", "on_policy_logprobs", "entropy_terms", "is_token_env", "check_text_env"]
 
 
 class Reduce(Protocol):
@@ -123,14 +123,28 @@ class Agent(ABC):
     token_mean_stats: frozenset[str] = frozenset({"policy/entropy", "losses/entropy"})
 
     def __init__(self, config: Any = None, policy: torch.nn.Module | None = None, kl_coef: float = 0.0):
+        if self.kl_in not in ("reward", "loss"):
+            raise TypeError(f"{type(self).__name__}.kl_in must be 'reward' or 'loss', got {self.kl_in!r}")
         self.config = config if config is not None else self.config_class()
         self.policy = policy
         self.kl_coef = float(kl_coef)  # β of the KL loss term (agents with kl_in = "loss")
+        if not self.has_critic and policy is not None:  # a policy built with a value head or critic: frozen, so
+            for name in ("value_head", "critic"):      # neither the optimiser nor DDP sees parameters with no loss
+                module = getattr(policy, name, None)
+                for p in module.parameters() if isinstance(module, torch.nn.Module) else ():
+                    p.requires_grad_(False)
+
+    @classmethod
+    def completions_per_prompt(cls, config: Any) -> int | None:
+        """How many completions of each prompt a batch must hold for this agent with ``config`` (the env serves
+        each prompt that many times in contiguous rows); None: the agent does not care."""
+        k = getattr(config, "num_generations", None)
+        return None if k is None else int(k)
 
     @property
     def num_generations(self) -> int:
-        """Completions per prompt that each batch must hold (1 unless the agent compares siblings)."""
-        return int(getattr(self.config, "num_generations", 1))
+        """Completions per prompt in each batch (1 unless the agent asks for more)."""
+        return self.completions_per_prompt(self.config) or 1
 
     @classmethod
     def check_env(cls, envs: gym.vector.VectorEnv, config: Any = None) -> None:
@@ -159,6 +173,17 @@ def is_token_env(envs: gym.vector.VectorEnv) -> bool:
     """A textrl text env: token-buffer observations (``input_ids``/``attention_mask``)."""
     space = envs.single_observation_space
     return isinstance(space, gym.spaces.Dict) and "input_ids" in space.spaces
+
+
+def check_text_env(envs: gym.vector.VectorEnv, name: str, k: int) -> None:
+    """An LM-only agent needs a text env that serves each prompt ``k`` times per batch."""
+    if not is_token_env(envs):
+        raise TypeError(f"env: {name} needs a text env and an LM policy (it learns from completions); got "
+                        f"{type(envs.unwrapped).__name__}. Use PPO for classic Gymnasium envs.")
+    served = envs.unwrapped.num_generations
+    if served != k:
+        raise ValueError(f"num_generations: the env serves each prompt {served} time(s) per batch but {name} "
+                         f"expects {k}; build the env with num_generations={k} (textrl train does this for you)")
 
 
 def lm_batch(rollout: Any, **tensors: torch.Tensor) -> dict[str, Any]:

@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 
 import gymnasium as gym
 import torch
-from textrl.agents.base import Agent, OnPolicyConfig, Reduce, is_token_env, lm_batch, on_policy_logprobs
+from textrl.agents.base import Agent, OnPolicyConfig, Reduce, check_text_env, lm_batch, on_policy_logprobs
 
 from textrl.rollout import TokenRollout
 
-__all__ = ["GroupConfig", "GroupAgent", "check_text_env"]
+__all__ = ["GroupConfig", "GroupAgent"]
 
 
 @dataclass
@@ -41,17 +41,6 @@ class GroupConfig(OnPolicyConfig):
                              f"k times per batch; choose num_envs from {[k * i for i in range(1, 9)]} or change "
                              "num_generations")
         super().check_batch(batch, what)
-
-
-def check_text_env(envs: gym.vector.VectorEnv, name: str, k: int) -> None:
-    """A critic-free LM agent needs a text env that serves each prompt ``k`` times per batch."""
-    if not is_token_env(envs):
-        raise TypeError(f"env: {name} needs a text env and an LM policy (it learns from completions); got "
-                        f"{type(envs.unwrapped).__name__}. Use PPO for classic Gymnasium envs.")
-    served = envs.unwrapped.num_generations
-    if served != k:
-        raise ValueError(f"num_generations: the env serves each prompt {served} time(s) per batch but {name} "
-                         f"expects {k}; build the env with num_generations={k} (textrl train does this for you)")
 
 
 class GroupAgent(Agent):

@@ -28,8 +28,8 @@ __all__ = ["GRPOConfig", "GRPO"]
 
 @dataclass
 class GRPOConfig(GroupConfig):
-    """GRPO hyperparameters (paper defaults: per-sequence loss, group std scaling, clip 0.2; the KL loss
-    term's β is the run's kl.coef — the paper's 0.04, 0 drops it as TRL's default does)."""
+    """GRPO hyperparameters (paper defaults: per-sequence loss, group std scaling, clip 0.2). The KL loss
+    term's β is the run's kl.coef (default 0.05; the paper used 0.04; 0 drops it, as TRL's default does)."""
 
     loss_type: str = "sequence"
     """How token losses are averaged: "sequence" (the paper: mean over each completion's tokens, then over

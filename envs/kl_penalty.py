@@ -72,7 +72,7 @@ class KLPenalty(gym.vector.VectorWrapper):
             ref_model.eval()                          # (LoRA adapters off) must not freeze its weights
             for p in ref_model.parameters():
                 p.requires_grad_(False)
-        self.ref = CachedForward(ref_model)
+        self.ref = CachedForward(ref_model) if reference_pass == "per_token" else None  # the per-step reference
 
     @property
     def kl_coef(self) -> float:

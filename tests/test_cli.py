@@ -138,3 +138,24 @@ def test_config_sections_and_the_flat_keys_of_older_configs(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump({**flat, "agent": "ppo", "agent_config": {"num_epochs": 2}}))
     cfg, resume = resolve_train_config(["--resume", str(run)])
     assert resume and cfg.kl.coef == 0.2 and cfg.output_dir == str(run) and cfg.agent_config["num_epochs"] == 2
+
+
+def test_section_objects_null_sections_and_loss_kl_settings(tmp_path):
+    from textrl.config import KLConfig, TrainConfig, from_dict
+    from textrl.train import make_run
+
+    cfg = from_dict(TrainConfig, {"kl": KLConfig(coef=0.3), "kl_target": 1.0})  # an object and a flat key merge
+    assert (cfg.kl.coef, cfg.kl.target) == (0.3, 1.0)
+    nulls = tmp_path / "nulls.yaml"
+    nulls.write_text(yaml.safe_dump({"env": "textrl/TargetToken-v0", "eval": None, "kl": None}))
+    cfg, _ = resolve_train_config([str(nulls)])
+    assert cfg.eval.generations == 1 and cfg.kl.coef == 0.001  # null: the defaults (and the preset's β)
+    # GRPO's KL is a loss term: an adaptive target for a reward penalty makes no sense there
+    cfg, _ = resolve_train_config(["--env", "textrl/TargetToken-v0", "--agent", "grpo", "--kl-target", "1.0",
+                                   "--output-dir", str(tmp_path / "grpo")])
+    with pytest.raises(ValueError, match="kl.target=1.0: .*grpo puts the KL in its loss"):
+        make_run(cfg, quiet=True)
+    # PPO with grouped prompts from env_kwargs (PPO itself asks for no k)
+    cfg, _ = resolve_train_config(["--env", "textrl/TargetToken-v0", "--env-kwargs", "{num_generations: 4}",
+                                   "--output-dir", str(tmp_path / "ppo")])
+    assert make_run(cfg, quiet=True).base.num_generations == 4

@@ -171,6 +171,13 @@ def test_group_agents_do_not_train_a_critic(tmp_path):
     # the policy built for PPO has one
     ppo_cfg, _ = resolve_train_config(["--env", "textrl/TargetToken-v0", "--output-dir", str(tmp_path / "ppo")])
     assert make_run(ppo_cfg, quiet=True).policy.value_head is not None
+    # a policy built with a head by hand (Python API): the critic-free agent freezes it, so nothing trains it
+    from textrl.parallel import Learner
+
+    tok = char_tokenizer()
+    policy = LMActorCritic(tiny_gpt2(len(tok)))
+    learner = Learner.for_agent(RLOO(RLOOConfig(), policy))
+    assert not {id(p) for p in policy.value_head.parameters()} & {id(p) for p in learner.params}
 
 
 def test_cli_rejects_bad_group_combination(tmp_path):

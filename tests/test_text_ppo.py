@@ -236,8 +236,8 @@ def test_evaluation_averages_several_answers_per_prompt(tmp_path):
 
     def evaluate(cfg, policy, ref, tok, device, prompts, samples):
         env = build_text_env(cfg, tok, device).unwrapped
-        return evaluate_heldout(env, policy.lm, ref, tok, prompts, sampling=cfg.sampling, kl=cfg.kl,
-                                generations=cfg.eval.generations, samples=samples, seed=cfg.seed, device=device)
+        return evaluate_heldout(env, policy.lm, ref, prompts, sampling=cfg.sampling, kl=cfg.kl,
+                                generations=cfg.eval.generations, samples=samples, seed=cfg.seed)
 
     cfg = toy_cfg(tmp_path, "--eval-generations", "3")
     tok, policy, ref = build_policy(cfg, torch.device("cpu"))

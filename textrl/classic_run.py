@@ -25,10 +25,10 @@ from textrl.config import TrainConfig, from_dict
 from textrl.parallel.distributed import gather_objects, make_accelerator, rank, world_size
 from textrl.parallel.learner import Learner
 from textrl.rollout import Rollout
-from textrl.runs import Run, RunResult, resolve_output_dir, seed_everything
+from textrl.runs import Run, RunResult, resolve_output_dir, seed_everything, torch_device
 from textrl.tracking import Tracker
 
-__all__ = ["ClassicRun", "make_envs", "check_env_id", "torch_device"]
+__all__ = ["ClassicRun", "make_envs", "check_env_id"]
 
 
 def check_env_id(env_id: str) -> None:
@@ -55,18 +55,10 @@ def make_envs(cfg: TrainConfig, num_envs: int | None = None) -> gym.vector.Vecto
                         vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **cfg.env_kwargs)
 
 
-def torch_device(name: str) -> str:
-    """The torch device a ``device`` field names ("auto" = cuda if available)."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 class ClassicRun(Run):
     """PPO (or any agent for Box observations and Discrete actions) on a Gymnasium vector env."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False):
-        check_env_id(cfg.env)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         seed_everything(cfg.seed)
@@ -80,6 +72,9 @@ class ClassicRun(Run):
                                  f"of the number of processes ({world})")
             local = cfg.num_envs // world
         self.main, self.world, self.local_envs = self.rank == 0, world, local
+        # data-parallel: each process on its own device (cuda:LOCAL_RANK on GPUs), as accelerate assigned it
+        device = torch_device(cfg.device)
+        self.device = torch.device(device if accelerator is None or device == "cpu" else accelerator.device)
         self.output_dir = resolve_output_dir(cfg)
         self.envs = make_envs(cfg, local)
         self.agent, self.learner = self._build_agent(accelerator)
@@ -110,9 +105,6 @@ class ClassicRun(Run):
                             "env. Use --agent ppo")
         n = self.local_envs
         agent_cfg.check_batch(n * num_steps, f"num_envs × num_steps = {n} × {num_steps} = {n * num_steps}")
-        # data-parallel: each process on its own device (cuda:LOCAL_RANK on GPUs), as accelerate assigned it
-        device = torch_device(self.cfg.device)
-        self.device = torch.device(device if accelerator is None or device == "cpu" else accelerator.device)
         policy = MLPActorCritic.for_env(self.envs, agent_cfg.hidden_sizes).to(self.device)
         agent = cls(agent_cfg, policy)
         return agent, Learner.for_agent(agent, accelerator, n * num_steps)

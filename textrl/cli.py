@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from textrl.config import (
+    FLAT_KEYS,
     SECTIONS,
     TrainConfig,
     coerce_field,
@@ -58,7 +59,7 @@ def _split_layer(data: dict[str, Any], agent: str) -> tuple[dict, dict]:
 def _merge(run: dict[str, Any], layer: dict[str, Any]) -> None:
     """Later layers win, field by field inside the sections too."""
     for key, value in layer.items():
-        run[key] = {**run.get(key, {}), **value} if key in SECTIONS else value
+        run[key] = {**run.get(key, {}), **(value or {})} if key in SECTIONS else value
 
 
 def _prescan(argv: list[str]) -> argparse.Namespace:
@@ -68,7 +69,9 @@ def _prescan(argv: list[str]) -> argparse.Namespace:
     i = 0
     while i < len(argv):
         token = argv[i]
-        if token.startswith("--"):
+        if token == "--help":
+            pass
+        elif token.startswith("--"):
             name, eq, value = token[2:].partition("=")
             if not eq:
                 value = argv[i + 1] if i + 1 < len(argv) else None
@@ -177,7 +180,7 @@ def _train_parser(agent_config_cls: type) -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         _add_fields(parser.add_argument_group(f"{section} ({cls.__name__}; YAML: {section}: {{...}})"), cls, section)
     agent_fields = [f.name for f in dataclasses.fields(agent_config_cls)]
-    clash = [n for n in agent_fields if n in _RUN_FIELDS]
+    clash = [n for n in agent_fields if n in _RUN_FIELDS or n in FLAT_KEYS]
     _add_fields(parser.add_argument_group(f"agent ({agent_config_cls.__name__})"), agent_config_cls, skip=tuple(clash))
     return parser
 

@@ -8,8 +8,10 @@ as ``config.yaml`` and is what ``--resume`` reads back. Field docstrings (the st
 field) become the ``--help`` text.
 
 In YAML a section is a mapping (``kl: {coef: 0.1}``); each section field also has a flat name, which is its
-command-line flag and is accepted in YAML too (``kl_coef: 0.1``, the layout of configs written before the
-sections existed): :data:`FLAT_KEYS` maps one to the other.
+command-line flag and is accepted in YAML and by :func:`from_dict` too (``kl_coef: 0.1``, the layout of
+configs written before the sections existed): :data:`FLAT_KEYS` maps one to the other. In Python, build
+``TrainConfig(kl=KLConfig(coef=0.1))`` or ``TrainConfig(kl={"coef": 0.1})``; the flat names are not
+``TrainConfig`` arguments.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class KLConfig:
     horizon: int = 10_000
     """Adaptive controller horizon, in completions."""
     estimator: str = "k1"
-    """Per-token KL estimator in the reward: k1, k2 or k3."""
+    """Per-token KL estimator in the reward: k1, k2 or k3 (GRPO's KL loss term is always k3)."""
     reference_pass: str = "sequence"
     """How the reference's log-probs are computed: "sequence" = one parallel forward after each rollout
     (cheaper); "per_token" = stepping with the env in its own KV cache. The batches are equal."""
@@ -122,10 +124,8 @@ class KLConfig:
         finite_number("kl_coef", self.coef, minimum=0, strict=False)
         optional_positive("kl_target", self.target)
         positive_int("kl_horizon", self.horizon)
-        if self.estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.estimator!r}")
-        if self.reference_pass not in ("sequence", "per_token"):
-            raise ValueError(f"reference_pass must be 'sequence' or 'per_token', got {self.reference_pass!r}")
+        one_of("kl_estimator", self.estimator, ("k1", "k2", "k3"))
+        one_of("reference_pass", self.reference_pass, ("sequence", "per_token"))
 
 
 @dataclass
@@ -179,7 +179,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Text runs: the policy model, LoRA, quantisation, critic and reward model (see ModelConfig)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    """Text runs: temperature, top-k, top-p (see SamplingConfig)."""
+    """Text runs: temperature, top-k, top-p, min_new_tokens (see SamplingConfig)."""
     kl: KLConfig = field(default_factory=KLConfig)
     """Text runs: β and the KL estimator (see KLConfig)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -214,18 +214,25 @@ def nest_run_fields(data: dict[str, Any]) -> dict[str, Any]:
     moved into their sections (``kl: {coef}``, ``model: {name}``). A field given both ways is an error."""
     out: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
+    given: set[tuple[str, str]] = set()  # fields named explicitly (a section object's fields are its defaults too)
 
     def put(section: str, name: str, value: Any, given_as: str) -> None:
-        if name in sections.setdefault(section, {}):
+        if (section, name) in given:
             raise ValueError(f"{given_as} and {section}.{name} are the same field, given twice; keep one "
                              f"({section}: {{{name}: ...}} in YAML, --{_flag(section_flat(section, name))} as a flag)")
-        sections[section][name] = value
+        given.add((section, name))
+        sections.setdefault(section, {})[name] = value
 
+    for key, value in data.items():  # a section object first: its fields are the base the other keys refine
+        if key in SECTIONS and isinstance(value, SECTIONS[key]):
+            sections[key] = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     for key, value in data.items():
-        if key in SECTIONS and isinstance(value, dict):
-            for name, v in value.items():
+        if key in SECTIONS and isinstance(value, SECTIONS[key]):
+            continue
+        if key in SECTIONS and (value is None or isinstance(value, dict)):  # (null: the section's defaults)
+            for name, v in (value or {}).items():
                 put(key, name, v, f"{key}.{name}")
-        elif key in FLAT_KEYS and not isinstance(value, tuple(SECTIONS.values())):
+        elif key in FLAT_KEYS:
             put(*FLAT_KEYS[key], value, key)
         else:
             out[key] = value

@@ -1,6 +1,7 @@
 """Log-probabilities and entropy of sampled tokens: the one place where logits meet the temperature.
 
-The sampler, the KV-cached generator, the reference pass and every agent call these functions, so a
+The sampler, the KV-cached generator, the reference pass and the language-model policy every LM agent
+evaluates call these functions, so a
 sampled token's log-prob, its reference log-prob and the log-prob the update recomputes are all of the
 same distribution softmax(logits / T) — the condition for a PPO ratio of exactly 1 on the first minibatch
 (Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", detail 5).

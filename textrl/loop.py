@@ -2,7 +2,7 @@
 
     batch = run.collect()                      # env(s) + policy/generator + wrappers' end-of-episode hooks
     stats = run.update(batch, progress)        # learner: agent.prepare → epochs × minibatches → agent.loss
-    stats |= run.after_update(batch, stats)    # rollout statistics, KL controller, health warnings
+    stats |= run.after_update(batch, stats, elapsed)  # rollout statistics, KL controller, throughput, warnings
     run.log(stats)                             # TensorBoard, metrics.jsonl, progress bar
     checkpoint every ``checkpoint_every`` updates and at the end
 

@@ -58,8 +58,9 @@ class TokenRollout:
     The model's view is ``input_ids``/``attention_mask`` ``[B, L]``: left-padded prompts in the columns before
     ``response_start`` = P, then the response. Per-token tensors are ``[B, T]``, T = L − P, column t of them
     being sequence column P + t. ``action_mask`` marks the agent's tokens (the actions: losses, advantages,
-    the KL and every logged token average count them only); ``attention_mask`` marks every real token —
-    prompt, agent and env-appended tokens — so an env may write context that is not an action.
+    the KL and every logged token average count them only); ``attention_mask`` marks every real token the
+    model reads, so a response column may hold context that is not an action (tokens an env appends between
+    turns; today's single-turn collection writes agent tokens only).
     """
 
     input_ids: torch.Tensor  # (B, L) token ids, PAD where attention_mask is 0

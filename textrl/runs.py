@@ -19,7 +19,7 @@ import yaml
 from textrl.config import TrainConfig, to_dict
 from textrl.parallel.distributed import barrier, broadcast_object
 
-__all__ = ["Run", "RunResult", "seed_everything", "default_output_dir", "resolve_output_dir"]
+__all__ = ["Run", "RunResult", "seed_everything", "default_output_dir", "resolve_output_dir", "torch_device"]
 
 
 @dataclass
@@ -39,6 +39,13 @@ class RunResult:
         """Classic runs: mean return of the last ``last`` finished episodes (NaN if none finished)."""
         tail = self.episode_returns[-last:]
         return float(np.mean(tail)) if tail else float("nan")
+
+
+def torch_device(name: str) -> str:
+    """The torch device a ``device`` field names ("auto" = cuda if available)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def seed_everything(seed: int) -> None:

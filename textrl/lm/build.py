@@ -14,6 +14,7 @@ import torch
 
 from textrl.config import KLConfig, ModelConfig, TrainConfig
 from textrl.envs.kl_penalty import KLPenalty
+from textrl.envs.text_gen import TextGenVectorEnv
 from textrl.kl_control import make_kl_controller
 from textrl.lm.models import load_causal_lm, load_tokenizer
 from textrl.lm.policy import LMActorCritic, add_lora
@@ -82,26 +83,29 @@ def load_reward_model(path: str, device: torch.device | str):
 
 
 def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str, num_envs: int | None = None,
-                   shard: Shard | None = None, num_generations: int = 1, scorer: Any = None) -> gym.vector.VectorEnv:
+                   shard: Shard | None = None, num_generations: int | None = None, scorer: Any = None
+                   ) -> gym.vector.VectorEnv:
     """The run's text env: ``cfg.env`` with ``cfg.env_kwargs``, ``num_envs`` rows (default ``cfg.num_envs``),
-    the rows ``shard`` of a data-parallel batch, k = ``num_generations`` rows per prompt, and ``scorer``
-    (e.g. a loaded reward model) replacing the env's own."""
+    the rows ``shard`` of a data-parallel batch, k = ``num_generations`` rows per prompt (None: as
+    ``env_kwargs`` says; an agent that needs k sets it), and ``scorer`` (e.g. a loaded reward model)
+    replacing the env's own."""
     kwargs = dict(cfg.env_kwargs)
-    given = kwargs.pop("num_generations", num_generations)
-    if given != num_generations:
-        raise ValueError(f"env_kwargs.num_generations={given} conflicts with {cfg.agent}.num_generations="
-                         f"{num_generations}; set it once, in the agent's section")
-    if num_generations > 1:
-        kwargs["num_generations"] = num_generations
+    if num_generations is not None:
+        given = kwargs.pop("num_generations", num_generations)
+        if given != num_generations:
+            raise ValueError(f"env_kwargs.num_generations={given} conflicts with {cfg.agent}.num_generations="
+                             f"{num_generations}; set it once, in the agent's section")
+        if num_generations > 1:
+            kwargs["num_generations"] = num_generations
     if shard is not None and shard.sharded:
         kwargs["shard"] = shard
     if scorer is not None:
         kwargs["scorer"] = scorer
     with unpartitioned_loading():  # scorer models are frozen and whole on every process, even under ZeRO-3
         envs = gym.make_vec(cfg.env, num_envs=num_envs or cfg.num_envs, tokenizer=tokenizer, device=device, **kwargs)
-    if not hasattr(envs.unwrapped, "with_prompts"):
+    if not isinstance(envs.unwrapped, TextGenVectorEnv):
         raise TypeError(f"env: {cfg.env} is not a textrl text env (got {type(envs.unwrapped).__name__}); text runs "
-                        "need a TextGenVectorEnv (see textrl.envs)")
+                        "need a TextGenVectorEnv or a subclass of it (see textrl.envs)")
     return envs
 
 

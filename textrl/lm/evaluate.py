@@ -62,12 +62,12 @@ def decode_completions(tokenizer: Any, ro: TokenRollout) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, tokenizer: Any, prompts: list[str] | None, *,
-                     sampling: SamplingConfig, kl: KLConfig, generations: int, samples: int, seed: int,
-                     device: torch.device | str) -> EvalResult | None:
+def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, prompts: list[str] | None, *,
+                     sampling: SamplingConfig, kl: KLConfig, generations: int, samples: int, seed: int
+                     ) -> EvalResult | None:
     """Answer every held-out prompt ``generations`` times with the causal LM ``policy`` (sequential order,
     sampling stream seeded ``seed + 12345``, rows of at most 64, envs made by the text env ``env``'s
-    ``with_prompts``). A prompt's score is the mean of its answers; the result is the mean over prompts ± the
+    ``with_prompts``, on its device, decoded with its tokenizer). A prompt's score is the mean of its answers; the result is the mean over prompts ± the
     standard error of that mean (prompts are the independent units); ``samples`` prompts keep their first answer.
 
     Data-parallel runs call it on every process: each takes a contiguous share of every chunk of rows (its
@@ -75,7 +75,7 @@ def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, tokenize
     one-process result."""
     if not prompts:
         return None
-    k = generations
+    tokenizer, device, k = env.tokenizer, env.device, generations
     rows = [p for p in prompts for _ in range(k)]
     per_prompt = torch.zeros(len(prompts), dtype=torch.float64)
     quoted, kl_sum = [], 0.0
@@ -90,7 +90,8 @@ def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, tokenize
         if hi > lo:
             kl_env = build_kl_env(env.with_prompts(part, num_envs=hi - lo, shard=shard), reference, kl,
                                   sampling.temperature, in_reward=False)  # the KL is measured, not paid
-            ro = collect_tokens(kl_env, HFGenerator.from_config(policy, sampling, rng, shard), seed=seed)
+            generator = HFGenerator.from_config(policy, sampling, rng, shard, stop_ids=(env.eos_token_id,))
+            ro = collect_tokens(kl_env, generator, seed=seed)
             mine = list(zip(ro.scores.tolist(), ro.kl.sum(1).tolist(), decode_completions(tokenizer, ro), strict=True))
         else:  # no rows here (a chunk smaller than the process count): keep the sampler in step
             TokenSampler(rng=rng, shard=shard).sync(0, device)

@@ -1,10 +1,12 @@
 """The generator protocol (how collection asks a model for tokens) and its reference implementation.
 
 A generator is given its model and sampling config at construction; collection then calls ``prefill``
-with the reset observation, ``sample`` once per step, ``extend`` with the columns the env wrote (the
-sampled tokens, and any tokens the env appends between the agent's turns), and ``finish`` at the end of
-the episode batch. Faster generators (static cache, compiled steps, continuous batching) implement the same
-four methods and are tested against :class:`HFGenerator`.
+with the reset observation, ``sample`` once per step, ``extend`` with the columns to append, and ``finish``
+at the end of the episode batch; a run checkpoints its ``rng_state``. ``extend`` takes any number of
+columns per row, ragged (tested against one parallel forward), so tokens an env appends between the agent's
+turns fit it; today's single-turn collection extends by the sampled token only. Faster generators (static
+cache, compiled steps, continuous batching) implement the same methods and are tested against
+:class:`HFGenerator`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ class Generator(Protocol):
 
     def finish(self) -> None:
         """The episode batch is over (keeps data-parallel processes' random streams in step)."""
+
+    def rng_state(self) -> torch.Tensor:
+        """The state of the sampling random stream (checkpoints hold it)."""
+
+    def load_rng_state(self, state: torch.Tensor) -> None: ...
 
 
 class HFGenerator:
@@ -73,3 +80,9 @@ class HFGenerator:
 
     def finish(self) -> None:
         self.sampler.sync(self.rows, self.forward.next_logits.device)
+
+    def rng_state(self) -> torch.Tensor:
+        return (self.sampler.rng or torch.default_generator).get_state()
+
+    def load_rng_state(self, state: torch.Tensor) -> None:
+        (self.sampler.rng or torch.default_generator).set_state(state)

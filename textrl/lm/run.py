@@ -4,7 +4,7 @@ Built once: the policy (LoRA, quantised base, value head when the agent has a cr
 text env (this process's rows of the global batch) wrapped in the KL penalty, the generator, the agent and
 its learner. Around the loop: the health check, the held-out evaluation before and after (``samples.md``,
 the final ``held-out reward`` line), ``curves.png``, warnings, and full-state checkpoints (weights,
-optimiser, KL controller, every random stream) that resume exactly.
+optimiser, KL controller, the CPU random streams, the env's and the generator's) that resume exactly on CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from textrl.parallel.deepspeed import is_zero3
 from textrl.parallel.distributed import Reducer, is_main, make_accelerator, process_shard, world_size
 from textrl.parallel.learner import Learner
 from textrl.rollout import TokenRollout
-from textrl.runs import Run, RunResult, resolve_output_dir, seed_everything
+from textrl.runs import Run, RunResult, resolve_output_dir, seed_everything, torch_device
 from textrl.tracking import Tracker
 
 __all__ = ["LMRun", "rows_per_process", "rollout_stats", "bf16_supported", "DEEPSPEED_DIR"]
@@ -90,13 +90,13 @@ class LMRun(Run):
             torch.set_num_threads(cfg.torch_threads)
         seed_everything(cfg.seed)
         self.cfg, self.quiet, self.resumed, self.history = cfg, quiet, resume, []
-        want = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                            ("cpu" if cfg.device == "auto" else cfg.device))
+        want = torch.device(torch_device(cfg.device))
         # accelerate at the edges: under `accelerate launch` / `torchrun` this joins the process group (gloo on
         # CPU, NCCL on GPUs) and the run becomes data-parallel, each process stepping its shard of the env
         accelerator = make_accelerator(want)
         self.device = accelerator.device if want.type != "cpu" else want
-        self.world, self.main = world_size(), is_main()  # (accelerate on CPU + DeepSpeed reports 1 process)
+        # the process count from torch.distributed (under DeepSpeed on CPU accelerate's own state reports 1)
+        self.world, self.main = world_size(), is_main()
         self.output_dir = resolve_output_dir(cfg)
         if cfg.model.bf16 and not bf16_supported(self.device):
             raise ValueError(f"bf16: this {self.device.type} has no bf16 support (avx512_bf16/amx_bf16 or a bf16 "
@@ -104,7 +104,6 @@ class LMRun(Run):
         self._build(accelerator)
         self.steps_per_update = cfg.num_envs * self.base.max_new_tokens
         self.num_updates = math.ceil(cfg.total_steps / self.steps_per_update)
-        self.sampler_rng = self.generator.sampler.rng
         if resume:
             self._resume()
         else:  # seeds the prompt draws once; rollouts continue the stream (the same global stream on every process)
@@ -121,11 +120,14 @@ class LMRun(Run):
         cfg = self.cfg
         cls = agent_class(cfg.agent)
         agent_cfg = from_dict(cls.config_class, cfg.agent_config)
+        if cls.kl_in == "loss" and cfg.kl.target is not None:
+            raise ValueError(f"kl.target={cfg.kl.target}: the adaptive β steers the KL penalty in the reward, and "
+                             f"{cfg.agent} puts the KL in its loss (weight kl.coef); set kl.target: null")
         self.local_envs = rows_per_process(cfg.num_envs, self.world, agent_cfg)  # before loading any model
         self.tokenizer, self.policy, self.reference = build_policy(cfg, self.device, value_head=cls.has_critic)
         scorer = load_reward_model(cfg.model.reward_model, self.device) if cfg.model.reward_model else None
         self.shard = process_shard(self.local_envs)
-        k = int(getattr(agent_cfg, "num_generations", 1))
+        k = cls.completions_per_prompt(agent_cfg)
         self.envs = build_text_env(cfg, self.tokenizer, self.device, self.local_envs, self.shard, k, scorer)
         self.base = self.envs.unwrapped
         cls.check_env(self.envs, agent_cfg)
@@ -146,9 +148,11 @@ class LMRun(Run):
         if self.learner.deepspeed:  # the partitioned optimiser state, from the engine's checkpoint of the update
             self.learner.load_engine(out / DEEPSPEED_DIR, f"update{self.start_update}")
         self.kl_env.controller.load_state_dict(state["kl_controller"])
+        seed = state.get("env_seed")  # the env's seed, then its random stream where it was
+        self.base.reset(seed=seed if isinstance(seed, int) and seed >= 0 else None)
         self.base.np_random.bit_generator.state = state["env_rng"]
         self.base.prompt_sampler.load_state_dict(state.get("prompt_sampler", {}))
-        self.sampler_rng.set_state(load_file(str(out / CHECKPOINT_DIR / "sampler.safetensors"))["state"])
+        self.generator.load_rng_state(load_file(str(out / CHECKPOINT_DIR / "sampler.safetensors"))["state"])
         if self.main:
             lines = (out / "metrics.jsonl").read_text().splitlines()[:self.start_update]
             self.history = [json.loads(x) for x in lines]
@@ -167,6 +171,8 @@ class LMRun(Run):
         if self.agent.kl_in == "loss":
             msg(f"{self.cfg.agent}: KL to the reference is a loss term (kl.coef={self.agent.kl_coef}); the env's "
                 "reward carries no KL penalty")
+        if not self.agent.has_critic and self.cfg.model.value_model != "head":
+            msg(f"value_model={self.cfg.model.value_model!r} is not used: {self.cfg.agent} has no critic")
         if self.cfg.model.bf16:
             msg("bf16 autocast on for the update (rollouts stay fp32; set bf16: false to turn it off)")
         if not self.resumed:
@@ -178,9 +184,9 @@ class LMRun(Run):
         """The held-out evaluation (every process answers its share of the prompts)."""
         cfg = self.cfg
         with self.learner.full_weights():
-            return evaluate_heldout(self.base, self.policy.lm, self.reference, self.tokenizer, self.base.eval_prompts,
+            return evaluate_heldout(self.base, self.policy.lm, self.reference, self.base.eval_prompts,
                                     sampling=cfg.sampling, kl=cfg.kl, generations=cfg.eval.generations,
-                                    samples=cfg.eval.samples, seed=cfg.seed, device=self.device)
+                                    samples=cfg.eval.samples, seed=cfg.seed)
 
     def collect(self) -> TokenRollout:
         # Rollouts stay in fp32: bf16 noise on the logits biases the sampled tokens' log π − log π_ref upwards
@@ -202,7 +208,7 @@ class LMRun(Run):
             self.warn_streak += 1
             if self.warn_streak == 3:
                 self.tracker.message("warning: approx_kl > 0.1 or clipfrac > 0.3 for 3 updates: lower the learning "
-                                     "rate, lower clip_range (0.2 -> 0.1) or raise kl_coef (0.05 -> 0.1)")
+                                     "rate, lower clip_range (0.2 -> 0.1) or raise kl.coef (--kl-coef 0.05 -> 0.1)")
         else:
             self.warn_streak = 0
         return out
@@ -224,7 +230,7 @@ class LMRun(Run):
         policy, tokenizer = self.policy, self.tokenizer
 
         def extra(ckpt: Path) -> None:
-            save_file({"state": self.sampler_rng.get_state()}, str(ckpt / "sampler.safetensors"))
+            save_file({"state": self.generator.rng_state()}, str(ckpt / "sampler.safetensors"))
             # The policy in Hugging Face layout (peft adapter or full model) and the value head, for users.
             policy.lm.save_pretrained(ckpt / "policy", safe_serialization=True)
             tokenizer.save_pretrained(ckpt / "policy")

@@ -26,7 +26,12 @@ from torch import nn
 from textrl.parallel.deepspeed import configure_deepspeed, gathered_weights, is_deepspeed
 from textrl.parallel.distributed import Reducer, all_max, all_sum, world_size
 
-__all__ = ["Learner"]
+__all__ = ["Learner", "trainable"]
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters a learner trains: those that require a gradient."""
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 class Learner:
@@ -44,7 +49,7 @@ class Learner:
     def __init__(self, policy: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
                  accelerator: Any = None, micro_batch: int | None = None):
         self.policy = policy
-        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.params = trainable(policy)
         self.max_grad_norm = max_grad_norm
         self.accelerator = accelerator
         self.deepspeed = is_deepspeed(accelerator)
@@ -62,8 +67,7 @@ class Learner:
         """Adam (eps from the agent's config, fused: one kernel for all parameters) over the agent's policy.
         ``batch_rows``: this process's rows (or transitions) per rollout, for DeepSpeed's micro-batch size."""
         cfg = agent.config
-        params = [p for p in agent.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps, fused=True)
+        optimizer = torch.optim.Adam(trainable(agent.policy), lr=cfg.learning_rate, eps=cfg.adam_eps, fused=True)
         micro = batch_rows // cfg.num_minibatches // cfg.gradient_accumulation_steps if batch_rows else None
         return cls(agent.policy, optimizer, cfg.max_grad_norm, accelerator, micro)
 
