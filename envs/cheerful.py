@@ -19,7 +19,7 @@ def prompt_file(name: str) -> str:
 
 def cheerful_env(num_envs: int, tokenizer, max_new_tokens: int = 32, prompts=None, eval_prompts=None,
                  scorer=None, **kwargs) -> TextGenVectorEnv:
-    scorer = scorer if scorer is not None else MiniLMStyleScorer()
+    scorer = scorer if scorer is not None else MiniLMStyleScorer(device=kwargs.get("device", "cpu"))
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # SmolLM2's GGUF tokenizer sets PAD = EOS (<|im_end|>); <|endoftext|> is unused in chat turns
         kwargs.setdefault("pad_token_id", tokenizer.convert_tokens_to_ids("<|endoftext|>"))

@@ -204,10 +204,10 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
     def step(self, actions):
         tokens = self._tokens_of(actions)
         valid = ~self.done  # (B,) rows whose token is real this step
-        col = self.max_prompt_tokens + self.num_generated  # (B,) where each row writes
-        col = torch.where(valid, col, torch.zeros_like(col))
-        self.input_ids[self._rows[valid], col[valid]] = tokens[valid]
-        self.attention_mask[self._rows[valid], col[valid]] = 1
+        # where each row writes; a finished row "writes" column 0's own value back (no host sync on a GPU)
+        col = torch.where(valid, self.max_prompt_tokens + self.num_generated, 0)[:, None]
+        self.input_ids.scatter_(1, col, torch.where(valid[:, None], tokens[:, None], self.input_ids.gather(1, col)))
+        self.attention_mask.scatter_(1, col, torch.where(valid[:, None], 1, self.attention_mask.gather(1, col)))
         self.num_generated += valid.long()
         terminated = valid & (tokens == self.eos_token_id)
         truncated = valid & ~terminated & (self.num_generated >= self.max_new_tokens)
@@ -238,9 +238,9 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise TypeError(f"actions must be integer token ids, got dtype {tokens.dtype}")
         tokens = tokens.long()
-        live = tokens[~self.done]
-        if live.numel() and (live.min() < 0 or live.max() >= self.vocab_size):
-            bad = live[(live < 0) | (live >= self.vocab_size)][0].item()
+        outside = ((tokens < 0) | (tokens >= self.vocab_size)) & ~self.done
+        if outside.any():  # one host sync per step
+            bad = tokens[outside][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         return tokens
 
@@ -263,9 +263,9 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
 
     def completion_ids(self, rows: torch.Tensor) -> list[list[int]]:
         P = self.max_prompt_tokens
-        gen = self.input_ids[rows, P:]
+        gen = self.input_ids[rows, P:].tolist()  # one copy to the host for all rows
         lens = self.num_generated[rows].tolist()
-        return [g[:n].tolist() for g, n in zip(gen, lens, strict=True)]
+        return [g[:n] for g, n in zip(gen, lens, strict=True)]
 
     def _score(self, rows: torch.Tensor) -> torch.Tensor:
         if isinstance(self.scorer, TokenScorer) and getattr(self.scorer, "token_level", False):

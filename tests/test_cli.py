@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from textrl.cli import main, resolve_train_config
+from textrl.train import make_run
 
 
 def run_cli(capsys, *argv):
@@ -32,6 +34,8 @@ def run_cli(capsys, *argv):
         (["--env", "CartPole-v1", "--gamma", "1.5"], ["gamma", "[0, 1]", "1.5"]),
         (["--env", "CartPole-v1", "--seed", "abc"], ["seed", "int", "'abc'"]),
         (["no_such_config.yaml"], ["no such file", "no_such_config.yaml"]),
+        (["--env", "CartPole-v1", "--device", "banana"], ["device", "'banana'", "--device auto"]),
+        (["--env", "CartPole-v1", "--device", "cuda:x"], ["device", "'cuda:x'", "'cuda:N'"]),
     ],
 )
 def test_bad_input_fails_before_training_with_a_clear_message(capsys, tmp_path, argv, expected):
@@ -40,6 +44,15 @@ def test_bad_input_fails_before_training_with_a_clear_message(capsys, tmp_path, 
     for fragment in expected:
         assert fragment in err, (fragment, err)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines where torch sees no GPU")
+def test_cuda_without_a_gpu_is_refused_and_auto_takes_the_cpu(capsys, tmp_path):
+    code, err = run_cli(capsys, "--env", "textrl/TargetToken-v0", "--device", "cuda", "--output-dir", str(tmp_path))
+    assert code == 2 and "device='cuda'" in err and "no CUDA GPU" in err and "--device auto" in err, err
+    cfg, _ = resolve_train_config(["--env", "textrl/TargetToken-v0", "--output-dir", str(tmp_path)])
+    assert cfg.device == "auto"  # the default: the GPU where torch sees one
+    assert make_run(cfg, quiet=True).device == torch.device("cpu")
 
 
 def test_unknown_flag_and_command(capsys):

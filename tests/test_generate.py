@@ -79,3 +79,20 @@ def test_generator_samples_with_its_config_and_returns_the_tempered_logprob():
     assert gen.sampler.rounds == 0
     with pytest.raises(ValueError, match="temperature must be > 0"):
         HFGenerator(model, temperature=0.0)
+
+
+def test_sampling_stream_checkpoints_and_a_state_from_another_device_type_is_refused():
+    model = tiny_gpt2(V)
+    ids, mask = torch.tensor([[5, 6, 7], [0, 8, 9]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+
+    def draw(gen):
+        gen.prefill(ids, mask)
+        return torch.stack([gen.sample()[0] for _ in range(8)])
+
+    gen = HFGenerator(model, rng=torch.Generator().manual_seed(0))
+    state = gen.rng_state()
+    first = draw(gen)
+    gen.load_rng_state(state)
+    assert torch.equal(draw(gen), first)  # the saved stream continues exactly
+    with pytest.raises(ValueError, match="another device type"):
+        gen.load_rng_state(torch.zeros(16, dtype=torch.uint8))  # a CUDA (Philox) generator's 16-byte state

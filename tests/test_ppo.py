@@ -44,7 +44,7 @@ def test_metrics_and_first_minibatch_ratio(tmp_path):
     metrics = read_metrics(tmp_path)
     required = {"global_step", "env/episode_return", "env/episode_length", "losses/policy", "losses/value",
                 "losses/entropy", "policy/approx_kl", "policy/clipfrac", "value/explained_variance",
-                "charts/learning_rate", "time/steps_per_s"}
+                "charts/learning_rate", "time/steps_per_s", "time/collect_s", "time/update_s"}
     assert required <= set(metrics[-1])
     # health check: before the first optimiser step the new policy equals the rollout policy, ratio = 1
     assert all(m["policy/first_ratio_dev"] < 1e-6 for m in metrics)

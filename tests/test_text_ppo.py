@@ -49,7 +49,8 @@ def test_ppo_raises_the_toy_reward(tmp_path):
     assert all(x["policy/first_ratio_dev"] < 1e-5 for x in m)  # ratio = 1 on the first minibatch
     assert all(x["policy/rollout_logprob_diff"] < 1e-4 for x in m)  # sampled == recomputed log-probs
     required = {"reward/score_mean", "policy/kl_ref", "policy/entropy", "policy/approx_kl", "policy/clipfrac",
-                "losses/policy", "losses/value", "value/explained_variance", "time/tokens_per_s"}
+                "losses/policy", "losses/value", "value/explained_variance", "time/tokens_per_s",
+                "time/collect_s", "time/update_s"}
     assert required <= set(m[-1])
     for name in ("curves.png", "samples.md", "config.yaml"):
         assert (tmp_path / name).is_file()

@@ -4,7 +4,7 @@ Layout of ``<run>/checkpoint/``:
     model.safetensors   the agent's network weights
     optimizer.pt        optimizer state (tensors only; loaded with ``weights_only=True``)
     trainer_state.json  update index, global step, Python/numpy RNG states, extra agent state
-    rng_torch.safetensors  torch CPU RNG state
+    rng_torch.safetensors  torch CPU RNG state (and the current GPU's, on a GPU)
 A checkpoint is written to a temporary folder and renamed into place, so a crash mid-write leaves the
 previous one intact.
 """
@@ -42,7 +42,10 @@ def save_checkpoint(
     model = {k: v.detach().cpu().contiguous() for k, v in agent_state["model"].items()}
     save_file(model, str(tmp / "model.safetensors"))
     torch.save(agent_state["optimizer"], tmp / "optimizer.pt")
-    save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng_torch.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # minibatch permutations on a GPU draw from it
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng_torch.safetensors"))
     extra = {k: v for k, v in agent_state.items() if k not in ("model", "optimizer")}
     state = {
         **trainer_state,
@@ -69,7 +72,10 @@ def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> 
         "optimizer": torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True),
         **state.pop("agent_extra", {}),
     }
-    torch.set_rng_state(load_file(str(ckpt / "rng_torch.safetensors"))["cpu"])
+    rng = load_file(str(ckpt / "rng_torch.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     random.setstate(_tuples(state.pop("rng_python")))
     np_state = state.pop("rng_numpy")
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))

@@ -65,7 +65,7 @@ class ClassicRun(Run):
         self.cfg, self.quiet, self.history, self.returns = cfg, quiet, [], []
         accelerator, world, self.rank, local = None, 1, 0, cfg.num_envs
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun: data-parallel
-            accelerator = make_accelerator(torch_device(cfg.device))
+            accelerator = make_accelerator(torch_device(cfg.device, auto_gpu=False))
             world, self.rank = world_size(), rank()
             if cfg.num_envs % world:
                 raise ValueError(f"num_envs={cfg.num_envs} is the global number of sub-envs and must be a multiple "
@@ -73,7 +73,7 @@ class ClassicRun(Run):
             local = cfg.num_envs // world
         self.main, self.world, self.local_envs = self.rank == 0, world, local
         # data-parallel: each process on its own device (cuda:LOCAL_RANK on GPUs), as accelerate assigned it
-        device = torch_device(cfg.device)
+        device = torch_device(cfg.device, auto_gpu=False)  # "auto": an MLP runs faster on the CPU
         self.device = torch.device(device if accelerator is None or device == "cpu" else accelerator.device)
         self.output_dir = resolve_output_dir(cfg)
         self.envs = make_envs(cfg, local)

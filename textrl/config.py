@@ -29,7 +29,14 @@ from typing import Any, ClassVar
 
 import yaml
 
-from textrl.validate import finite_number, non_negative_int, one_of, optional_positive, positive_int
+from textrl.validate import (
+    device_name,
+    finite_number,
+    non_negative_int,
+    one_of,
+    optional_positive,
+    positive_int,
+)
 
 __all__ = [
     "TrainConfig", "ModelConfig", "SamplingConfig", "KLConfig", "EvalConfig", "SECTIONS", "FLAT_KEYS",
@@ -172,8 +179,9 @@ class TrainConfig:
     """Run directory; default runs/<env>__<agent>__s<seed>__<time>."""
     checkpoint_every: int = 50
     """Save a resumable checkpoint every this many updates (and at the end); 0 saves only at the end."""
-    device: str = "cpu"
-    """torch device for the agent ("cpu", "cuda", "cuda:1", "auto" = cuda if available)."""
+    device: str = "auto"
+    """torch device ("auto", "cpu", "cuda", "cuda:1"). "auto": text runs take the GPU when torch sees one (under
+    ``accelerate launch`` each process its own), classic MLP runs the CPU (a tiny MLP is launch-bound on a GPU)."""
     torch_threads: int | None = None
     """torch.set_num_threads for this run; null keeps torch's default."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -195,6 +203,7 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}; e.g. --{_flag(name)} 100000")
         non_negative_int("checkpoint_every", self.checkpoint_every)
+        device_name("device", self.device)
         if self.torch_threads is not None:
             positive_int("torch_threads", self.torch_threads)
         for key, cls in SECTIONS.items():  # a section given as a mapping (Python API) becomes its dataclass

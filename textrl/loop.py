@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from textrl.parallel.distributed import weight_divergence, world_size
 from textrl.runs import Run, RunResult
 
@@ -26,10 +28,15 @@ def loop(run: Run) -> RunResult:
     start_time = time.perf_counter()
     try:
         for update in range(run.start_update, run.num_updates):
+            t0 = time.perf_counter()
             batch = run.collect()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # the collection's queued GPU work is counted in collect_s
+            t1 = time.perf_counter()
             run.global_step += run.steps_per_update
             stats = run.update(batch, progress_remaining=1.0 - update / run.num_updates)
             stats.update(run.after_update(batch, stats, time.perf_counter() - start_time))
+            stats.update({"time/collect_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
             if world_size() > 1 and run.comparable_weights:  # 0 when every process holds the same weights
                 stats["dist/weight_divergence"] = weight_divergence(run.learner.params)
                 if stats["dist/weight_divergence"] > 0:

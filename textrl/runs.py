@@ -41,10 +41,10 @@ class RunResult:
         return float(np.mean(tail)) if tail else float("nan")
 
 
-def torch_device(name: str) -> str:
-    """The torch device a ``device`` field names ("auto" = cuda if available)."""
+def torch_device(name: str, auto_gpu: bool = True) -> str:
+    """The torch device a ``device`` field names: "auto" is cuda where torch sees a GPU and ``auto_gpu``."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if auto_gpu and torch.cuda.is_available() else "cpu"
     return name
 
 

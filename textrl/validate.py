@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["positive_int", "non_negative_int", "finite_number", "in_range", "one_of", "optional_positive"]
+__all__ = ["positive_int", "non_negative_int", "finite_number", "in_range", "one_of", "optional_positive", "device_name"]
 
 
 def _is_int(value: Any) -> bool:
@@ -53,3 +53,30 @@ def optional_positive(name: str, value: Any) -> None:
     """None (off) or a finite number > 0."""
     if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be > 0 or null (off), got {value!r}")
+
+
+def device_name(name: str, value: Any) -> None:
+    """"auto", "cpu", "cuda" or "cuda:N" (and "mps"), and a CUDA device only where torch sees one."""
+    import torch
+
+    fix = "use --device auto (a GPU when there is one, else the CPU) or --device cpu"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}; {fix}")
+    if value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}; {fix}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={value!r}, but this torch ({torch.__version__}) sees no CUDA GPU "
+                             f"(torch.cuda.is_available() is False: a CPU-only build, or no driver); {fix}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={value!r}, but torch sees {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); {fix}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{name}={value!r}, but torch.backends.mps.is_available() is False; {fix}")
+    elif device.type != "cpu":
+        raise ValueError(f"{name} must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}; {fix}")

@@ -57,7 +57,10 @@ def build_policy(cfg: TrainConfig, device: torch.device | str, value_head: bool 
     reference is the policy with its adapters off (LoRA) or a frozen copy."""
     name, model = policy_model_name(cfg), cfg.model
     tokenizer = load_tokenizer(name)
-    lm = load_causal_lm(name, quantization=model.quantization)
+    where = torch.device(device)
+    # bitsandbytes quantises as it loads: load straight onto a GPU (a later .to() leaves 8-bit state behind)
+    placed = {"device_map": {"": str(where)}} if model.quantization and where.type != "cpu" else {}
+    lm = load_causal_lm(name, quantization=model.quantization, **placed)
     critic = build_critic(model, name, lm) if value_head else None
     reference = None
     if model.lora_r > 0:

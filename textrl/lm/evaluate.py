@@ -57,7 +57,8 @@ def summary_line(before: EvalResult | None, after: EvalResult) -> str:
 
 def decode_completions(tokenizer: Any, ro: TokenRollout) -> list[str]:
     """The agent's tokens of every row, decoded (special tokens skipped)."""
-    ids = [t[m].tolist() for t, m in zip(ro.tokens, ro.action_mask, strict=True)]
+    tokens, mask = ro.tokens.cpu(), ro.action_mask.cpu()
+    ids = [t[m].tolist() for t, m in zip(tokens, mask, strict=True)]
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 

@@ -85,4 +85,8 @@ class HFGenerator:
         return (self.sampler.rng or torch.default_generator).get_state()
 
     def load_rng_state(self, state: torch.Tensor) -> None:
-        (self.sampler.rng or torch.default_generator).set_state(state)
+        rng = self.sampler.rng or torch.default_generator
+        if state.numel() != rng.get_state().numel():  # a CPU stream's state is 5056 bytes, a CUDA one's 16
+            raise ValueError(f"the saved sampling stream is from another device type than this generator's "
+                             f"({rng.device}): it cannot continue here")
+        rng.set_state(state)

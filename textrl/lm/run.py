@@ -135,8 +135,8 @@ class LMRun(Run):
         self.learner = Learner.for_agent(self.agent, accelerator, self.local_envs)
         self.kl_env = build_kl_env(self.envs, self.reference, cfg.kl, cfg.sampling.temperature,
                                    in_reward=cls.kl_in == "reward")
-        rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.generator = HFGenerator.from_config(self.policy.lm, cfg.sampling, rng, self.shard,
+        self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)  # the sampling stream
+        self.generator = HFGenerator.from_config(self.policy.lm, cfg.sampling, self.rng, self.shard,
                                                  stop_ids=(self.base.eos_token_id,))
 
     def _resume(self) -> None:
@@ -152,7 +152,12 @@ class LMRun(Run):
         self.base.reset(seed=seed if isinstance(seed, int) and seed >= 0 else None)
         self.base.np_random.bit_generator.state = state["env_rng"]
         self.base.prompt_sampler.load_state_dict(state.get("prompt_sampler", {}))
-        self.generator.load_rng_state(load_file(str(out / CHECKPOINT_DIR / "sampler.safetensors"))["state"])
+        try:
+            self.generator.load_rng_state(load_file(str(out / CHECKPOINT_DIR / "sampler.safetensors"))["state"])
+        except ValueError as err:  # resumed on another device type (CPU <-> GPU): the run goes on, not exactly
+            self.tracker.message(f"warning: {err}; sampling continues from a stream seeded with seed + update "
+                                 f"{self.start_update} (the resumed run is not the uninterrupted one)")
+            self.rng.manual_seed(self.cfg.seed + self.start_update)
         if self.main:
             lines = (out / "metrics.jsonl").read_text().splitlines()[:self.start_update]
             self.history = [json.loads(x) for x in lines]
@@ -204,6 +209,8 @@ class LMRun(Run):
         self.kl_env.controller.update(out["policy/kl_ref"], n_steps=self.cfg.num_envs)
         self.tokens_seen += out["env/response_length"] * self.cfg.num_envs  # agent tokens, not padded slots
         out.update({"reward/kl_coef": self.kl_env.kl_coef, "time/tokens_per_s": self.tokens_seen / elapsed})
+        if self.device.type == "cuda":  # this process's peak since the run started (weights, caches, optimiser)
+            out["memory/gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if stats.get("policy/approx_kl", 0) > 0.1 or stats.get("policy/clipfrac", 0) > 0.3:
             self.warn_streak += 1
             if self.warn_streak == 3:

@@ -60,13 +60,15 @@ class TokenSampler:
         self.rng, self.shard = rng, shard or Shard()
         self.min_new_tokens, self.stop_ids = min_new_tokens, list(stop_ids)
         self.rounds = 0  # draws since the last sync
+        self._stop: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row of the raw next-token ``logits`` ``[B, V]``."""
         z = tempered(logits, self.temperature)
         if self.rounds < self.min_new_tokens and self.stop_ids:
-            z = z.clone()
-            z[:, self.stop_ids] = float("-inf")
+            if self._stop is None or self._stop.device != z.device:  # built once: no host copy per token
+                self._stop = torch.tensor(self.stop_ids, device=z.device)
+            z = z.index_fill(1, self._stop, float("-inf"))
         self.rounds += 1
         return sample_from_logits(z, self.top_k, self.top_p, self.rng, self.shard)
 

@@ -37,7 +37,12 @@ def make_accelerator(device: torch.device | str):
     from accelerate import Accelerator
 
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return Accelerator(cpu=torch.device(device).type == "cpu" and not deepspeed)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device)  # one process on cuda:N: accelerate takes the current device
+    # mixed precision is textrl's (model.bf16, the same autocast for old and new log-probs): an accelerate
+    # config's mixed_precision would run only the loss's forward in bf16, so the PPO ratio would not start at 1
+    return Accelerator(cpu=device.type == "cpu" and not deepspeed, mixed_precision="no")
 
 
 def world_size() -> int:

@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# The GPU check: textrl's tests and GPU benchmarks on a machine with one NVIDIA GPU, in under 10 minutes.
+#
+#   bash benchmarks/gpu_check.sh prepare      # here, where PyPI is reachable: fills .gpu/ (git-ignored)
+#   bash benchmarks/gpu_check.sh run [OUT [STEP ...]]  # on the GPU machine, from the repo root, .gpu/ beside it
+#
+# prepare: downloads the wheels the GPU image may lack (Python 3.12, manylinux x86-64, no dependencies
+#   fetched: the list below names each one), and writes the configs and tokenizers of SmolLM2-135M-Instruct
+#   and SmolLM2-1.7B shapes (no weights: the checks use random weights of real shapes; they need the
+#   offline SmolLM2 once here, for its tokenizer). Everything goes under .gpu/ (about 20 MB).
+# run: installs those wheels and textrl (editable, no index), then, each step under its own time limit,
+#   1. the environment (GPU, driver, versions);
+#   2. tests: the test suite on CUDA (`device: auto` picks the GPU), less what cannot run on one GPU
+#      without the offline models or bitsandbytes: tests/test_distributed.py (2-process launches),
+#      tests/test_golden.py (recorded on CPU), the five tests that load SmolLM2/MiniLM weights, and QLoRA;
+#   3. rollout: benchmarks/rollout_vs_generate.py on cuda in bf16 (textrl's env rollout with the sequence
+#      reference pass vs `generate` + reference forward, random weights of the 135M and 1.7B shapes);
+#   4. train_lora, train_full: `textrl train` end to end on cuda (random-weight 135M shape, LoRA r16; then
+#      full fine-tuning with bf16 autocast): seconds per update, tokens/s, peak GPU memory (OUT/figures.md);
+#      train_lora_1.7b: LoRA on the 1.7B shape (the four models of RLHF in one copy);
+#   5. ppo_vs_trl: benchmarks/ppo_vs_trl.py on cuda (textrl PPO vs TRL's PPOTrainer, same random weights);
+#   and writes OUT/summary.md (OUT defaults to $OUT, else gpu_check_out/). STEP names pick steps (default:
+#   tests rollout train_lora train_full ppo_vs_trl; train_lora_1.7b runs only when named).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-}"
+GPU_DIR=.gpu
+# Wheels the GPU image lacks (or has at another version than the one textrl is tested with).
+WHEELS=(gymnasium==1.4.0 farama-notifications==0.0.4 transformers==5.24.0 trl==1.12.0 datasets==5.2.0
+        dill==0.4.1 multiprocess==0.70.19)
+
+prepare() {
+  set -e
+  grep -qxF "/$GPU_DIR/" .git/info/exclude 2>/dev/null || echo "/$GPU_DIR/" >> .git/info/exclude
+  mkdir -p "$GPU_DIR/whl"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$GPU_DIR/whl" "${WHEELS[@]}"
+  local py="${PYTHON:-.venv/bin/python}"
+  "$py" - "$GPU_DIR" <<'EOF'
+import json, shutil, sys
+from pathlib import Path
+from textrl.lm.models import resolve_model_path
+
+src, out = Path(resolve_model_path("smollm2-135m-instruct")), Path(sys.argv[1])
+for name, change in {"smollm2-135m": {}, "smollm2-1.7b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+        num_key_value_heads=32, head_dim=64, rope_parameters={"rope_theta": 130000.0, "rope_type": "default"})}.items():
+    dst = out / name
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, dst / f.name)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(change)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+print("shapes:", ", ".join(sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "whl")))
+EOF
+  du -sh "$GPU_DIR"
+}
+
+step() {  # step NAME SECONDS CMD...: run under a time limit, log to OUT/NAME.log, note the outcome
+  local name="$1" limit="$2"; shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  local start=$SECONDS log="$OUT/$name.log"
+  [[ $name == train_* ]] && log="$OUT/train.log"  # one file for the train runs: 8 files come back at most
+  echo "== $name (limit ${limit}s)" | tee -a "$log"
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  tail -n 12 "$log"
+  echo "| $name | $rc | $((SECONDS - start)) s |" >> "$OUT/steps.md"
+  return $rc
+}
+
+run() {
+  OUT="${1:-${OUT:-gpu_check_out}}"
+  shift || true
+  STEPS="${*:-tests rollout train_lora train_full ppo_vs_trl}"
+  local runs=/tmp/gpu_check_runs  # run directories stay on the machine; OUT gets 8 small files
+  mkdir -p "$OUT"; rm -rf "$runs"
+  figures() {  # the figures of run $1 (also of a run stopped at its limit) go into steps.md at once
+    [[ -d "$runs/$1" ]] && $py benchmarks/run_figures.py "$runs/$1" | tail -n 1 >> "$OUT/figures.md"
+  }
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+  export PIP_DISABLE_PIP_VERSION_CHECK=1 TRANSFORMERS_VERBOSITY=error
+  # GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1: a dry run of every step on a machine without a GPU (CI-sized)
+  local py=python3 shape135="$GPU_DIR/smollm2-135m" shape17="$GPU_DIR/smollm2-1.7b" dev="${GPU_CHECK_DEVICE:-cuda}"
+  local rows=64 tokens=64 lengths=(${GPU_CHECK_LENGTHS:-128 256}) tests=(tests) dtype=bf16 xdist=(-n 4) small_env=""
+  if [[ -n "${GPU_CHECK_SMALL:-}" ]]; then
+    rows=4; tokens=8; lengths=(8); tests=(tests/test_rollout.py); shape17="$shape135"; dtype=fp32
+    small_env=", eval_prompts: ['Say hi.', 'Name a colour.']"
+  fi
+  [[ -x .venv/bin/python && -n "${GPU_CHECK_SMALL:-}" ]] && py=.venv/bin/python
+  echo "| step | exit code | seconds |" > "$OUT/steps.md"; echo "|---|---|---|" >> "$OUT/steps.md"
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    if [[ -z "${GPU_CHECK_SMALL:-}" ]]; then
+      $py -m pip install -q --no-index --no-deps --no-compile "$GPU_DIR"/whl/*.whl
+      $py -m pip install -q --no-index --no-deps --no-build-isolation -e .
+    fi
+    $py -c "import torch, transformers, accelerate, peft, gymnasium, textrl
+print('python', __import__('sys').version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda,
+      '| transformers', transformers.__version__, '| accelerate', accelerate.__version__, '| peft', peft.__version__,
+      '| gymnasium', gymnasium.__version__)
+print('GPU:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
+  } > "$OUT/env.log" 2>&1
+  cat "$OUT/env.log"
+
+  $py -c "import xdist" 2>/dev/null || xdist=()
+  step tests 180 $py -m pytest -q --maxfail=20 -p no:cacheprovider "${xdist[@]}" --durations=10 \
+    --ignore=tests/test_distributed.py --ignore=tests/test_golden.py \
+    --deselect tests/test_scorers_models.py::test_smollm2_offline_cached_logprobs_match_parallel_forward \
+    --deselect tests/test_scorers_models.py::test_hf_reward_model_scorer_has_its_own_tokenizer_and_is_batch_invariant \
+    --deselect tests/test_reward_model.py::test_minilm_reward_model_learns_a_preference_and_plugs_into_the_env \
+    --deselect tests/test_reward_model.py::test_train_rm_cli_says_how_many_rows_it_skipped \
+    --deselect tests/test_reward_model.py::test_lora_reward_model_is_merged_into_a_plain_checkpoint \
+    --ignore=tests/test_quant.py \
+    "${tests[@]}"
+
+  step rollout 100 $py benchmarks/rollout_vs_generate.py --device "$dev" --dtype $dtype --batch $rows \
+    --lengths "${lengths[@]}" --reps 1 --reference-pass sequence --models "random:$shape135" "random:$shape17"
+
+  # random-weight checkpoints of the shapes for `textrl train` (it loads models with from_pretrained)
+  save_random() {
+    $py - "$1" "$2" <<'EOF' >> "$OUT/env.log" 2>&1
+import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+torch.manual_seed(0)
+with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1]))
+model.save_pretrained(sys.argv[2]); AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
+EOF
+  }
+  if [[ " $STEPS " == *" train_lora "* || " $STEPS " == *" train_full "* ]]; then
+    save_random "$shape135" /tmp/smollm2-random
+  fi
+  if [[ " $STEPS " == *" train_lora_1.7b "* ]]; then save_random "$shape17" /tmp/smollm2-1.7b-random; fi
+  local train=($py -m textrl train --env textrl/Cheerful-v0 --model /tmp/smollm2-random --device "$dev"
+               --env-kwargs "{scorer: 'textrl.envs.toy:TargetTokenScorer', max_new_tokens: $tokens$small_env}"
+               --num-envs $rows --total-steps $((rows * tokens * 6)) --checkpoint-every 3 --eval-generations 1)
+  # the default experiment's LoRA (r16 on the attention projections; the reference = adapters off)
+  local lora=(--lora-r 16 --lora-alpha 32 --lora-targets q_proj,k_proj,v_proj,o_proj)
+  step train_lora 75 "${train[@]}" "${lora[@]}" --output-dir "$runs/lora"
+  figures lora
+  step train_full 75 "${train[@]}" --bf16 $([[ $dtype == bf16 ]] && echo true || echo false) \
+    --learning-rate 1e-5 --output-dir "$runs/full"
+  figures full
+  train[7]=/tmp/smollm2-1.7b-random
+  step train_lora_1.7b 120 "${train[@]}" "${lora[@]}" --checkpoint-every 0 --output-dir "$runs/lora_1.7b"
+  figures lora_1.7b
+
+  step ppo_vs_trl 110 $py benchmarks/ppo_vs_trl.py --device "$dev" --sizes "random:$shape135" --batch $rows \
+    --response $tokens --updates 6
+
+  {
+    echo "# textrl GPU check"; echo; echo '```'; cat "$OUT/env.log"; echo '```'; echo
+    cat "$OUT/steps.md"; echo
+    if [[ -f "$OUT/tests.log" ]]; then
+      echo "## Tests on CUDA"; echo '```'; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 5; echo '```'
+    fi
+    [[ -f "$OUT/rollout.log" ]] && { echo "## Rollout vs generate ($dtype, batch $rows)"; grep "^|" "$OUT/rollout.log"; echo; }
+    echo "## textrl train on $dev (random-weight SmolLM2 shapes, $rows rows x $tokens tokens; lora: r16, fp32;"
+    echo "full: full fine-tuning with bf16 autocast; PPO defaults: 4 epochs x 4 minibatches)"
+    echo "| run | updates | collect (s, median) | update (s, median) | agent tokens/s | peak GPU MiB |"
+    echo "|---|---|---|---|---|---|"; cat "$OUT/figures.md" 2>/dev/null; echo
+    [[ -f "$OUT/ppo_vs_trl.log" ]] && { echo "## PPO vs TRL on $dev"; grep -E "^\||x faster|ratio" "$OUT/ppo_vs_trl.log"; }
+  } > "$OUT/summary.md" 2>&1
+  cat "$OUT/summary.md"
+}
+
+case "$mode" in
+  prepare) prepare ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh {prepare|run [OUT]}" >&2; exit 2 ;;
+esac
