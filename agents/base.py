@@ -17,7 +17,6 @@ another; ``register_agent`` adds yours.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -25,6 +24,7 @@ from typing import Any, ClassVar, Protocol
 import gymnasium as gym
 import torch
 
+from textrl.imports import load_attr
 from textrl.masking import masked_mean
 from textrl.validate import finite_number, optional_positive, positive_int
 
@@ -245,5 +245,4 @@ def agent_class(name: str) -> type[Agent]:
             f"agent: unknown agent {name!r}; expected one of {sorted([*AGENTS, *ALIASES])}. "
             "Register your own with textrl.agents.register_agent(name, 'module:Class')."
         )
-    module, _, attr = AGENTS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return load_attr(AGENTS[name], f"agent {name!r}")

@@ -156,7 +156,7 @@ EOF
     echo "# textrl GPU check"; echo; echo '```'; cat "$OUT/env.log"; echo '```'; echo
     cat "$OUT/steps.md"; echo
     if [[ -f "$OUT/tests.log" ]]; then
-      echo "## Tests on CUDA"; echo '```'; grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 5; echo '```'
+      echo "## Tests on CUDA"; echo '```'; grep -E "^(FAILED|ERROR) |^[0-9]+ (passed|failed)|(passed|failed).* in [0-9.]+s" "$OUT/tests.log"; echo '```'
     fi
     [[ -f "$OUT/rollout.log" ]] && { echo "## Rollout vs generate ($dtype, batch $rows)"; grep "^|" "$OUT/rollout.log"; echo; }
     echo "## textrl train on $dev (random-weight SmolLM2 shapes, $rows rows x $tokens tokens; lora: r16, fp32;"

@@ -33,13 +33,11 @@ def resolve_scorer(scorer: Any) -> Any:
     arguments), so that configs can name scorers."""
     if not isinstance(scorer, str):
         return scorer
-    import importlib
     import inspect
 
-    module, sep, attr = scorer.partition(":")
-    if not sep:
-        raise ValueError(f"scorer: expected 'module:attribute', got {scorer!r}")
-    obj = getattr(importlib.import_module(module), attr)
+    from textrl.imports import load_attr
+
+    obj = load_attr(scorer, "scorer")
     return obj() if inspect.isclass(obj) else obj
 
 

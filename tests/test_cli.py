@@ -36,6 +36,7 @@ def run_cli(capsys, *argv):
         (["no_such_config.yaml"], ["no such file", "no_such_config.yaml"]),
         (["--env", "CartPole-v1", "--device", "banana"], ["device", "'banana'", "--device auto"]),
         (["--env", "CartPole-v1", "--device", "cuda:x"], ["device", "'cuda:x'", "'cuda:N'"]),
+        (["--env", "no_such_module_x:Maze-v0"], ["env 'no_such_module_x:Maze-v0'", "cannot import module", "PYTHONPATH"]),
     ],
 )
 def test_bad_input_fails_before_training_with_a_clear_message(capsys, tmp_path, argv, expected):
@@ -172,3 +173,23 @@ def test_section_objects_null_sections_and_loss_kl_settings(tmp_path):
     cfg, _ = resolve_train_config(["--env", "textrl/TargetToken-v0", "--env-kwargs", "{num_generations: 4}",
                                    "--output-dir", str(tmp_path / "ppo")])
     assert make_run(cfg, quiet=True).base.num_generations == 4
+
+
+MY_ENVS = '''import gymnasium as gym
+gym.register(id="MyShortCart-v0", entry_point="gymnasium.envs.classic_control:CartPoleEnv", max_episode_steps=20)
+'''
+
+
+def test_env_from_the_users_module_with_the_console_script(tmp_path):
+    """`--env module:Id` imports the module from the working directory, as gymnasium.make does — also under
+    the `textrl` console script, whose sys.path does not start at the working directory."""
+    (tmp_path / "my_envs_x.py").write_text(MY_ENVS)
+    script = os.path.join(os.path.dirname(sys.executable), "textrl")
+    cmd = [script] if os.path.exists(script) else [sys.executable, "-m", "textrl"]
+    proc = subprocess.run([*cmd, "train", "--env", "my_envs_x:MyShortCart-v0", "--total-steps", "512",
+                           "--output-dir", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    episodes = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert episodes and all(m["env/episode_length"] <= 20 for m in episodes)  # the user's registration ran
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["env"] == "my_envs_x:MyShortCart-v0"

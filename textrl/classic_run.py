@@ -22,6 +22,7 @@ from textrl.agents.mlp import MLPActorCritic
 from textrl.checkpoint import load_checkpoint, save_checkpoint
 from textrl.collector import Collector
 from textrl.config import TrainConfig, from_dict
+from textrl.imports import env_spec
 from textrl.parallel.distributed import gather_objects, make_accelerator, rank, world_size
 from textrl.parallel.learner import Learner
 from textrl.rollout import Rollout
@@ -34,7 +35,7 @@ __all__ = ["ClassicRun", "make_envs", "check_env_id"]
 def check_env_id(env_id: str) -> None:
     """Fail early, with suggestions, if ``env_id`` is not registered with Gymnasium."""
     try:
-        gym.spec(env_id)
+        env_spec(env_id)
     except gym.error.Error as err:
         close = difflib.get_close_matches(env_id, list(gym.envs.registry), n=3)
         hint = f" Did you mean {close}?" if close else ""
@@ -49,7 +50,7 @@ def make_envs(cfg: TrainConfig, num_envs: int | None = None) -> gym.vector.Vecto
     ``vector_entry_point`` are built by it; the rest run in a sync vector env with same-step autoreset."""
     check_env_id(cfg.env)
     num_envs = num_envs or cfg.num_envs
-    if gym.spec(cfg.env).vector_entry_point is not None:
+    if env_spec(cfg.env).vector_entry_point is not None:
         return gym.make_vec(cfg.env, num_envs=num_envs, **cfg.env_kwargs)
     return gym.make_vec(cfg.env, num_envs=num_envs, vectorization_mode="sync",
                         vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **cfg.env_kwargs)
@@ -91,7 +92,7 @@ class ClassicRun(Run):
             self.envs.action_space.seed(cfg.seed)
         resolved = self.write_config()
         self.tracker = Tracker(self.output_dir, resolved, total=self.num_updates * self.steps_per_update,
-                               initial=self.global_step, enabled=self.main,
+                               initial=self.global_step, enabled=self.main, quiet=quiet,
                                postfix_keys={"env/episode_return_mean20": "return", "losses/policy": "pg_loss",
                                              "policy/approx_kl": "kl"})
 

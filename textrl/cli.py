@@ -27,11 +27,11 @@ from textrl.config import (
     field_docs,
     from_dict,
     load_yaml,
-    nest_run_fields,
     preset_for,
     section_flat,
 )
 from textrl.parallel.distributed import end
+from textrl.presets import merge_layer, split_layer
 
 __all__ = ["main", "resolve_train_config"]
 
@@ -40,26 +40,6 @@ _RUN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in 
 #: agent fields that moved to the run config, with where they went
 _MOVED = {"beta": "beta (GRPO's KL weight) is now the run's kl.coef, one β for every agent: use --kl-coef "
                   "(YAML: kl: {coef: ...})"}
-
-
-def _split_layer(data: dict[str, Any], agent: str) -> tuple[dict, dict]:
-    """Split one YAML layer into (run fields with sections nested, agent fields): the agent's section is read
-    under any of its names (``reinforce++`` or ``reinforce_pp``); sections named after other agents are dropped."""
-    from textrl.agents.base import AGENTS, ALIASES, canonical_agent
-
-    data = dict(data)
-    agent_fields = dict(data.pop("agent_config", None) or {})
-    for name in [*AGENTS, *ALIASES]:
-        section = data.pop(name, None)
-        if canonical_agent(name) == agent:
-            agent_fields.update(section or {})
-    return nest_run_fields(data), agent_fields
-
-
-def _merge(run: dict[str, Any], layer: dict[str, Any]) -> None:
-    """Later layers win, field by field inside the sections too."""
-    for key, value in layer.items():
-        run[key] = {**run.get(key, {}), **(value or {})} if key in SECTIONS else value
 
 
 def _prescan(argv: list[str]) -> argparse.Namespace:
@@ -121,8 +101,8 @@ def resolve_train_config(argv: list[str]) -> tuple[TrainConfig, bool]:
     run: dict[str, Any] = {}
     agent_fields: dict[str, Any] = {}
     for layer in (preset_for(env), file_data):
-        r, a = _split_layer(layer, agent)
-        _merge(run, r)
+        r, a = split_layer(layer, agent)
+        merge_layer(run, r)
         agent_fields.update(a)
     agent_names = {f.name for f in dataclasses.fields(agent_cls.config_class)}
     for key, value in flags.items():

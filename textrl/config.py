@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
+import importlib
 import inspect
 import textwrap
 import types
@@ -40,11 +42,32 @@ from textrl.validate import (
 
 __all__ = [
     "TrainConfig", "ModelConfig", "SamplingConfig", "KLConfig", "EvalConfig", "SECTIONS", "FLAT_KEYS",
-    "nest_run_fields", "section_flat", "coerce_field", "field_docs", "from_dict", "to_dict", "load_yaml", "preset_for",
+    "nest_run_fields", "section_flat", "given_fields", "coerce_field", "field_docs", "from_dict", "to_dict", "load_yaml", "preset_for",
     "default_config_path",
 ]
 
 
+def records_given(cls: type) -> type:
+    """Record, on each instance, which fields its caller gave (``given_fields``): an env's preset fills the
+    others when a config built in Python is trained (:func:`textrl.presets.with_preset`), as the CLI does."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        object.__setattr__(self, "_given", frozenset(names[:len(args)]) | frozenset(kwargs))
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def given_fields(config: Any) -> frozenset[str]:
+    """The fields the caller of ``config``'s constructor gave (all of them for an object built otherwise)."""
+    return getattr(config, "_given", frozenset(f.name for f in dataclasses.fields(config)))
+
+
+@records_given
 @dataclass
 class ModelConfig:
     """Text runs: the policy model and the other models of RLHF."""
@@ -65,8 +88,8 @@ class ModelConfig:
     copy); any other value = a model name or path (e.g. a trained reward model) to initialise the critic
     from — it must use the policy's tokenizer."""
     reward_model: str | None = None
-    """Score completions with a reward model saved by `textrl train-rm` (its directory), replacing the env's
-    own scorer; its stored gain and bias apply."""
+    """Score completions with a reward model, replacing the env's own scorer: a `textrl train-rm` directory
+    (its stored gain and bias apply) or any Hugging Face sequence classifier, name or path (its first logit)."""
     bf16: bool = False
     """bf16 autocast for the update (about 2x faster on CPUs with avx512_bf16/AMX; rollouts stay fp32). Off by
     default: in bf16 a small LoRA update is rounded away inside an update, so the PPO ratio stays 1, clipping
@@ -84,6 +107,7 @@ class ModelConfig:
                              f"adapters to train: set lora_r > 0 (e.g. --lora-r 16), got lora_r={self.lora_r}")
 
 
+@records_given
 @dataclass
 class SamplingConfig:
     """Text runs: how completions are sampled. Every log-prob (policy, reference, update) is of logits / temperature."""
@@ -107,6 +131,7 @@ class SamplingConfig:
         non_negative_int("min_new_tokens", self.min_new_tokens)
 
 
+@records_given
 @dataclass
 class KLConfig:
     """Text runs: the KL to the reference policy. β (``coef``) is one number for every agent: the per-token
@@ -135,6 +160,7 @@ class KLConfig:
         one_of("reference_pass", self.reference_pass, ("sequence", "per_token"))
 
 
+@records_given
 @dataclass
 class EvalConfig:
     """Text runs: the held-out evaluation before and after training."""
@@ -161,6 +187,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
+@records_given
 @dataclass
 class TrainConfig:
     """One training run: which env and agent, how long, where the outputs go."""
@@ -343,13 +370,39 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """A config as plain YAML-able data (sections nested, tuples as lists)."""
+    """A config as plain YAML-able data (sections nested, tuples as lists). A value YAML cannot hold (a
+    reward function, a scorer object in ``env_kwargs``) is recorded by its import path ``"module:name"``
+    where that path leads back to it — so a resumed run finds it again — else by its ``repr``. Nothing is
+    copied (``dataclasses.asdict`` would deep-copy a scorer holding a model)."""
     def plain(value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return list(value) if isinstance(value, tuple) else value
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return import_path(value) or repr(value)
 
-    return plain(dataclasses.asdict(obj))
+    return plain(obj)
+
+
+def import_path(value: Any) -> str | None:
+    """``"module:qualname"`` of a module-level function or class, if importing that path gives ``value``
+    back; else None (lambdas, nested functions, instances)."""
+    module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if not module or not name or "<" in name:  # lambdas and functions defined inside functions
+        return None
+    try:
+        found = importlib.import_module(module)
+        for part in name.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}:{name}" if found is value else None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -373,6 +426,6 @@ def default_config_path() -> Path:
 
 def preset_for(env_id: str) -> dict[str, Any]:
     """The tuned preset for an env id, if ``experiments/presets/<id>.yaml`` exists; else ``{}``."""
-    name = env_id.replace("/", "__") + ".yaml"
+    name = env_id.rpartition(":")[2].replace("/", "__") + ".yaml"  # "module:Id": the id's preset
     preset = _experiments().joinpath("presets").joinpath(name)
     return yaml.safe_load(preset.read_text()) if preset.is_file() else {}

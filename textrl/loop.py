@@ -46,6 +46,7 @@ def loop(run: Run) -> RunResult:
             every = run.cfg.checkpoint_every
             if update + 1 == run.num_updates or (every and (update + 1) % every == 0):
                 run.checkpoint(update + 1)
+        result = run.finish(stats)  # the held-out evaluation after training, reports (the tracker still open)
     finally:
         run.close()
-    return run.finish(stats)
+    return result

@@ -44,6 +44,7 @@ class Tracker:
         initial: steps already done (when resuming).
         enabled: False makes every method a no-op that writes nothing (the non-main processes of a
             data-parallel run: metrics are gathered, and written once).
+        quiet: print nothing but warnings (no table, no progress); the files are written as always.
     """
 
     def __init__(
@@ -54,8 +55,9 @@ class Tracker:
         postfix_keys: dict[str, str] | None = None,
         initial: int = 0,
         enabled: bool = True,
+        quiet: bool = False,
     ):
-        self.enabled = enabled
+        self.enabled, self.quiet = enabled, quiet
         if not enabled:
             return
         self.dir = Path(output_dir)
@@ -63,10 +65,11 @@ class Tracker:
         self.writer = SummaryWriter(str(self.dir / "tb"))
         table = hparams_table(config)
         self.writer.add_text("hyperparameters", table, global_step=0)
-        print(table, file=sys.stderr)
+        if not quiet:
+            print(table, file=sys.stderr)
         self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.postfix_keys = postfix_keys or {}
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=None)
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=True if quiet else None)
         self._last_step = initial
         self._next_report = initial
 
@@ -86,7 +89,7 @@ class Tracker:
         if not self.bar.disable:
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(step - self._last_step)
-        elif step >= self._next_report:  # no TTY (CI, logs): a plain line every 10% instead of a bar
+        elif step >= self._next_report and not self.quiet:  # no TTY (CI, logs): a plain line every 10%
             shown = " ".join(f"{k}={v}" for k, v in postfix.items())
             print(f"step {step}/{self.bar.total} ({100 * step // max(self.bar.total, 1)}%) {shown}",
                   file=sys.stderr, flush=True)
@@ -94,10 +97,22 @@ class Tracker:
         self._last_step = step
 
     def message(self, text: str) -> None:
-        """Print a line without breaking the progress bar."""
-        if not self.enabled:
+        """Print a line without breaking the progress bar (quiet: warnings only)."""
+        if not self.enabled or (self.quiet and not text.startswith("warning")):
             return
         tqdm.write(text, file=sys.stderr)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """TensorBoard only (not metrics.jsonl, which holds one line per update): e.g. the ``eval/`` results."""
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            if math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text, step)
 
     def close(self) -> None:
         if not self.enabled:

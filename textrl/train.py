@@ -15,13 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import yaml
 
 from textrl.classic_run import ClassicRun, check_env_id
 from textrl.config import TrainConfig
+from textrl.imports import env_spec
 from textrl.lm.run import LMRun
 from textrl.loop import loop
+from textrl.presets import with_preset
 from textrl.runs import Run, RunResult
 
 __all__ = ["train", "make_run", "is_text_env", "config_from_run_dir"]
@@ -29,13 +30,15 @@ __all__ = ["train", "make_run", "is_text_env", "config_from_run_dir"]
 
 def is_text_env(cfg: TrainConfig) -> bool:
     """A run is a text run when a policy model is given or the env's spec names a default one."""
-    return cfg.model.name is not None or "model" in gym.spec(cfg.env).kwargs
+    return cfg.model.name is not None or "model" in env_spec(cfg.env).kwargs
 
 
 def make_run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Run:
-    """Build every piece of the run ``cfg`` describes (resuming from its checkpoint with ``resume``).
-    Everything is validated before the first step."""
+    """Build every piece of the run ``cfg`` describes (resuming from its checkpoint with ``resume``), the
+    env's preset (``experiments/presets/``) filling the fields ``cfg``'s caller did not give. Everything is
+    validated before the first step."""
     check_env_id(cfg.env)
+    cfg = with_preset(cfg)  # from Python as from the CLI: the env's preset under the fields the caller gave
     kind = LMRun if is_text_env(cfg) else ClassicRun
     return kind(cfg, resume=resume, quiet=quiet)
 

@@ -14,7 +14,9 @@ import torch
 
 from textrl.config import KLConfig, ModelConfig, TrainConfig
 from textrl.envs.kl_penalty import KLPenalty
+from textrl.envs.scorers import HFRewardModelScorer
 from textrl.envs.text_gen import TextGenVectorEnv
+from textrl.imports import env_spec
 from textrl.kl_control import make_kl_controller
 from textrl.lm.models import load_causal_lm, load_tokenizer
 from textrl.lm.policy import LMActorCritic, add_lora
@@ -26,7 +28,7 @@ __all__ = ["policy_model_name", "build_policy", "build_critic", "build_text_env"
 
 def policy_model_name(cfg: TrainConfig) -> str:
     """The policy model of a text run: ``model.name``, or the default its env registered."""
-    return cfg.model.name or gym.spec(cfg.env).kwargs["model"]
+    return cfg.model.name or env_spec(cfg.env).kwargs["model"]
 
 
 def build_critic(model: ModelConfig, policy_name: str, lm: torch.nn.Module) -> torch.nn.Module | None:
@@ -78,11 +80,38 @@ def build_policy(cfg: TrainConfig, device: torch.device | str, value_head: bool 
 
 
 def load_reward_model(path: str, device: torch.device | str):
-    """A reward model saved by ``textrl train-rm``, as a scorer (whole on every process, even under ZeRO-3)."""
-    from textrl.reward_model import TrainedRewardScorer
+    """A reward model as a scorer (whole on every process, even under ZeRO-3): a directory saved by
+    ``textrl train-rm`` (its gain and bias applied), or any Hugging Face sequence classifier (name or path;
+    the score is its first logit, ``prompt + completion`` scored with its own tokenizer)."""
+    from pathlib import Path
+
+    from textrl.reward_model import NORMALISATION_FILE, TrainedRewardScorer
 
     with unpartitioned_loading():
-        return TrainedRewardScorer(path, device=device)
+        if (Path(path) / NORMALISATION_FILE).is_file():
+            return TrainedRewardScorer(path, device=device)
+        return hf_reward_model(path, device)
+
+
+def hf_reward_model(name_or_path: str, device: torch.device | str) -> HFRewardModelScorer:
+    """Any Hugging Face ``AutoModelForSequenceClassification`` as a scorer; a tokenizer without a PAD token
+    pads with its EOS (the classifier reads the last real token, found from the attention mask)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from textrl.lm.models import disable_dropout, resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"reward_model: {name_or_path!r} is neither a `textrl train-rm` directory nor a Hugging "
+                         f"Face sequence-classification model ({err})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return HFRewardModelScorer(disable_dropout(model).to(device), tokenizer)
 
 
 def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str, num_envs: int | None = None,

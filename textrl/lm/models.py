@@ -37,8 +37,9 @@ def register_model(name: str, model: str, tokenizer: str) -> None:
 
 
 def _registered(name: str, which: int):
-    module, _, attr = _REGISTERED[name][which].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    from textrl.imports import load_attr
+
+    return load_attr(_REGISTERED[name][which], f"model {name!r}")
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -126,7 +127,7 @@ def quantization_config(kind: str) -> Any:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as err:
-        raise ValueError(f"quantization={kind!r} needs bitsandbytes: pip install 'textrl[quant]' ({err})") from None
+        raise ValueError(f"quantization={kind!r} needs bitsandbytes: pip install 'textrl-gym[quant]' ({err})") from None
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if kind == "4bit":

@@ -82,6 +82,11 @@ def rollout_stats(ro: TokenRollout, reduce: Reducer) -> dict[str, float]:
     }
 
 
+def eval_scalars(result: EvalResult) -> dict[str, float]:
+    """The held-out evaluation as TensorBoard scalars (before training at step 0, after at the last step)."""
+    return {"eval/reward_mean": result.mean, "eval/reward_se": result.se, "eval/kl": result.kl}
+
+
 class LMRun(Run):
     """Any registered agent on a textrl text env (``cfg.env`` with a ``model``, or ``model.name`` given)."""
 
@@ -109,7 +114,7 @@ class LMRun(Run):
         else:  # seeds the prompt draws once; rollouts continue the stream (the same global stream on every process)
             self.base.reset(seed=cfg.seed)
         self.tracker = Tracker(self.output_dir, self.write_config(), total=self.num_updates * self.steps_per_update,
-                               initial=self.global_step, enabled=self.main,
+                               initial=self.global_step, enabled=self.main, quiet=quiet,
                                postfix_keys={"reward/score_mean": "score", "policy/kl_ref": "kl",
                                              "losses/policy": "pg"})
         self.comparable_weights = not is_zero3(accelerator)
@@ -182,8 +187,9 @@ class LMRun(Run):
             msg("bf16 autocast on for the update (rollouts stay fp32; set bf16: false to turn it off)")
         if not self.resumed:
             self.before = self.heldout()
-            if self.before is not None and not self.quiet:  # (a no-op on the non-main processes)
+            if self.before is not None:  # (a no-op on the non-main processes)
                 msg(f"held-out reward before training: {self.before} (kl={self.before.kl:.3f})")
+                self.tracker.scalars(eval_scalars(self.before), self.global_step)
 
     def heldout(self) -> EvalResult | None:
         """The held-out evaluation (every process answers its share of the prompts)."""
@@ -261,7 +267,10 @@ class LMRun(Run):
         if self.history:
             plot_curves(self.history, self.output_dir / "curves.png")
         write_samples(self.output_dir / "samples.md", self.before, after)
-        if after is not None and not self.quiet:
-            print(summary_line(self.before, after), file=sys.stderr)
+        if after is not None:
+            self.tracker.scalars(eval_scalars(after), self.global_step)
+            self.tracker.text("eval/samples", (self.output_dir / "samples.md").read_text(), self.global_step)
+            if not self.quiet:
+                print(summary_line(self.before, after), file=sys.stderr)
         result.before, result.after = self.before, after
         return result

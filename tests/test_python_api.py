@@ -1,0 +1,124 @@
+"""The Python API with objects a config file cannot hold: reward functions in ``env_kwargs`` are recorded in
+config.yaml by their import path (a resumed run finds them again) or, when they have none, by their repr —
+never a crash after the model has loaded."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import yaml
+
+from textrl.config import TrainConfig, import_path, to_dict
+from textrl.train import train
+
+
+def share_of_e(prompts, completions):
+    return torch.tensor([c.count("e") / max(len(c), 1) for c in completions])
+
+
+def test_import_path_round_trips_only_for_importable_objects():
+    assert import_path(share_of_e) == f"{__name__}:{share_of_e.__name__}"
+    assert import_path(TrainConfig) == "textrl.config:TrainConfig"
+    assert import_path(lambda p, c: p) is None
+    assert import_path(object()) is None
+    big = torch.nn.Linear(2, 2)
+    out = to_dict(TrainConfig(env="textrl/TargetToken-v0", env_kwargs={"scorer": big, "target": ("a", 1)}))
+    assert out["env_kwargs"]["target"] == ["a", 1]
+    assert out["env_kwargs"]["scorer"] == repr(big)  # recorded, not deep-copied
+
+
+@pytest.mark.parametrize("scorer", [share_of_e, lambda prompts, completions: share_of_e(prompts, completions)],
+                         ids=["function", "lambda"])
+def test_reward_function_in_env_kwargs_trains_and_is_recorded(tmp_path, scorer):
+    cfg = TrainConfig(env="textrl/TargetToken-v0", num_envs=8, total_steps=256, output_dir=str(tmp_path / "run"),
+                      env_kwargs={"scorer": scorer})
+    result = train(cfg, quiet=True)
+    assert result.updates == 2 and result.after is not None
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["env_kwargs"]["scorer"]
+    if scorer is share_of_e:
+        assert saved == f"{__name__}:share_of_e"
+        # the recorded path is what a resumed run uses: resume and train 2 more updates with it
+        more = dataclasses.replace(cfg, total_steps=512, env_kwargs={"scorer": saved})
+        assert train(more, resume=True, quiet=True).updates == 4
+    else:
+        assert saved.startswith("<function")
+
+
+def test_readme_python_quick_start_runs_and_learns(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = re.search(r"<!-- python-quickstart -->\n```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)  # its run directory goes under runs/ here
+    namespace: dict = {"__name__": "readme_quick_start"}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert (tmp_path / result.output_dir / "config.yaml").is_file() and result.output_dir.parts[0] == "runs"
+    assert result.after.mean > result.before.mean + 3 * max(result.after.se, result.before.se)  # it learned
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "textrl/TargetToken-v0"])
+def test_presets_apply_from_python_as_from_the_cli(env):
+    from textrl.cli import resolve_train_config
+    from textrl.presets import with_preset
+
+    from_cli, _ = resolve_train_config(["--env", env, "--total-steps", "30000"])
+    from_python = with_preset(TrainConfig(env=env, total_steps=30000))
+    assert to_dict(from_python) == to_dict(from_cli)  # the same run, field by field
+    assert with_preset(from_cli) is from_cli  # a CLI config already holds its preset
+    assert from_python.agent_config  # the preset's tuned agent fields are there
+
+
+def test_what_the_caller_gives_wins_over_the_preset():
+    from textrl.presets import with_preset
+
+    given = TrainConfig(env="textrl/TargetToken-v0", num_envs=4, kl={"coef": 0.5},
+                        agent_config={"learning_rate": 0.01})
+    cfg = with_preset(given)
+    assert (cfg.num_envs, cfg.kl.coef, cfg.agent_config["learning_rate"]) == (4, 0.5, 0.01)
+    assert cfg.total_steps == 4096 and cfg.agent_config["num_minibatches"] == 2 and cfg.model.bf16 is False
+    assert given.total_steps == 100_000 and given.agent_config == {"learning_rate": 0.01}  # not mutated
+
+
+def test_any_hugging_face_sequence_classifier_is_a_reward_model(tmp_path):
+    from textrl.envs.scorers import HFRewardModelScorer
+    from textrl.envs.toy import char_tokenizer
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from textrl.lm.build import load_reward_model
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    rm = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=16, n_head=2, num_labels=1,
+                                                  pad_token_id=tok.pad_token_id)).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    scorer = load_reward_model(str(tmp_path / "rm"), "cpu")
+    assert isinstance(scorer, HFRewardModelScorer)
+    enc = tok(["ab cd"], return_tensors="pt")
+    with torch.no_grad():
+        expected = rm(**enc).logits[0, 0]
+    torch.testing.assert_close(scorer(["ab"], [" cd"])[0], expected)
+    cfg = TrainConfig(env="textrl/TargetToken-v0", num_envs=8, total_steps=128, output_dir=str(tmp_path / "run"),
+                      model={"reward_model": str(tmp_path / "rm")})
+    result = train(cfg, quiet=True)
+    assert result.updates == 1 and result.history[0]["reward/score_std"] > 0  # the classifier's scores
+    with pytest.raises(ValueError, match="neither a `textrl train-rm` directory"):
+        load_reward_model(str(tmp_path / "run"), "cpu")
+
+
+def test_quiet_prints_nothing_and_the_held_out_results_reach_tensorboard(tmp_path, capfd):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig(env="textrl/TargetToken-v0", num_envs=8, total_steps=256, output_dir=str(tmp_path))
+    result = train(cfg, quiet=True)
+    err = capfd.readouterr().err
+    assert "| agent |" not in err and "step 256/256" not in err and "held-out" not in err, err[-2000:]
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    before, after = events.Scalars("eval/reward_mean")
+    assert (before.step, after.step) == (0, result.global_step)
+    assert math.isclose(before.value, result.before.mean, rel_tol=1e-6)
+    assert math.isclose(after.value, result.after.mean, rel_tol=1e-6)
+    assert "eval/samples/text_summary" in events.Tags()["tensors"]
