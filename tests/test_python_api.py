@@ -122,3 +122,52 @@ def test_quiet_prints_nothing_and_the_held_out_results_reach_tensorboard(tmp_pat
     assert math.isclose(before.value, result.before.mean, rel_tol=1e-6)
     assert math.isclose(after.value, result.after.mean, rel_tol=1e-6)
     assert "eval/samples/text_summary" in events.Tags()["tensors"]
+
+
+def test_given_fields_survive_copies_and_subclasses_and_replace_means_all_given():
+    import copy
+    import pickle
+
+    from textrl.config import given_fields
+    from textrl.presets import with_preset
+
+    cfg = TrainConfig(env="textrl/TargetToken-v0", seed=2)
+    assert given_fields(cfg) == {"env", "seed"}
+    assert given_fields(pickle.loads(pickle.dumps(cfg))) == given_fields(copy.deepcopy(cfg)) == {"env", "seed"}
+
+    @dataclasses.dataclass
+    class MyConfig(TrainConfig):
+        note: str = ""
+
+    assert given_fields(MyConfig(env="textrl/TargetToken-v0", note="x")) == {"env", "note"}
+    swept = dataclasses.replace(cfg, seed=3)  # every field given: no preset rather than half of one
+    assert with_preset(swept) is swept
+    assert with_preset(cfg).num_envs == 16 and with_preset(cfg).seed == 2
+
+
+def test_int_keys_stay_int_in_the_recorded_config():
+    out = to_dict(TrainConfig(env="textrl/TargetToken-v0", env_kwargs={"bonus": {7: 1.0}}))
+    assert yaml.safe_load(yaml.safe_dump(out))["env_kwargs"]["bonus"] == {7: 1.0}
+
+
+def test_an_import_error_inside_the_users_module_is_reported_as_such(tmp_path, monkeypatch):
+    from textrl.imports import load_attr
+
+    (tmp_path / "my_broken_mod_x.py").write_text("import gym_extra_not_installed_x\nscore = None\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="importing module 'my_broken_mod_x' failed.*gym_extra_not_installed_x"):
+        load_attr("my_broken_mod_x:score", "scorer")
+
+
+def test_resume_without_samples_and_with_a_foreign_sampling_stream(tmp_path, capfd):
+    from safetensors.torch import save_file
+
+    cfg = TrainConfig(env="textrl/TargetToken-v0", num_envs=8, total_steps=256, output_dir=str(tmp_path))
+    train(cfg, quiet=True)
+    (tmp_path / "samples.md").unlink()  # as if the first session had stopped before its end
+    save_file({"state": torch.zeros(16, dtype=torch.uint8)}, str(tmp_path / "checkpoint" / "sampler.safetensors"))
+    capfd.readouterr()
+    result = train(dataclasses.replace(cfg, total_steps=512), resume=True, quiet=True)
+    assert result.updates == 4 and result.before is None and result.after is not None
+    err = capfd.readouterr().err
+    assert "warning: the saved sampling stream is from another device type" in err, err[-2000:]

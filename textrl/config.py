@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import functools
 import importlib
 import inspect
 import textwrap
@@ -49,16 +48,16 @@ __all__ = [
 
 def records_given(cls: type) -> type:
     """Record, on each instance, which fields its caller gave (``given_fields``): an env's preset fills the
-    others when a config built in Python is trained (:func:`textrl.presets.with_preset`), as the CLI does."""
-    init = cls.__init__
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    others when a config built in Python is trained (:func:`textrl.presets.with_preset`), as the CLI does.
+    Recorded in ``__new__``, which subclasses inherit; ``dataclasses.replace`` gives every field."""
 
-    @functools.wraps(init)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        object.__setattr__(self, "_given", frozenset(names[:len(args)]) | frozenset(kwargs))
-        init(self, *args, **kwargs)
+    def __new__(klass: type, *args: Any, **kwargs: Any) -> Any:
+        obj = object.__new__(klass)
+        names = [f.name for f in dataclasses.fields(klass) if f.init]
+        object.__setattr__(obj, "_given", frozenset(names[:len(args)]) | frozenset(kwargs))
+        return obj
 
-    cls.__init__ = __init__
+    cls.__new__ = __new__
     return cls
 
 
@@ -380,7 +379,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
+            return {k if isinstance(k, (str, int, float, bool)) else str(k): plain(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         if isinstance(value, Path):

@@ -19,18 +19,27 @@ __all__ = ["import_module", "load_attr", "env_spec"]
 
 def import_module(module: str, what: str) -> Any:
     """Import ``module`` for the config value ``what`` (e.g. ``"env 'my_envs:Maze-v0'"``)."""
+    top = module.split(".")[0]
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
+        if err.name != top:  # the module was found, and failed importing something of its own
+            raise ValueError(f"{what}: importing module {module!r} failed: {err}") from err
         here = os.getcwd()
-        if err.name == module.split(".")[0] and here not in sys.path:
-            sys.path.append(here)  # the console script does not see the working directory
-            try:
-                return importlib.import_module(module)
-            except ModuleNotFoundError:
-                pass
-        raise ValueError(f"{what}: cannot import module {module!r} ({err}); run from the folder that holds it, "
-                         "or add that folder to PYTHONPATH") from None
+        if here in sys.path:
+            raise _not_found(module, what, err) from None
+        sys.path.append(here)  # the console script does not see the working directory
+        try:
+            return importlib.import_module(module)
+        except ModuleNotFoundError as again:
+            if again.name == top:
+                raise _not_found(module, what, again) from None
+            raise ValueError(f"{what}: importing module {module!r} failed: {again}") from again
+
+
+def _not_found(module: str, what: str, err: ModuleNotFoundError) -> ValueError:
+    return ValueError(f"{what}: cannot import module {module!r} ({err}); run from the folder that holds it, "
+                      "or add that folder to PYTHONPATH")
 
 
 def load_attr(target: str, what: str) -> Any:

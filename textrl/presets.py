@@ -2,7 +2,8 @@
 
 The CLI resolves dataclass defaults < preset < YAML file < flags; :func:`with_preset` gives a config built in
 Python the same preset layer: every field its caller did not give (the config records which it was given)
-comes from the preset where the preset sets it.
+comes from the preset where the preset sets it. A config made with ``dataclasses.replace`` gives every field
+(replace passes them all), so it gets no preset at all: build sweeps with ``TrainConfig(**shared, seed=s)``.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ def with_preset(cfg: TrainConfig) -> TrainConfig:
     from textrl.agents.base import canonical_agent
 
     preset = preset_for(cfg.env)
-    if not preset:
-        return cfg
+    given = given_fields(cfg)
+    if not preset or given >= {f.name for f in dataclasses.fields(cfg) if f.init}:
+        return cfg  # no preset; or every field given (dataclasses.replace): no preset rather than part of one
     run, agent_fields = split_layer(preset, canonical_agent(cfg.agent))
-    given, changes = given_fields(cfg), {}
+    changes = {}
     for key, value in run.items():
         if key in SECTIONS:
             section = getattr(cfg, key)

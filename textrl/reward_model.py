@@ -269,7 +269,7 @@ def train_reward_model(cfg: RewardModelConfig, quiet: bool = False) -> dict[str,
     train_rows, eval_rows, problems = _split(cfg, rng)
     # Under `accelerate launch` / `torchrun` this joins the process group: each batch is split among the
     # processes, DDP averages the gradients, the main process writes the files.
-    accelerator = make_accelerator("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = make_accelerator("cuda" if torch.cuda.is_available() else "cpu", mixed_precision=None)
     world, main = world_size(), is_main()  # from the process group (accelerate on CPU + DeepSpeed reports 1)
     out = Path(cfg.output_dir or broadcast_object(f"runs/reward_model__{time.strftime('%Y-%m-%d_%H-%M-%S')}"))
     path = _resolve_backbone(cfg.model)

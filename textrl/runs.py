@@ -111,7 +111,7 @@ class Run:
         self.tracker.log(stats, self.global_step)
         self.history.append({"global_step": self.global_step, **stats})
         if stats.get("train/nan_skipped"):
-            self.tracker.message(f"step {self.global_step}: skipped {int(stats['train/nan_skipped'])} optimiser "
+            self.tracker.message(f"warning: step {self.global_step}: skipped {int(stats['train/nan_skipped'])} optimiser "
                                  "step(s) with a non-finite loss or gradient (weights kept)")
 
     def checkpoint(self, update: int) -> None:

@@ -95,6 +95,7 @@ class LMRun(Run):
             torch.set_num_threads(cfg.torch_threads)
         seed_everything(cfg.seed)
         self.cfg, self.quiet, self.resumed, self.history = cfg, quiet, resume, []
+        self.notes: list[str] = []  # messages from before the tracker exists, shown at start()
         want = torch.device(torch_device(cfg.device))
         # accelerate at the edges: under `accelerate launch` / `torchrun` this joins the process group (gloo on
         # CPU, NCCL on GPUs) and the run becomes data-parallel, each process stepping its shard of the env
@@ -160,8 +161,8 @@ class LMRun(Run):
         try:
             self.generator.load_rng_state(load_file(str(out / CHECKPOINT_DIR / "sampler.safetensors"))["state"])
         except ValueError as err:  # resumed on another device type (CPU <-> GPU): the run goes on, not exactly
-            self.tracker.message(f"warning: {err}; sampling continues from a stream seeded with seed + update "
-                                 f"{self.start_update} (the resumed run is not the uninterrupted one)")
+            self.notes.append(f"warning: {err}; sampling continues from a stream seeded with seed + update "
+                              f"{self.start_update} (the resumed run is not the uninterrupted one)")
             self.rng.manual_seed(self.cfg.seed + self.start_update)
         if self.main:
             lines = (out / "metrics.jsonl").read_text().splitlines()[:self.start_update]
@@ -173,6 +174,8 @@ class LMRun(Run):
         if live:
             raise ValueError(f"dropout must be off in RLHF models; {len(live)} dropout module(s) have p > 0")
         msg = self.tracker.message
+        for note in self.notes:
+            msg(note)
         msg(f"health: PAD={self.base.pad_token_id} != EOS={self.base.eos_token_id}; dropout off; "
             f"reference = {'policy with LoRA adapters off' if self.policy.is_lora else 'frozen copy'}")
         if self.world > 1:
@@ -182,7 +185,7 @@ class LMRun(Run):
             msg(f"{self.cfg.agent}: KL to the reference is a loss term (kl.coef={self.agent.kl_coef}); the env's "
                 "reward carries no KL penalty")
         if not self.agent.has_critic and self.cfg.model.value_model != "head":
-            msg(f"value_model={self.cfg.model.value_model!r} is not used: {self.cfg.agent} has no critic")
+            msg(f"warning: value_model={self.cfg.model.value_model!r} is not used: {self.cfg.agent} has no critic")
         if self.cfg.model.bf16:
             msg("bf16 autocast on for the update (rollouts stay fp32; set bf16: false to turn it off)")
         if not self.resumed:
@@ -269,7 +272,9 @@ class LMRun(Run):
         write_samples(self.output_dir / "samples.md", self.before, after)
         if after is not None:
             self.tracker.scalars(eval_scalars(after), self.global_step)
-            self.tracker.text("eval/samples", (self.output_dir / "samples.md").read_text(), self.global_step)
+            samples = self.output_dir / "samples.md"  # (a resumed run has no "before" and writes none)
+            if self.before is not None and samples.is_file():
+                self.tracker.text("eval/samples", samples.read_text(), self.global_step)
             if not self.quiet:
                 print(summary_line(self.before, after), file=sys.stderr)
         result.before, result.after = self.before, after

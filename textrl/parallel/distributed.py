@@ -30,7 +30,7 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def make_accelerator(device: torch.device | str):
+def make_accelerator(device: torch.device | str, mixed_precision: str | None = "no"):
     """accelerate's ``Accelerator`` for a run on ``device``. On a machine without GPUs ``cpu=True`` (so that
     ``accelerate launch --multi_gpu`` or ``torchrun`` still gives gloo processes), except under a DeepSpeed
     launch, where DeepSpeed's own accelerator picks the device."""
@@ -40,9 +40,10 @@ def make_accelerator(device: torch.device | str):
     device = torch.device(device)
     if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         torch.cuda.set_device(device)  # one process on cuda:N: accelerate takes the current device
-    # mixed precision is textrl's (model.bf16, the same autocast for old and new log-probs): an accelerate
-    # config's mixed_precision would run only the loss's forward in bf16, so the PPO ratio would not start at 1
-    return Accelerator(cpu=device.type == "cpu" and not deepspeed, mixed_precision="no")
+    # RL runs: mixed precision is textrl's (model.bf16, the same autocast for old and new log-probs): an
+    # accelerate config's mixed_precision would run only the loss's forward in bf16, so the PPO ratio would not
+    # start at 1. train-rm passes None: accelerate's own setting (its config or --mixed_precision) applies.
+    return Accelerator(cpu=device.type == "cpu" and not deepspeed, mixed_precision=mixed_precision)
 
 
 def world_size() -> int:
