@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib
 import inspect
 import textwrap
 import types
@@ -392,14 +391,14 @@ def to_dict(obj: Any) -> dict[str, Any]:
 def import_path(value: Any) -> str | None:
     """``"module:qualname"`` of a module-level function or class, if importing that path gives ``value``
     back; else None (lambdas, nested functions, instances)."""
+    from textrl.imports import load_attr
+
     module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
     if not module or not name or "<" in name:  # lambdas and functions defined inside functions
         return None
     try:
-        found = importlib.import_module(module)
-        for part in name.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError):
+        found = load_attr(f"{module}:{name}", "config value")
+    except ValueError:
         return None
     return f"{module}:{name}" if found is value else None
 
