@@ -32,17 +32,17 @@ install() {  # $1 = extras, e.g. "dev"
 
 case "$cmd" in
   train)
-    install ""
+    install "examples"
     exec "$venv/bin/textrl" train "$@" ;;
   test)
-    install "dev,quant,deepspeed"
+    install "dev,examples,quant,deepspeed"
     set +e
     "$venv/bin/python" -m pytest -q "$@"
     code=$?
     [[ $code -eq 5 ]] && { echo "run.sh: pytest collected no tests" >&2; exit 1; }
     exit $code ;;
   bench)
-    install "dev,bench"
+    install "dev,examples,bench"
     script="${1:?usage: bash run.sh bench benchmarks/NAME.py [args]}"; shift
     exec "$venv/bin/python" "$script" "$@" ;;
   *)

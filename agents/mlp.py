@@ -36,6 +36,7 @@ class MLPActorCritic(nn.Module):
 
     def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: tuple[int, ...]):
         super().__init__()
+        self.obs_dim, self.n_actions, self.hidden_sizes = obs_dim, n_actions, tuple(hidden_sizes)
         self.pi = _mlp(obs_dim, hidden_sizes, n_actions, out_gain=0.01)  # near-uniform initial policy
         self.vf = _mlp(obs_dim, hidden_sizes, 1, out_gain=1.0)
 
@@ -44,6 +45,10 @@ class MLPActorCritic(nn.Module):
         """Sized for a vector env with Box observations and a Discrete action space."""
         obs_dim = int(np.prod(envs.single_observation_space.shape))
         return cls(obs_dim, int(envs.single_action_space.n), hidden_sizes)
+
+    def shape_info(self) -> dict[str, object]:
+        """What rebuilds this network (``MLPActorCritic(**shape_info())``) before loading its weights."""
+        return {"obs_dim": self.obs_dim, "n_actions": self.n_actions, "hidden_sizes": list(self.hidden_sizes)}
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = obs.reshape(obs.shape[0], -1)  # (N, obs_dim)

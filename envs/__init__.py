@@ -1,17 +1,25 @@
 """textrl environments: the token-level text generation env, prompt sampling, the KL-to-reference wrapper,
 reward scorers, and the built-in tasks (``toy``: TargetToken-v0; ``cheerful``: Cheerful-v0).
 
-Registered ids (on ``import textrl``): ``textrl/TextGen-v0`` — ``gym.make_vec("textrl/TextGen-v0",
-num_envs=B, tokenizer=..., prompts=..., scorer=...)`` builds the natively batched env, ``gym.make(...)``
-its single-env form.
+Registered ids (on ``import textrl``): ``textrl/TextGen-v0``, ``textrl/TargetToken-v0``,
+``textrl/Cheerful-v0``. ``gym.make_vec(id, num_envs=B, ...)`` builds the natively batched env (torch tensors
+on the model's device, ``autoreset_mode`` DISABLED); ``gym.make(id, ...)`` its single-env form (numpy; passes
+``check_env``), which ``gym.make_vec(id, num_envs=B, vectorization_mode="sync", ...)`` also uses. TextGen-v0
+needs ``tokenizer=``, ``prompts=``, ``scorer=``; TargetToken-v0 needs nothing; Cheerful-v0 needs ``tokenizer=``
+(and loads the MiniLM scorer unless ``scorer=`` is given). Every form takes ``render_mode="ansi"``.
+
+Gymnasium's stock vector wrappers expect numpy: wrap the native env in :class:`TorchToNumpy` first, e.g.
+``RecordEpisodeStatistics(TorchToNumpy(gym.make_vec("textrl/TargetToken-v0", num_envs=8)))`` or
+``DictInfoToList(TorchToNumpy(KLPenalty(env, ref)))`` (:class:`KLPenalty` inside, on the torch env). The sync
+form is numpy already. Training collects from the torch env directly (:mod:`textrl.lm.collect`).
 """
 
 from textrl.envs.kl_penalty import KLPenalty
-from textrl.envs.prompts import PromptSampler, load_prompts
+from textrl.envs.prompts import PromptSampler, load_prompt_records, load_prompts
 from textrl.envs.scorers import HFRewardModelScorer, Scorer, TokenScorer, check_scores
-from textrl.envs.text_gen import TextGenEnv, TextGenVectorEnv
+from textrl.envs.text_gen import TextGenEnv, TextGenVectorEnv, TorchToNumpy
 
 __all__ = [
     "KLPenalty", "HFRewardModelScorer", "PromptSampler", "Scorer", "TokenScorer", "check_scores", "TextGenEnv",
-    "TextGenVectorEnv", "load_prompts",
+    "TextGenVectorEnv", "TorchToNumpy", "load_prompt_records", "load_prompts",
 ]

@@ -9,9 +9,9 @@ from __future__ import annotations
 from importlib import resources
 
 from textrl.envs.scorers import MiniLMStyleScorer
-from textrl.envs.text_gen import TextGenVectorEnv
+from textrl.envs.text_gen import TextGenEnv, TextGenVectorEnv
 
-__all__ = ["cheerful_env", "prompt_file"]
+__all__ = ["cheerful_env", "prompt_file", "CheerfulEnv"]
 
 def prompt_file(name: str) -> str:
     return str(resources.files("textrl.experiments").joinpath("prompts").joinpath(name))
@@ -27,3 +27,11 @@ def cheerful_env(num_envs: int, tokenizer, max_new_tokens: int = 32, prompts=Non
     return TextGenVectorEnv(num_envs, tokenizer, prompts or prompt_file("cheerful_train.txt"), scorer,
                             max_new_tokens=max_new_tokens,
                             eval_prompts=eval_prompts or prompt_file("cheerful_eval.txt"), **kwargs)
+
+
+class CheerfulEnv(TextGenEnv):
+    """The single-env form of ``textrl/Cheerful-v0`` (``gym.make(..., tokenizer=...)``; ``gym.make_vec(...,
+    vectorization_mode="sync")``): one row of :func:`cheerful_env`, numpy in and out. Each copy loads its own
+    MiniLM scorer unless ``scorer=`` is given."""
+
+    vector_env = staticmethod(cheerful_env)

@@ -18,6 +18,12 @@ Two ways to compute the reference (``reference_pass``), giving equal batches (te
   penalised ``rewards`` (as TRL does after ``generate``; cheaper than a decode step per token).
 
 Agents with the KL in their loss (GRPO) get the wrapper with β = 0: it still reports the reference log-probs.
+
+Spaces: ``action_space`` says what ``step`` accepts, ``Dict(token = the env's action space (MultiDiscrete),
+logprob = Box(-inf, 0, (B,), float32))`` (``single_action_space`` per row), so ``action_space.sample()``
+steps (a sampled log-prob is just a made-up value). Observations pass through; every info key added has its
+``_key`` mask. For Gymnasium's stock vector wrappers put
+:class:`~textrl.envs.text_gen.TorchToNumpy` around this wrapper (see :mod:`textrl.envs.text_gen`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import dataclasses
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 
 from textrl.kl_control import AdaptiveKLController, FixedKLController
@@ -73,6 +80,10 @@ class KLPenalty(gym.vector.VectorWrapper):
             for p in ref_model.parameters():
                 p.requires_grad_(False)
         self.ref = CachedForward(ref_model) if reference_pass == "per_token" else None  # the per-step reference
+        logprob = gym.spaces.Box(-np.inf, 0.0, (), np.float32)
+        self.single_action_space = gym.spaces.Dict({"token": env.single_action_space, "logprob": logprob})
+        self.action_space = gym.spaces.Dict({"token": env.action_space,
+                                             "logprob": gym.vector.utils.batch_space(logprob, env.num_envs)})
 
     @property
     def kl_coef(self) -> float:

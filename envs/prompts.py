@@ -12,28 +12,68 @@ import torch
 
 from textrl.shard import Shard
 
-__all__ = ["load_prompts", "PromptSampler"]
+__all__ = ["load_prompts", "load_prompt_records", "prompt_rows", "prompt_text", "PromptSampler"]
 
 
-def load_prompts(source: str | Path | Iterable[Any], key: str = "prompt") -> list[str]:
-    """Prompts from a list of strings, a ``.txt`` file (one per line), a ``.jsonl`` file (``{"prompt": ...}``
-    per line) or any iterable of dicts (e.g. a ``datasets.Dataset``)."""
+def load_prompt_records(source: str | Path | Iterable[Any], key: str = "prompt") -> tuple[list[Any], dict[str, list]]:
+    """``(prompts, columns)`` from a list of strings, a ``.txt`` file (one per line), a ``.jsonl`` file (one
+    object per line) or any iterable of dicts (e.g. a ``datasets.Dataset``). A prompt is a string or a chat
+    conversation (a list of ``{"role", "content"}`` messages, rendered with the policy's chat template); the
+    dicts' other keys are the ``columns`` (a list per key, in prompt order) that reward functions receive as
+    keyword arguments — e.g. the answer of a verifiable task."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise ValueError(f"prompts: no such file {str(path)!r}")
-        if path.suffix == ".jsonl":
-            prompts = [json.loads(line)[key] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in lines] if path.suffix == ".jsonl" else lines
     else:
-        prompts = [p[key] if isinstance(p, dict) else p for p in source]
-    if not prompts:
+        rows = list(source)
+    if not rows:
         raise ValueError(f"prompts: the prompt source {source!r} is empty; give at least one prompt")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p]
+    records = [r for r in rows if isinstance(r, dict)]
+    if records and len(records) != len(rows):
+        raise ValueError("prompts: mix of dicts and plain prompts; give every row as a dict or none")
+    if records and any(key not in r for r in records):
+        missing = next(i for i, r in enumerate(records) if key not in r)
+        raise ValueError(f"prompts: row {missing} has no {key!r} column (its columns: {sorted(records[missing])}); "
+                         f"every row needs one")
+    prompts = [r[key] for r in records] if records else rows
+    names = [k for k in records[0] if k != key] if records else []
+    columns = {name: [r.get(name) for r in records] for name in names}
+    bad = [i for i, p in enumerate(prompts) if not _is_prompt(p)]
     if bad:
-        raise ValueError(f"prompts: entries {bad[:5]} are empty or not strings")
-    return prompts
+        raise ValueError(f"prompts: entries {bad[:5]} are empty or neither a string nor a list of "
+                         f"{{'role', 'content'}} messages (got {prompts[bad[0]]!r})")
+    return prompts, columns
+
+
+def _is_prompt(p: Any) -> bool:
+    if isinstance(p, str):
+        return bool(p)
+    return (isinstance(p, (list, tuple)) and len(p) > 0
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in p))
+
+
+def load_prompts(source: str | Path | Iterable[Any], key: str = "prompt") -> list[Any]:
+    """The prompts of :func:`load_prompt_records` (strings or chat conversations), without the other columns."""
+    return load_prompt_records(source, key)[0]
+
+
+def prompt_rows(prompts: list[Any], columns: dict[str, list]) -> list[Any]:
+    """Prompts back as rows that keep their columns (``{"prompt": …, column: …}``; plain prompts without columns)."""
+    if not columns:
+        return list(prompts)
+    return [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt as text for reports: the string, the ``prompt`` of a row, or a conversation's last message."""
+    if isinstance(prompt, dict):
+        prompt = prompt.get("prompt", "")
+    if isinstance(prompt, (list, tuple)):
+        return str(prompt[-1]["content"]) if prompt else ""
+    return str(prompt)
 
 
 class PromptSampler:

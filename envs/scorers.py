@@ -8,13 +8,15 @@ skips the decode/re-encode round trip.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Scorer", "TokenScorer", "HFRewardModelScorer", "check_scores", "resolve_scorer"]
+__all__ = ["Scorer", "TokenScorer", "HFRewardModelScorer", "WeightedRewards", "call_scorer", "check_scores",
+           "resolve_scorer"]
 
 
 class Scorer(Protocol):
@@ -33,8 +35,6 @@ def resolve_scorer(scorer: Any) -> Any:
     arguments), so that configs can name scorers."""
     if not isinstance(scorer, str):
         return scorer
-    import inspect
-
     from textrl.imports import load_attr
 
     obj = load_attr(scorer, "scorer")
@@ -98,6 +98,50 @@ class HFRewardModelScorer:
             logits = self.model(**enc).logits  # (b, num_labels)
             out.append(logits[:, self.label_index].float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+
+def call_scorer(scorer: Callable, prompts: list[str], completions: list[str], columns: dict[str, list]) -> Any:
+    """``scorer(prompts, completions, **columns)``, passing the dataset columns (the ground truth of a verifiable
+    task, …) the scorer's signature names — all of them if it takes ``**kwargs`` — so a plain
+    ``(prompts, completions)`` function and a TRL-style ``(prompts, completions, answer, **kwargs)`` both work."""
+    if not columns:
+        return scorer(prompts, completions)
+    try:
+        params = inspect.signature(scorer).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: no columns
+        return scorer(prompts, completions)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return scorer(prompts, completions, **columns)
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return scorer(prompts, completions, **{k: v for k, v in columns.items() if k in named})
+
+
+class WeightedRewards:
+    """Several rewards as one scorer: ``Σ_i w_i · f_i(prompts, completions, **columns)``. Each function's
+    scores are checked (one finite number per completion); ``last`` holds each one's mean over the last call,
+    by name, for logging."""
+
+    def __init__(self, funcs: Sequence[Callable], weights: Sequence[float] | None = None):
+        if not funcs:
+            raise ValueError("reward_funcs: give at least one reward function")
+        weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(funcs) or not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"reward_weights: expected {len(funcs)} finite numbers, one per function, got {weights}")
+        self.funcs, self.weights = list(funcs), weights
+        names = [getattr(f, "__name__", type(f).__name__) for f in funcs]
+        self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+        self.last: dict[str, float] = {}
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: list) -> torch.Tensor:
+        total = torch.zeros(len(completions))
+        for name, f, w in zip(self.names, self.funcs, self.weights, strict=True):
+            scores = check_scores(call_scorer(f, prompts, completions, columns), len(completions), f)
+            self.last[name] = float(scores.mean()) if len(scores) else 0.0
+            total += w * scores
+        return total
+
+    def __repr__(self) -> str:
+        return "WeightedRewards(" + ", ".join(f"{w:g}·{n}" for n, w in zip(self.names, self.weights, strict=True)) + ")"
 
 
 def clip_and_normalise(scores: torch.Tensor, clip: float | None, scale: float, bias: float) -> torch.Tensor:

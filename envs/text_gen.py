@@ -14,12 +14,24 @@ Episodes: EOS ends a row with ``terminated=True``; its ``max_new_tokens``-th tok
 (minus ``missing_eos_penalty`` if truncated). Rows that ended stay ended — reward 0, ``info["valid"]``
 False, their action ignored — until ``reset``; ``metadata["autoreset_mode"]`` is DISABLED and
 ``reset(options={"reset_mask": mask})`` resets just the rows in ``mask``.
-Observations are copies (safe to keep across steps). Infos are dicts of ``[B]`` tensors with Gymnasium's
-``_key`` masks: ``reset`` gives ``prompt_index`` (which prompt each row answers) and ``response_start``
-(``P``, the first response column); ``step`` gives ``valid`` (this step's token is real) and ``score`` with
-``_score`` marking the rows scored now. Which prompt a row gets is decided by the env's
-:class:`~textrl.envs.prompts.PromptSampler` (random or sequential order, k rows per prompt, a shard of a
-data-parallel batch); the env itself knows nothing of trainers or processes.
+Observations are fresh copies of the buffers (the env never writes to a returned observation: safe to
+keep across steps). Infos are dicts of ``[B]`` tensors, each key with Gymnasium's ``_key`` mask: ``reset``
+gives ``prompt_index`` (which prompt each row answers) and ``response_start`` (``P``, the first response
+column); ``step`` gives ``valid`` (this step's token is real) and ``score`` with ``_score`` marking the rows
+scored now. Which prompt a row gets is decided by the env's :class:`~textrl.envs.prompts.PromptSampler`
+(random or sequential order, k rows per prompt, a shard of a data-parallel batch); the env itself knows
+nothing of trainers or processes. ``render_mode="ansi"``: ``render()`` returns one string per row, the
+row's text so far (prompt and completion decoded, special tokens shown).
+
+Arrays: the vector env speaks torch — observations, rewards, flags and infos are tensors on ``device`` (the
+model's), so a GPU rollout never leaves the GPU. Gymnasium's stock vector wrappers
+(``gymnasium.wrappers.vector.RecordEpisodeStatistics``, ``DictInfoToList``, ...) expect numpy: put
+:class:`TorchToNumpy` under them, e.g. ``RecordEpisodeStatistics(TorchToNumpy(env))`` (numpy out, numpy or
+torch actions in; a :class:`~textrl.envs.kl_penalty.KLPenalty` goes inside it, on the torch env). With
+``array-api-compat`` installed, Gymnasium's own ``ArrayConversion(env, env_xp=torch, target_xp=numpy)`` does
+the same. Episode statistics follow ``autoreset_mode`` DISABLED: a row's episode is reported at the step it
+ends. The single env :class:`TextGenEnv` (``gym.make``, or ``gym.make_vec(..., vectorization_mode="sync")``)
+is numpy already and needs no conversion.
 """
 
 from __future__ import annotations
@@ -30,12 +42,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
-from textrl.envs.prompts import PromptSampler, load_prompts
-from textrl.envs.scorers import TokenScorer, check_scores, clip_and_normalise, resolve_scorer
+from textrl.envs.prompts import PromptSampler, load_prompt_records, load_prompts, prompt_rows
+from textrl.envs.scorers import TokenScorer, call_scorer, check_scores, clip_and_normalise, resolve_scorer
 
 from textrl.shard import Shard
 
-__all__ = ["TextGenVectorEnv", "TextGenEnv"]
+__all__ = ["TextGenVectorEnv", "TextGenEnv", "TorchToNumpy"]
 
 
 class TextGenVectorEnv(gym.vector.VectorEnv):
@@ -44,8 +56,10 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
     Args:
         num_envs: rows B.
         tokenizer: the policy's tokenizer (encodes prompts, decodes completions for text scorers).
-        prompts: list, file or dataset (see :func:`load_prompts`); sampled with the env's seeded RNG.
-        scorer: ``(prompts, completions) -> [B]`` or a token-level scorer (see :mod:`textrl.envs.scorers`).
+        prompts: list, file or dataset (see :func:`~textrl.envs.prompts.load_prompt_records`): strings or chat
+            conversations, with optional extra columns; sampled with the env's seeded RNG.
+        scorer: ``(prompts, completions) -> [B]`` or a token-level scorer (see :mod:`textrl.envs.scorers`); it
+            also receives the prompts' other columns it names (or all, with ``**kwargs``) by keyword.
         max_new_tokens: generation length limit (truncation).
         max_prompt_tokens: prompt budget; longer prompts are rejected at construction. Default: longest prompt.
         context_length: the model's context; max_prompt_tokens + max_new_tokens must fit. Default: no check.
@@ -61,7 +75,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
             prompt; the rows ``(offset, total)`` of a data-parallel batch this env holds.
     """
 
-    metadata = {"autoreset_mode": AutoresetMode.DISABLED}
+    metadata = {"autoreset_mode": AutoresetMode.DISABLED, "render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(
         self,
@@ -84,7 +98,11 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         chat_template: bool = False,
         num_generations: int = 1,
         shard: Shard | tuple[int, int] | None = None,
+        render_mode: str | None = None,
     ):
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.render_mode = render_mode
         if not isinstance(num_envs, int) or num_envs <= 0:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
@@ -100,7 +118,8 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
                               chat_template=chat_template)
         self.default_model = model
         self.chat_template = chat_template
-        self.eval_prompts = load_prompts(eval_prompts) if eval_prompts is not None else None
+        # held-out prompts as rows that keep their columns (a verifiable task's answers), see with_prompts
+        self.eval_prompts = prompt_rows(*load_prompt_records(eval_prompts)) if eval_prompts is not None else None
         self.num_envs, self.tokenizer, self.scorer = num_envs, tokenizer, scorer
         self.device = torch.device(device)
         self.max_new_tokens = max_new_tokens
@@ -108,7 +127,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self.score_clip, self.score_scale, self.score_bias = score_clip, score_scale, score_bias
         self.eos_token_id, self.pad_token_id = self._special_ids(tokenizer, pad_token_id)
         self.vocab_size = len(tokenizer)
-        self.prompts = load_prompts(prompts)
+        self.prompts, self.columns = load_prompt_records(prompts)
         self.prompt_sampler = PromptSampler(len(self.prompts), num_envs, prompt_order, num_generations, shard)
         self._encode_prompts(max_prompt_tokens, context_length)
         self._make_spaces_and_buffers()
@@ -129,11 +148,18 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         return eos, pad
 
     def _encode_prompts(self, max_prompt_tokens: int | None, context_length: int | None) -> None:
-        """Encode every prompt once (through the chat template if asked), left-padded to P: ``[N_prompts, P]``."""
-        texts = self.prompts
-        if self.chat_template:
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                        add_generation_prompt=True) for p in self.prompts]
+        """Encode every prompt once, left-padded to P: ``[N_prompts, P]``. A conversation (list of messages)
+        goes through the tokenizer's chat template, and so does a string with ``chat_template`` (as a user turn)."""
+        def text(p: Any) -> str:
+            if isinstance(p, str) and not self.chat_template:
+                return p
+            messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise ValueError("prompts: a chat conversation (or chat_template=True) needs a tokenizer with a chat "
+                                 "template; give plain string prompts for this tokenizer")
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+        texts = [text(p) for p in self.prompts]
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in texts]
         longest = max(len(e) for e in encoded)
         self.max_prompt_tokens = longest if max_prompt_tokens is None else max_prompt_tokens
@@ -261,6 +287,14 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         """Copies of the token buffers: an observation stays as it was when returned."""
         return {"input_ids": self.input_ids.clone(), "attention_mask": self.attention_mask.clone()}
 
+    def render(self) -> tuple[str, ...] | None:
+        """``render_mode="ansi"``: one string per row, its prompt and completion so far decoded (special tokens
+        such as EOS shown, padding left out); None without a render mode."""
+        if self.render_mode is None:
+            return None
+        ids, mask = self.input_ids.cpu(), self.attention_mask.cpu().bool()
+        return tuple(self.tokenizer.batch_decode([row[m].tolist() for row, m in zip(ids, mask, strict=True)]))
+
     def completion_ids(self, rows: torch.Tensor) -> list[list[int]]:
         P = self.max_prompt_tokens
         gen = self.input_ids[rows, P:].tolist()  # one copy to the host for all rows
@@ -271,35 +305,90 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         if isinstance(self.scorer, TokenScorer) and getattr(self.scorer, "token_level", False):
             raw = self.scorer(self.input_ids[rows], self.attention_mask[rows])
         else:
-            prompts = [self.prompts[i] for i in self.prompt_index[rows].tolist()]
+            which = self.prompt_index[rows].tolist()
+            prompts = [self.prompts[i] for i in which]
             completions = self.tokenizer.batch_decode(self.completion_ids(rows), skip_special_tokens=True)
-            raw = self.scorer(prompts, completions)
+            columns = {name: [values[i] for i in which] for name, values in self.columns.items()}
+            raw = call_scorer(self.scorer, prompts, completions, columns)
         scores = check_scores(raw, len(rows), self.scorer)
         return clip_and_normalise(scores, self.score_clip, self.score_scale, self.score_bias)
 
 
 class TextGenEnv(gym.Env):
-    """The single-env form (``gym.make``): one row of :class:`TextGenVectorEnv`, numpy in and out,
-    so that ``gymnasium.utils.env_checker.check_env`` applies. Action: an int token id."""
+    """The single-env form (``gym.make``, and ``gym.make_vec(..., vectorization_mode="sync")``): one row of
+    :class:`TextGenVectorEnv`, numpy in and out, so that ``gymnasium.utils.env_checker.check_env`` applies.
+    Action: an int token id. Info: ``prompt_index`` and ``response_start`` at reset; ``score`` at the step
+    that ends the episode (so a sync vector env's ``_score`` marks the rows scored now, as the native env's).
+    Stepping an ended episode raises: call ``reset()`` (a sync vector env autoresets on the next step).
+    Subclasses for other registered tasks set :attr:`vector_env` to the task's vector entry point."""
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    #: builds the one-row vector env: ``vector_env(num_envs=1, render_mode=..., **kwargs)``
+    vector_env = staticmethod(TextGenVectorEnv)
 
-    def __init__(self, **kwargs):
-        self.vec = TextGenVectorEnv(num_envs=1, **kwargs)
+    def __init__(self, render_mode: str | None = None, **kwargs):
+        self.vec = type(self).vector_env(num_envs=1, render_mode=render_mode, **kwargs)
+        self.render_mode = render_mode
         self.observation_space = self.vec.single_observation_space
         self.action_space = self.vec.single_action_space
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         obs, info = self.vec.reset(seed=seed if seed is not None else int(self.np_random.integers(2**31)))
-        return self._np(obs), {"prompt_index": int(info["prompt_index"][0])}
+        return self._np(obs), {"prompt_index": int(info["prompt_index"][0]),
+                               "response_start": int(info["response_start"][0])}
 
     def step(self, action):
         if self.vec.done[0]:
             raise RuntimeError("step() called on an ended episode; call reset() first")
         obs, r, term, trunc, info = self.vec.step(torch.tensor([int(action)]))
-        return self._np(obs), float(r[0]), bool(term[0]), bool(trunc[0]), {"score": float(info["score"][0])}
+        ended = {"score": float(info["score"][0])} if bool(info["_score"][0]) else {}
+        return self._np(obs), float(r[0]), bool(term[0]), bool(trunc[0]), ended
+
+    def render(self) -> str | None:
+        """``render_mode="ansi"``: the row's prompt and completion so far, decoded; None without a render mode."""
+        return None if self.render_mode is None else self.vec.render()[0]
 
     @staticmethod
     def _np(obs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         return {k: v[0].cpu().numpy().astype(np.int64) for k, v in obs.items()}
+
+
+class TorchToNumpy(gym.vector.VectorWrapper):
+    """A text env (or a wrapper of one, e.g. :class:`~textrl.envs.kl_penalty.KLPenalty`) with numpy in and
+    out, so that Gymnasium's stock vector wrappers apply: ``RecordEpisodeStatistics(TorchToNumpy(env))``,
+    ``DictInfoToList(TorchToNumpy(env))``. Observations, rewards, flags and every info array come back as numpy
+    copies on the host; actions (numpy arrays, lists or tensors, alone or in a dict such as
+    ``{"token": ..., "logprob": ...}``) go to the env as tensors on ``device`` (default: the env's). Spaces,
+    metadata and ``reset`` options pass through unchanged. Training (:mod:`textrl.lm.collect`) uses the torch
+    env directly."""
+
+    def __init__(self, env: gym.vector.VectorEnv, device: str | torch.device | None = None):
+        super().__init__(env)
+        self.device = torch.device(device if device is not None else getattr(env.unwrapped, "device", "cpu"))
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        return _to_numpy(self.env.reset(seed=seed, options=options))
+
+    def step(self, actions):
+        return _to_numpy(self.env.step(_to_torch(actions, self.device)))
+
+
+def _to_numpy(value: Any) -> Any:
+    """Tensors → numpy copies, through dicts, tuples and lists; anything else as it is."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True).numpy()
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_to_numpy(v) for v in value)
+    return value
+
+
+def _to_torch(value: Any, device: torch.device) -> Any:
+    """Arrays, numbers and lists of them → tensors on ``device``, through dicts; tensors moved there."""
+    if isinstance(value, dict):
+        return {k: _to_torch(v, device) for k, v in value.items()}
+    if torch.is_tensor(value):
+        return value.to(device)
+    return torch.as_tensor(np.asarray(value), device=device)

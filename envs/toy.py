@@ -5,10 +5,11 @@ from __future__ import annotations
 import string
 
 import torch
+from textrl.envs.text_gen import TextGenEnv, TextGenVectorEnv
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-__all__ = ["char_tokenizer", "tiny_gpt2", "tiny_model", "TINY_MODEL", "target_token_env"]
+__all__ = ["char_tokenizer", "tiny_gpt2", "tiny_model", "TINY_MODEL", "target_token_env", "TargetTokenEnv"]
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 
@@ -76,8 +77,13 @@ def target_token_env(
 ):
     """``textrl/TargetToken-v0``: the tiny char-level model earns the share of ``target`` in its completion
     (or whatever ``scorer`` says, e.g. a trained reward model)."""
-    from textrl.envs.text_gen import TextGenVectorEnv
-
     kwargs.setdefault("eval_prompts", TOY_EVAL_PROMPTS)
     return TextGenVectorEnv(num_envs, tokenizer or char_tokenizer(), prompts or TOY_PROMPTS,
                             scorer or TargetTokenScorer(target), max_new_tokens=max_new_tokens, **kwargs)
+
+
+class TargetTokenEnv(TextGenEnv):
+    """The single-env form of ``textrl/TargetToken-v0`` (``gym.make``; ``gym.make_vec(..., vectorization_mode=
+    "sync")``): one row of :func:`target_token_env`, numpy in and out."""
+
+    vector_env = staticmethod(target_token_env)

@@ -46,17 +46,24 @@ def test_reward_function_in_env_kwargs_trains_and_is_recorded(tmp_path, scorer):
 
 
 def test_readme_python_quick_start_runs_and_learns(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
+    from helpers import run_readme_snippet
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    snippet = re.search(r"<!-- python-quickstart -->\n```python\n(.*?)```", readme, re.S).group(1)
-    monkeypatch.chdir(tmp_path)  # its run directory goes under runs/ here
-    namespace: dict = {"__name__": "readme_quick_start"}
-    exec(compile(snippet, "README.md", "exec"), namespace)
-    result = namespace["result"]
+    result = run_readme_snippet("python-quickstart", tmp_path, monkeypatch)["result"]
     assert (tmp_path / result.output_dir / "config.yaml").is_file() and result.output_dir.parts[0] == "runs"
     assert result.after.mean > result.before.mean + 3 * max(result.after.se, result.before.se)  # it learned
+
+
+def test_readme_custom_reward_example_learns_from_the_dataset_column_and_saves(tmp_path, monkeypatch):
+    from helpers import run_readme_snippet
+    from transformers import AutoModelForCausalLM
+
+    from textrl.lm.evaluate import paired_gain
+
+    namespace = run_readme_snippet("python-custom-reward", tmp_path, monkeypatch)
+    result = namespace["result"]
+    gain, se = paired_gain(result.before, result.after)
+    assert gain > 2.5 * se  # the same 8 prompts before and after: the letter each one asks for got more frequent
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "letters-model") is not None
 
 
 @pytest.mark.parametrize("env", ["CartPole-v1", "textrl/TargetToken-v0"])

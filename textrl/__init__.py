@@ -16,7 +16,9 @@ __version__ = "0.1.0"
 
 def _register() -> None:
     """The built-in env ids (with Gymnasium) and the in-memory tiny model of the toy task (with
-    :func:`textrl.lm.models.register_model`); every target is a string, imported on first use."""
+    :func:`textrl.lm.models.register_model`); every target is a string, imported on first use. Every id has
+    both a single-env ``entry_point`` (``gym.make``, ``make_vec(..., vectorization_mode="sync")``) and a
+    natively batched ``vector_entry_point`` (``make_vec``'s default)."""
     import gymnasium as gym
 
     from textrl.lm.models import register_model
@@ -26,9 +28,11 @@ def _register() -> None:
     envs = {
         "textrl/TextGen-v0": dict(entry_point="textrl.envs.text_gen:TextGenEnv",
                                   vector_entry_point="textrl.envs.text_gen:TextGenVectorEnv"),
-        "textrl/TargetToken-v0": dict(vector_entry_point="textrl.envs.toy:target_token_env",
+        "textrl/TargetToken-v0": dict(entry_point="textrl.envs.toy:TargetTokenEnv",
+                                      vector_entry_point="textrl.envs.toy:target_token_env",
                                       kwargs={"model": "textrl/tiny-char-gpt2"}),
-        "textrl/Cheerful-v0": dict(vector_entry_point="textrl.envs.cheerful:cheerful_env",
+        "textrl/Cheerful-v0": dict(entry_point="textrl.envs.cheerful:CheerfulEnv",
+                                   vector_entry_point="textrl.envs.cheerful:cheerful_env",
                                    kwargs={"model": "smollm2-135m-instruct"}),
     }
     for env_id, spec in envs.items():
@@ -38,8 +42,17 @@ def _register() -> None:
 
 _register()
 
+
+def __getattr__(name: str):
+    """``textrl.Trainer`` and ``textrl.PPO`` (the Python API, :mod:`textrl.api`), imported on first use."""
+    if name in ("Trainer", "PPO"):
+        from textrl import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'textrl' has no attribute {name!r}")
+
 __all__ = [
     "gae", "next_values_from", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
     "policy_loss", "value_loss", "entropy_from_logits", "token_logprobs", "explained_variance", "kl_estimate",
-    "FixedKLController", "AdaptiveKLController", "make_kl_controller", "__version__",
+    "FixedKLController", "AdaptiveKLController", "make_kl_controller", "__version__", "Trainer", "PPO",
 ]

@@ -5,6 +5,7 @@ Layout of ``<run>/checkpoint/``:
     optimizer.pt        optimizer state (tensors only; loaded with ``weights_only=True``)
     trainer_state.json  update index, global step, Python/numpy RNG states, extra agent state
     rng_torch.safetensors  torch CPU RNG state (and the current GPU's, on a GPU)
+``<run>/checkpoint-<update>/``: earlier checkpoints, kept with ``keep_checkpoints`` > 1 (same layout).
 A checkpoint is written to a temporary folder and renamed into place, so a crash mid-write leaves the
 previous one intact.
 """
@@ -32,8 +33,11 @@ def save_checkpoint(
     agent_state: dict[str, Any],
     trainer_state: dict[str, Any],
     write_extra: Callable[[Path], None] | None = None,
+    keep: int = 1,
 ) -> Path:
-    """Write the checkpoint; ``write_extra(folder)`` may add files before the folder is swapped into place."""
+    """Write the checkpoint; ``write_extra(folder)`` may add files before the folder is swapped into place.
+    ``keep``: checkpoints kept — this one in ``checkpoint/``, the ``keep − 1`` before it as
+    ``checkpoint-<update>/`` (older ones are deleted)."""
     run_dir = Path(run_dir)
     final = run_dir / CHECKPOINT_DIR
     tmp = run_dir / (CHECKPOINT_DIR + ".tmp")
@@ -56,8 +60,16 @@ def save_checkpoint(
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     if write_extra is not None:
         write_extra(tmp)
+    if keep > 1 and (final / "trainer_state.json").is_file():  # the previous latest becomes checkpoint-<update>
+        previous = json.loads((final / "trainer_state.json").read_text()).get("update", 0)
+        older = run_dir / f"{CHECKPOINT_DIR}-{previous}"
+        shutil.rmtree(older, ignore_errors=True)
+        final.rename(older)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    numbered = sorted(run_dir.glob(f"{CHECKPOINT_DIR}-*"), key=lambda p: int(p.name.rpartition("-")[2] or 0))
+    for old in numbered[:max(len(numbered) - (keep - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

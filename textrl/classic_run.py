@@ -27,7 +27,7 @@ from textrl.parallel.distributed import gather_objects, make_accelerator, rank, 
 from textrl.parallel.learner import Learner
 from textrl.rollout import Rollout
 from textrl.runs import Run, RunResult, resolve_output_dir, seed_everything, torch_device
-from textrl.tracking import Tracker
+from textrl.tracking import Tracker, check_report_to
 
 __all__ = ["ClassicRun", "make_envs", "check_env_id"]
 
@@ -73,10 +73,11 @@ class ClassicRun(Run):
                                  f"of the number of processes ({world})")
             local = cfg.num_envs // world
         self.main, self.world, self.local_envs = self.rank == 0, world, local
+        check_report_to(cfg.report_to)  # a missing tracker package fails here, before any model loads
         # data-parallel: each process on its own device (cuda:LOCAL_RANK on GPUs), as accelerate assigned it
         device = torch_device(cfg.device, auto_gpu=False)  # "auto": an MLP runs faster on the CPU
         self.device = torch.device(device if accelerator is None or device == "cpu" else accelerator.device)
-        self.output_dir = resolve_output_dir(cfg)
+        self.output_dir = resolve_output_dir(cfg, resume)
         self.envs = make_envs(cfg, local)
         self.agent, self.learner = self._build_agent(accelerator)
         if world > 1:
@@ -92,7 +93,7 @@ class ClassicRun(Run):
             self.envs.action_space.seed(cfg.seed)
         resolved = self.write_config()
         self.tracker = Tracker(self.output_dir, resolved, total=self.num_updates * self.steps_per_update,
-                               initial=self.global_step, enabled=self.main, quiet=quiet,
+                               initial=self.global_step, enabled=self.main, quiet=quiet, report_to=cfg.report_to,
                                postfix_keys={"env/episode_return_mean20": "return", "losses/policy": "pg_loss",
                                              "policy/approx_kl": "kl"})
 
@@ -144,7 +145,7 @@ class ClassicRun(Run):
         if self.main:
             save_checkpoint(self.output_dir, self.learner.state_dict(), {
                 "update": update, "global_step": self.global_step, "episode_returns": self.returns[-1000:],
-            })
+            }, keep=self.cfg.keep_checkpoints)
         self.barrier()
 
     def close(self) -> None:

@@ -44,7 +44,8 @@ _MOVED = {"beta": "beta (GRPO's KL weight) is now the run's kl.coef, one β for 
 
 def _prescan(argv: list[str]) -> argparse.Namespace:
     """Find CONFIG, --agent, --env and --resume before the full parser exists (it depends on the agent).
-    Every textrl flag takes exactly one value, so the positional is the first token no flag consumes."""
+    Every textrl flag takes one value (a bool flag may be bare), so the positional is the first token no flag
+    consumes."""
     pre = argparse.Namespace(config=None, agent=None, env=None, resume=None)
     i = 0
     while i < len(argv):
@@ -53,9 +54,11 @@ def _prescan(argv: list[str]) -> argparse.Namespace:
             pass
         elif token.startswith("--"):
             name, eq, value = token[2:].partition("=")
-            if not eq:
-                value = argv[i + 1] if i + 1 < len(argv) else None
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):  # (a bare bool flag: no value)
+                value = argv[i + 1]
                 i += 1
+            elif not eq:
+                value = None
             if name in ("agent", "env", "resume"):
                 setattr(pre, name, value)
         elif token not in ("-h",) and pre.config is None:
@@ -94,7 +97,7 @@ def resolve_train_config(argv: list[str]) -> tuple[TrainConfig, bool]:
         moved = token[2:].partition("=")[0] if token.startswith("--") else ""
         if moved in _MOVED:
             raise ValueError(f"--{moved}: {_MOVED[moved]}")
-    parser = _train_parser(agent_cls.config_class)
+    parser = _train_parser(agent_cls.config_class, show_bare="--help" in argv or "-h" in argv)
     args = parser.parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume", "num_processes")}
 
@@ -134,20 +137,26 @@ def _field_type(cls: type, name: str):
 
 
 def _add_fields(group: argparse._ArgumentGroup, cls: type, section: str | None = None,
-                skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per field of dataclass ``cls`` (a section's fields under their flat names), with its doc."""
-    docs = field_docs(cls)
+                skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
+    """One ``--flag`` per field of dataclass ``cls`` (a section's fields under their flat names), with its doc
+    and default (and, where it differs, ``defaults[field]``: what a bare ``textrl train`` runs). A bool flag
+    given bare means true (``--bf16``; ``--bf16 false`` too)."""
+    docs, defaults = field_docs(cls), defaults or {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flat = section_flat(section, f.name) if section else f.name
         default = f.default if f.default is not dataclasses.MISSING else "{}"
         names = [f"--{flat.replace('_', '-')}"] + ([f"--{flat}"] if "_" in flat else [])
+        shown = f"default: {default}" if f.name not in defaults or defaults[f.name] == default else (
+            f"default: {default}; bare `textrl train`: {defaults[f.name]}")
+        is_bool = f.type in (bool, "bool")  # a bare --flag means true
         group.add_argument(*names, dest=f"{section}.{f.name}" if section else f.name, metavar="V", default=None,
-                           type=_field_type(cls, f.name), help=f"{docs.get(f.name, '')} (default: {default})")
+                           type=_field_type(cls, f.name), help=f"{docs.get(f.name, '')} ({shown})",
+                           **({"nargs": "?", "const": True} if is_bool else {}))
 
 
-def _train_parser(agent_config_cls: type) -> argparse.ArgumentParser:
+def _train_parser(agent_config_cls: type, show_bare: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="textrl train", allow_abbrev=False,
         description="Train an agent on a Gymnasium env. Any config field can be given as --field-name VALUE "
@@ -156,20 +165,36 @@ def _train_parser(agent_config_cls: type) -> argparse.ArgumentParser:
     parser.add_argument("config", nargs="?", help="YAML config; default: the embedded default experiment")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     _add_num_processes(parser)
-    _add_fields(parser.add_argument_group("run (TrainConfig)"), TrainConfig, skip=("agent_config", *SECTIONS))
+    bare = _bare_default() if show_bare else None
+    _add_fields(parser.add_argument_group("run (TrainConfig)"), TrainConfig, skip=("agent_config", *SECTIONS),
+                defaults=_fields_of(bare))
     for section, cls in SECTIONS.items():
-        _add_fields(parser.add_argument_group(f"{section} ({cls.__name__}; YAML: {section}: {{...}})"), cls, section)
+        _add_fields(parser.add_argument_group(f"{section} ({cls.__name__}; YAML: {section}: {{...}})"), cls, section,
+                    defaults=_fields_of(bare and getattr(bare, section)))
     agent_fields = [f.name for f in dataclasses.fields(agent_config_cls)]
     clash = [n for n in agent_fields if n in _RUN_FIELDS or n in FLAT_KEYS]
-    _add_fields(parser.add_argument_group(f"agent ({agent_config_cls.__name__})"), agent_config_cls, skip=tuple(clash))
+    _add_fields(parser.add_argument_group(f"agent ({agent_config_cls.__name__})"), agent_config_cls, skip=tuple(clash),
+                defaults=bare and bare.agent_config if bare and bare.agent == "ppo" else None)
     return parser
 
 
+def _fields_of(config: Any) -> dict[str, Any] | None:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} if config is not None else None
+
+
+def _bare_default() -> TrainConfig | None:
+    """What ``textrl train`` with no arguments runs (the embedded default experiment), for ``--help``."""
+    try:
+        return resolve_train_config([])[0]
+    except (ValueError, TypeError, FileNotFoundError):
+        return None
+
+
 def _train(argv: list[str]) -> int:
-    from textrl.train import train
+    from textrl.api import Trainer
 
     cfg, resume = resolve_train_config(argv)
-    train(cfg, resume=resume)
+    Trainer(args=cfg).train(resume=resume)  # the Python API's path, exactly
     return 0
 
 

@@ -204,9 +204,19 @@ class TrainConfig:
     """Run directory; default runs/<env>__<agent>__s<seed>__<time>."""
     checkpoint_every: int = 50
     """Save a resumable checkpoint every this many updates (and at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept: the latest in checkpoint/ (what --resume reads) and the N − 1 before it as
+    checkpoint-<update>/."""
+    overwrite: bool = False
+    """Replace the run already in output_dir (its files are deleted first). Without it, a directory holding a
+    run is refused unless the run is resumed (--resume)."""
     device: str = "auto"
     """torch device ("auto", "cpu", "cuda", "cuda:1"). "auto": text runs take the GPU when torch sees one (under
     ``accelerate launch`` each process its own), classic MLP runs the CPU (a tiny MLP is launch-bound on a GPU)."""
+    report_to: tuple[str, ...] = ()
+    """More trackers, through accelerate: wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab
+    (comma-separated; TensorBoard and metrics.jsonl are always written). From Python, accelerate
+    GeneralTracker objects too."""
     torch_threads: int | None = None
     """torch.set_num_threads for this run; null keeps torch's default."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -228,6 +238,7 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}; e.g. --{_flag(name)} 100000")
         non_negative_int("checkpoint_every", self.checkpoint_every)
+        positive_int("keep_checkpoints", self.keep_checkpoints)
         device_name("device", self.device)
         if self.torch_threads is not None:
             positive_int("torch_threads", self.torch_threads)

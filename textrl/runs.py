@@ -7,6 +7,7 @@ env with an MLP policy) and :class:`~textrl.lm.run.LMRun` (a text env with a lan
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import yaml
 
 from textrl.config import TrainConfig, to_dict
-from textrl.parallel.distributed import barrier, broadcast_object
+from textrl.parallel.distributed import barrier, broadcast_object, is_main
 
 __all__ = ["Run", "RunResult", "seed_everything", "default_output_dir", "resolve_output_dir", "torch_device"]
 
@@ -59,9 +60,27 @@ def default_output_dir(cfg: TrainConfig) -> str:
     return str(Path("runs") / f"{cfg.env.replace('/', '_').replace(':', '_')}__{cfg.agent}__s{cfg.seed}__{stamp}")
 
 
-def resolve_output_dir(cfg: TrainConfig) -> Path:
-    """The run directory: the configured one, or one named after the clock by the main process."""
-    return Path(cfg.output_dir if cfg.output_dir is not None else broadcast_object(default_output_dir(cfg)))
+#: what a run writes in its directory (``overwrite`` removes these, and only these)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoint", "checkpoint.tmp", "checkpoint_deepspeed",
+             "samples.md", "curves.png")
+
+
+def resolve_output_dir(cfg: TrainConfig, resume: bool = False) -> Path:
+    """The run directory: the configured one, or one named after the clock by the main process. A directory
+    that holds a run already is refused unless the run is resumed, or ``cfg.overwrite`` (then the main
+    process deletes that run's files first) — a second run never mixes its metrics into the first's."""
+    path = Path(cfg.output_dir if cfg.output_dir is not None else broadcast_object(default_output_dir(cfg)))
+    held = [name for name in ("config.yaml", "metrics.jsonl", "checkpoint") if (path / name).exists()]
+    if held and not resume:
+        if not cfg.overwrite:
+            raise ValueError(f"output_dir: {str(path)!r} holds a run already ({', '.join(held)}); continue it with "
+                             f"--resume {path}, replace it with --overwrite, or choose another --output-dir")
+        if is_main():
+            for name in RUN_FILES:
+                target = path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        barrier()
+    return path
 
 
 class Run:

@@ -33,14 +33,19 @@ def is_text_env(cfg: TrainConfig) -> bool:
     return cfg.model.name is not None or "model" in env_spec(cfg.env).kwargs
 
 
-def make_run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Run:
+def make_run(cfg: TrainConfig, resume: bool = False, quiet: bool = False, model: Any = None,
+             tokenizer: Any = None) -> Run:
     """Build every piece of the run ``cfg`` describes (resuming from its checkpoint with ``resume``), the
     env's preset (``experiments/presets/``) filling the fields ``cfg``'s caller did not give. Everything is
-    validated before the first step."""
+    validated before the first step. ``model`` / ``tokenizer`` (text runs): a policy model object and its
+    tokenizer, used instead of loading ``cfg.model.name``."""
     check_env_id(cfg.env)
     cfg = with_preset(cfg)  # from Python as from the CLI: the env's preset under the fields the caller gave
-    kind = LMRun if is_text_env(cfg) else ClassicRun
-    return kind(cfg, resume=resume, quiet=quiet)
+    if is_text_env(cfg) or model is not None:
+        return LMRun(cfg, resume=resume, quiet=quiet, model=model, tokenizer=tokenizer)
+    if tokenizer is not None:
+        raise ValueError(f"tokenizer: {cfg.env} is a classic Gymnasium env (no language model); drop tokenizer=")
+    return ClassicRun(cfg, resume=resume, quiet=quiet)
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> RunResult:

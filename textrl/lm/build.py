@@ -18,7 +18,7 @@ from textrl.envs.scorers import HFRewardModelScorer
 from textrl.envs.text_gen import TextGenVectorEnv
 from textrl.imports import env_spec
 from textrl.kl_control import make_kl_controller
-from textrl.lm.models import load_causal_lm, load_tokenizer
+from textrl.lm.models import disable_dropout, load_causal_lm, load_tokenizer
 from textrl.lm.policy import LMActorCritic, add_lora
 from textrl.parallel.deepspeed import unpartitioned_loading, zero3_loading
 from textrl.shard import Shard
@@ -52,17 +52,23 @@ def build_critic(model: ModelConfig, policy_name: str, lm: torch.nn.Module) -> t
     return critic
 
 
-def build_policy(cfg: TrainConfig, device: torch.device | str, value_head: bool = True):
+def build_policy(cfg: TrainConfig, device: torch.device | str, value_head: bool = True, lm: Any = None,
+                 tokenizer: Any = None):
     """``(tokenizer, policy, reference)`` of a text run: the policy model (LoRA adapters if ``model.lora_r``,
     bitsandbytes base weights if ``model.quantization``) in an :class:`LMActorCritic` at the sampling
     temperature, with a value head (and the critic of ``model.value_model``) when ``value_head``; the
-    reference is the policy with its adapters off (LoRA) or a frozen copy."""
+    reference is the policy with its adapters off (LoRA) or a frozen copy. ``lm`` / ``tokenizer``: objects
+    given from Python (:class:`textrl.Trainer`), used instead of loading ``model.name`` (the model is trained
+    in place, with its dropout turned off)."""
     name, model = policy_model_name(cfg), cfg.model
-    tokenizer = load_tokenizer(name)
+    if lm is not None and model.quantization:
+        raise ValueError(f"quantization={model.quantization!r} quantises a model as it loads; a model object is "
+                         "already loaded: pass its name or path instead, or quantise it yourself and drop quantization")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name)
     where = torch.device(device)
     # bitsandbytes quantises as it loads: load straight onto a GPU (a later .to() leaves 8-bit state behind)
     placed = {"device_map": {"": str(where)}} if model.quantization and where.type != "cpu" else {}
-    lm = load_causal_lm(name, quantization=model.quantization, **placed)
+    lm = disable_dropout(lm) if lm is not None else load_causal_lm(name, quantization=model.quantization, **placed)
     critic = build_critic(model, name, lm) if value_head else None
     reference = None
     if model.lora_r > 0:

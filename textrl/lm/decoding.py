@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from textrl.logprobs import token_logprobs
 
 __all__ = ["CachedForward", "positions_from_mask", "sequence_logprobs"]
+
+
+#: the forward keyword that takes a KV cache: ``cache`` in current transformers (``past_key_values`` is
+#: deprecated there, to be removed in 5.40), ``past_key_values`` before the rename
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -26,7 +32,7 @@ class CachedForward:
     """Next-token logits of a causal LM, advanced column by column with a KV cache.
 
     ``model`` is a Hugging Face causal LM (anything accepting ``input_ids, attention_mask, position_ids,
-    past_key_values, use_cache`` and returning ``.logits``). ``next_logits`` ``[B, V]`` (float32, not
+    a KV cache (``cache`` or ``past_key_values``, updated in place), use_cache`` and returning ``.logits``). ``next_logits`` ``[B, V]`` (float32, not
     temperature-scaled) predicts each row's next token.
     """
 
@@ -46,8 +52,8 @@ class CachedForward:
         ids, mask = input_ids[:, start:end], attention_mask[:, start:end].long()
         self.cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                         use_cache=True, **{CACHE_KWARG: self.cache})
+        self.cache = getattr(out, CACHE_KWARG, None) or self.cache  # (updated in place; some models return a new one)
         self.mask = mask
         # Each row's next token is predicted at its own last real column (rows reset by mask may end earlier).
         last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (B,)
@@ -65,8 +71,8 @@ class CachedForward:
         positions = self.mask.sum(-1, keepdim=True) - 1 + mask.cumsum(-1)  # (B, n): masked slots repeat the last
         self.mask = torch.cat([self.mask, mask], dim=-1)  # (B, C + n)
         out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                         use_cache=True, **{CACHE_KWARG: self.cache})
+        self.cache = getattr(out, CACHE_KWARG, None) or self.cache  # (updated in place; some models return a new one)
         n = mask.shape[1]
         last = n - 1 - mask.flip(-1).argmax(-1)  # (B,) each row's last real new column
         rows = torch.arange(mask.shape[0], device=mask.device)

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from textrl.config import KLConfig, SamplingConfig
+from textrl.envs.prompts import prompt_text
 from textrl.lm.build import build_kl_env
 from textrl.lm.collect import collect_tokens
 from textrl.lm.generate import HFGenerator
@@ -64,8 +66,8 @@ def decode_completions(tokenizer: Any, ro: TokenRollout) -> list[str]:
 
 @torch.no_grad()
 def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, prompts: list[str] | None, *,
-                     sampling: SamplingConfig, kl: KLConfig, generations: int, samples: int, seed: int
-                     ) -> EvalResult | None:
+                     sampling: SamplingConfig, kl: KLConfig, generations: int, samples: int, seed: int,
+                     progress: bool = False) -> EvalResult | None:
     """Answer every held-out prompt ``generations`` times with the causal LM ``policy`` (sequential order,
     sampling stream seeded ``seed + 12345``, rows of at most 64, envs made by the text env ``env``'s
     ``with_prompts``, on its device, decoded with its tokenizer). A prompt's score is the mean of its answers; the result is the mean over prompts ± the
@@ -73,7 +75,7 @@ def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, prompts:
 
     Data-parallel runs call it on every process: each takes a contiguous share of every chunk of rows (its
     slice of the chunk's sampling uniforms, as in training), and the rows are gathered, so the result is the
-    one-process result."""
+    one-process result. ``progress``: a progress bar over the answers."""
     if not prompts:
         return None
     tokenizer, device, k = env.tokenizer, env.device, generations
@@ -83,6 +85,8 @@ def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, prompts:
     rng = torch.Generator(device=device).manual_seed(seed + 12345)
     chunk = max(k, 64 // k * k)
     world, me = world_size(), rank()
+    bar = tqdm(total=len(rows), desc="held-out evaluation", unit="answer", leave=False,
+               disable=None if progress else True)  # (None: off when stderr is not a terminal)
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
         lo, hi = me * len(part) // world, (me + 1) * len(part) // world  # this process's rows of the chunk
@@ -100,7 +104,9 @@ def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, prompts:
         first = start // k  # rows are prompt-major: row j answers prompt first + j // k
         per_prompt.index_add_(0, first + torch.arange(len(part)) // k, torch.tensor(scores, dtype=torch.float64) / k)
         kl_sum += float(torch.tensor(kls, dtype=torch.float32).sum())
-        quoted += [(part[j], texts[j]) for j in range(0, len(part), k)]  # the first answer of each prompt
+        quoted += [(prompt_text(part[j]), texts[j]) for j in range(0, len(part), k)]  # each prompt's first answer
+        bar.update(len(part))
+    bar.close()
     n = len(prompts)
     se = float(per_prompt.std() / math.sqrt(n)) if n > 1 else float("nan")
     return EvalResult(float(per_prompt.mean()), se, kl_sum / len(rows), quoted[:samples], per_prompt.tolist())

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from torch import nn
 
 __all__ = [
     "SMOLLM2", "MINILM", "smollm2_gguf_path", "minilm_path", "load_causal_lm", "load_tokenizer", "disable_dropout",
-    "register_model", "resolve_model_path",
+    "register_model", "resolve_model_path", "quiet_saving",
 ]
 
 #: the names under which load_causal_lm finds the offline models
@@ -90,6 +92,9 @@ def _smollm2_dir() -> Path:
     target = cache_root() / gguf.stem
     if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
         return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("model: reading the SmolLM2 GGUF file needs the gguf package: pip install "
+                         "'textrl-gym[examples]' (or pip install gguf)")
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The weights are plain fp32 after dequantisation; save_pretrained refuses while these are set.
@@ -172,3 +177,17 @@ def load_causal_lm(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model.train()
     return disable_dropout(model)
+
+
+@contextmanager
+def quiet_saving() -> Iterator[None]:
+    """transformers' progress bars off inside (its save_pretrained shows one per checkpoint), as they were after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -20,8 +20,12 @@ def write_samples(path: Path, before: EvalResult | None, after: EvalResult | Non
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
+def plot_curves(history: list[dict[str, float]], path: Path) -> bool:
+    """``curves.png`` (reward, KL, entropy per update); False, drawing nothing, without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -38,3 +42,4 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

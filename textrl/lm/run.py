@@ -26,13 +26,14 @@ from textrl.lm.build import build_kl_env, build_policy, build_text_env, load_rew
 from textrl.lm.collect import collect_tokens
 from textrl.lm.evaluate import EvalResult, evaluate_heldout, summary_line
 from textrl.lm.generate import HFGenerator
+from textrl.lm.models import quiet_saving
 from textrl.lm.report import plot_curves, write_samples
 from textrl.parallel.deepspeed import is_zero3
 from textrl.parallel.distributed import Reducer, is_main, make_accelerator, process_shard, world_size
 from textrl.parallel.learner import Learner
 from textrl.rollout import TokenRollout
 from textrl.runs import Run, RunResult, resolve_output_dir, seed_everything, torch_device
-from textrl.tracking import Tracker
+from textrl.tracking import Tracker, check_report_to
 
 __all__ = ["LMRun", "rows_per_process", "rollout_stats", "bf16_supported", "DEEPSPEED_DIR"]
 
@@ -90,11 +91,14 @@ def eval_scalars(result: EvalResult) -> dict[str, float]:
 class LMRun(Run):
     """Any registered agent on a textrl text env (``cfg.env`` with a ``model``, or ``model.name`` given)."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False, model: Any = None,
+                 tokenizer: Any = None):
+        """``model`` / ``tokenizer``: objects given from Python, used instead of loading ``cfg.model.name``."""
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         seed_everything(cfg.seed)
         self.cfg, self.quiet, self.resumed, self.history = cfg, quiet, resume, []
+        check_report_to(cfg.report_to)  # a missing tracker package fails here, before any model loads
         self.notes: list[str] = []  # messages from before the tracker exists, shown at start()
         want = torch.device(torch_device(cfg.device))
         # accelerate at the edges: under `accelerate launch` / `torchrun` this joins the process group (gloo on
@@ -103,11 +107,11 @@ class LMRun(Run):
         self.device = accelerator.device if want.type != "cpu" else want
         # the process count from torch.distributed (under DeepSpeed on CPU accelerate's own state reports 1)
         self.world, self.main = world_size(), is_main()
-        self.output_dir = resolve_output_dir(cfg)
+        self.output_dir = resolve_output_dir(cfg, resume)
         if cfg.model.bf16 and not bf16_supported(self.device):
             raise ValueError(f"bf16: this {self.device.type} has no bf16 support (avx512_bf16/amx_bf16 or a bf16 "
                              "GPU); set bf16: false")
-        self._build(accelerator)
+        self._build(accelerator, model, tokenizer)
         self.steps_per_update = cfg.num_envs * self.base.max_new_tokens
         self.num_updates = math.ceil(cfg.total_steps / self.steps_per_update)
         if resume:
@@ -115,13 +119,13 @@ class LMRun(Run):
         else:  # seeds the prompt draws once; rollouts continue the stream (the same global stream on every process)
             self.base.reset(seed=cfg.seed)
         self.tracker = Tracker(self.output_dir, self.write_config(), total=self.num_updates * self.steps_per_update,
-                               initial=self.global_step, enabled=self.main, quiet=quiet,
+                               initial=self.global_step, enabled=self.main, quiet=quiet, report_to=cfg.report_to,
                                postfix_keys={"reward/score_mean": "score", "policy/kl_ref": "kl",
                                              "losses/policy": "pg"})
         self.comparable_weights = not is_zero3(accelerator)
         self.tokens_seen, self.warn_streak, self.before = 0.0, 0, None
 
-    def _build(self, accelerator: Any) -> None:
+    def _build(self, accelerator: Any, model: Any = None, tokenizer: Any = None) -> None:
         """Agent config → (fail early) → policy and reference → env → agent and learner → KL wrapper."""
         cfg = self.cfg
         cls = agent_class(cfg.agent)
@@ -130,7 +134,7 @@ class LMRun(Run):
             raise ValueError(f"kl.target={cfg.kl.target}: the adaptive β steers the KL penalty in the reward, and "
                              f"{cfg.agent} puts the KL in its loss (weight kl.coef); set kl.target: null")
         self.local_envs = rows_per_process(cfg.num_envs, self.world, agent_cfg)  # before loading any model
-        self.tokenizer, self.policy, self.reference = build_policy(cfg, self.device, value_head=cls.has_critic)
+        self.tokenizer, self.policy, self.reference = build_policy(cfg, self.device, cls.has_critic, model, tokenizer)
         scorer = load_reward_model(cfg.model.reward_model, self.device) if cfg.model.reward_model else None
         self.shard = process_shard(self.local_envs)
         k = cls.completions_per_prompt(agent_cfg)
@@ -200,7 +204,7 @@ class LMRun(Run):
         with self.learner.full_weights():
             return evaluate_heldout(self.base, self.policy.lm, self.reference, self.base.eval_prompts,
                                     sampling=cfg.sampling, kl=cfg.kl, generations=cfg.eval.generations,
-                                    samples=cfg.eval.samples, seed=cfg.seed)
+                                    samples=cfg.eval.samples, seed=cfg.seed, progress=self.main and not self.quiet)
 
     def collect(self) -> TokenRollout:
         # Rollouts stay in fp32: bf16 noise on the logits biases the sampled tokens' log π − log π_ref upwards
@@ -247,28 +251,32 @@ class LMRun(Run):
 
         def extra(ckpt: Path) -> None:
             save_file({"state": self.generator.rng_state()}, str(ckpt / "sampler.safetensors"))
-            # The policy in Hugging Face layout (peft adapter or full model) and the value head, for users.
-            policy.lm.save_pretrained(ckpt / "policy", safe_serialization=True)
+            # The policy in Hugging Face layout (peft adapter or full model) and the value head, for users
+            # (no "Writing model shards" bar in the run's log at every checkpoint).
+            with quiet_saving():
+                policy.lm.save_pretrained(ckpt / "policy", safe_serialization=True)
             tokenizer.save_pretrained(ckpt / "policy")
             if policy.value_head is not None:
                 save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
                           str(ckpt / "value_head.safetensors"))
             if policy.critic is not None:  # the separate critic's trunk, in Hugging Face layout
-                policy.critic.save_pretrained(ckpt / "critic", safe_serialization=True)
+                with quiet_saving():
+                    policy.critic.save_pretrained(ckpt / "critic", safe_serialization=True)
 
         save_checkpoint(self.output_dir, self.learner.state_dict(), {
             "update": update, "global_step": self.global_step, "kl_controller": self.kl_env.controller.state_dict(),
             "env_rng": self.base.np_random.bit_generator.state, "env_seed": self.base.np_random_seed,
             "prompt_sampler": self.base.prompt_sampler.state_dict(),
-        }, write_extra=extra)
+        }, write_extra=extra, keep=self.cfg.keep_checkpoints)
 
     def finish(self, stats: dict[str, float]) -> RunResult:
         after = self.heldout()
         result = RunResult(self.output_dir, self.global_step, self.num_updates, self.history, stats)
         if not self.main:
             return result
-        if self.history:
-            plot_curves(self.history, self.output_dir / "curves.png")
+        if self.history and not plot_curves(self.history, self.output_dir / "curves.png"):
+            self.tracker.message("warning: curves.png skipped: matplotlib is not installed (pip install "
+                                 "'textrl-gym[examples]'); the curves are in TensorBoard and metrics.jsonl")
         write_samples(self.output_dir / "samples.md", self.before, after)
         if after is not None:
             self.tracker.scalars(eval_scalars(after), self.global_step)
