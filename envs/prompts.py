@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,7 @@ def load_prompt_records(source: str | Path | Iterable[Any], key: str = "prompt")
     conversation (a list of ``{"role", "content"}`` messages, rendered with the policy's chat template); the
     dicts' other keys are the ``columns`` (a list per key, in prompt order) that reward functions receive as
     keyword arguments — e.g. the answer of a verifiable task."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"prompts: no such file {str(path)!r}")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        rows = [json.loads(line) for line in lines] if path.suffix == ".jsonl" else lines
-    else:
-        rows = list(source)
+    rows = _rows(source, key)
     if not rows:
         raise ValueError(f"prompts: the prompt source {source!r} is empty; give at least one prompt")
     records = [r for r in rows if isinstance(r, dict)]
@@ -40,12 +33,45 @@ def load_prompt_records(source: str | Path | Iterable[Any], key: str = "prompt")
                          f"every row needs one")
     prompts = [r[key] for r in records] if records else rows
     names = [k for k in records[0] if k != key] if records else []
+    odd = next((i for i, r in enumerate(records) if set(r) != set(records[0])), None)
+    if odd is not None:
+        raise ValueError(f"prompts: row {odd} has the columns {sorted(records[odd])}, row 0 {sorted(records[0])}; "
+                         "give every row the same columns")
     columns = {name: [r.get(name) for r in records] for name in names}
     bad = [i for i, p in enumerate(prompts) if not _is_prompt(p)]
     if bad:
         raise ValueError(f"prompts: entries {bad[:5]} are empty or neither a string nor a list of "
                          f"{{'role', 'content'}} messages (got {prompts[bad[0]]!r})")
     return prompts, columns
+
+
+def _rows(source: Any, key: str) -> list[Any]:
+    """The rows of a prompt source: file lines/objects, a columnar mapping's rows, a DataFrame's records."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"prompts: no such file {str(path)!r}")
+        if path.suffix not in (".txt", ".jsonl", ".json"):
+            raise ValueError(f"prompts: {str(path)!r} is not a .txt (one prompt per line), .jsonl (one object per "
+                             "line) or .json (a list) file; load other formats with datasets.load_dataset and pass "
+                             "the split (ds['train'])")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            return list(json.loads(text))
+        lines = [line for line in text.splitlines() if line.strip()]
+        return [json.loads(line) for line in lines] if path.suffix == ".jsonl" else lines
+    if hasattr(source, "to_dict") and hasattr(source, "columns"):  # a pandas DataFrame
+        return source.to_dict(orient="records")
+    if isinstance(source, Mapping):
+        values = source.get(key) if not hasattr(source, "column_names") else None
+        if isinstance(values, (list, tuple)):  # columnar: {"prompt": [...], "answer": [...]}
+            lengths = {k: len(v) for k, v in source.items()}
+            if len(set(lengths.values())) != 1:
+                raise ValueError(f"prompts: the columns have different lengths {lengths}; give one value per row")
+            return [{k: source[k][i] for k in source} for i in range(len(values))]
+        raise ValueError(f"prompts: got a mapping with the keys {sorted(map(str, source))[:8]} (a DatasetDict?); "
+                         f"pass one split (ds['train']), rows with a {key!r} key, or columns {{{key!r}: [...]}}")
+    return list(source)
 
 
 def _is_prompt(p: Any) -> bool:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 __all__ = ["Scorer", "TokenScorer", "HFRewardModelScorer", "WeightedRewards", "call_scorer", "check_scores",
+           "prompt_as_text",
            "resolve_scorer"]
 
 
@@ -57,6 +59,17 @@ def check_scores(scores: Any, n: int, scorer: Callable) -> torch.Tensor:
     return t
 
 
+def prompt_as_text(prompt: Any, tokenizer: Any = None) -> str:
+    """A prompt as the text a reward model reads: a string as it is; a chat conversation through
+    ``tokenizer``'s chat template (generation prompt added), or its messages' contents, one per line."""
+    if isinstance(prompt, str):
+        return prompt
+    messages = list(prompt)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['content']}\n" for m in messages)
+
+
 class HFRewardModelScorer:
     """Adapter for a Hugging Face sequence-classification reward model with its own tokenizer.
 
@@ -82,7 +95,7 @@ class HFRewardModelScorer:
         self.batch_size = batch_size
         self.max_length = max_length
         self.label_index = label_index
-        self.format_fn = format_fn or (lambda p, c: p + c)
+        self.format_fn = format_fn or (lambda p, c: prompt_as_text(p, tokenizer) + c)
 
     @property
     def device(self) -> torch.device:
@@ -100,48 +113,104 @@ class HFRewardModelScorer:
         return torch.cat(out) if out else torch.zeros(0)
 
 
-def call_scorer(scorer: Callable, prompts: list[str], completions: list[str], columns: dict[str, list]) -> Any:
-    """``scorer(prompts, completions, **columns)``, passing the dataset columns (the ground truth of a verifiable
-    task, …) the scorer's signature names — all of them if it takes ``**kwargs`` — so a plain
-    ``(prompts, completions)`` function and a TRL-style ``(prompts, completions, answer, **kwargs)`` both work."""
-    if not columns:
-        return scorer(prompts, completions)
+def call_scorer(scorer: Callable, prompts: list[Any], completions: list[str], columns: dict[str, list]) -> Any:
+    """Call a scorer with the prompts, the completions and the dataset columns (the ground truth of a
+    verifiable task, …) its signature names — all of them if it takes ``**kwargs``. A plain ``(prompts,
+    completions)`` function, a TRL-style ``(completions, answer, **kwargs)`` one and ``(prompts, completions,
+    **kwargs)`` all work: ``prompts``/``completions`` go by keyword where the signature names them (or takes
+    ``**kwargs``), else by position."""
     try:
-        params = inspect.signature(scorer).parameters.values()
-    except (TypeError, ValueError):  # a builtin or C callable: no columns
+        params = list(inspect.signature(scorer).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable: positional, no columns
         return scorer(prompts, completions)
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return scorer(prompts, completions, **columns)
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return scorer(prompts, completions, **{k: v for k, v in columns.items() if k in named})
+    given = {k: v for k, v in columns.items() if var_kw or k in named}
+    if "completions" in named or (var_kw and _positional(params) == 0):  # by keyword
+        call = {"completions": completions, **given}
+        if "prompts" in named or var_kw:
+            call["prompts"] = prompts
+        args: tuple = ()
+    else:
+        args, call = (prompts, completions), given
+    needed = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+              and p.name not in call][len(args):]
+    if needed:
+        name = getattr(scorer, "__name__", type(scorer).__name__)
+        raise ValueError(f"reward function {name} needs the column(s) {needed}, and the prompts' columns are "
+                         f"{sorted(columns)}: add them to every row of the train and eval datasets, or give the "
+                         "parameter a default")
+    return scorer(*args, **call)
+
+
+def _positional(params: list[inspect.Parameter]) -> int:
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
 
 
 class WeightedRewards:
-    """Several rewards as one scorer: ``Σ_i w_i · f_i(prompts, completions, **columns)``. Each function's
-    scores are checked (one finite number per completion); ``last`` holds each one's mean over the last call,
-    by name, for logging."""
+    """Several rewards as one scorer: ``Σ_i w_i · f_i(prompts, completions, **columns)`` (see
+    :func:`call_scorer`). An item may also be a reward model to load — a name or path, or a ``(model,
+    tokenizer)`` pair — which the run loads on its device with :meth:`resolve` before the first score. Each
+    function's scores are checked (one finite number per completion); :meth:`take_means` gives each one's mean
+    over the completions scored since it was last called, by name (a run logs them as ``reward/<name>``)."""
 
-    def __init__(self, funcs: Sequence[Callable], weights: Sequence[float] | None = None):
+    def __init__(self, funcs: Sequence[Any], weights: Sequence[float] | None = None):
+        funcs = list(funcs)
         if not funcs:
             raise ValueError("reward_funcs: give at least one reward function")
         weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
         if len(weights) != len(funcs) or not all(math.isfinite(w) for w in weights):
             raise ValueError(f"reward_weights: expected {len(funcs)} finite numbers, one per function, got {weights}")
-        self.funcs, self.weights = list(funcs), weights
-        names = [getattr(f, "__name__", type(f).__name__) for f in funcs]
+        for f in funcs:
+            if isinstance(f, torch.nn.Module) and not callable(getattr(f, "score", None)):
+                raise TypeError(f"reward_funcs: a model object needs its tokenizer: pass ({type(f).__name__}, tokenizer)")
+            if getattr(f, "token_level", False):
+                raise TypeError(f"reward_funcs: {type(f).__name__} is a token-level scorer (it reads the policy's token "
+                                "ids); use it alone as the env's scorer, not in a list of text rewards")
+            if not (callable(f) or isinstance(f, (str, Path)) or _is_model_pair(f)):
+                raise TypeError(f"reward_funcs: expected functions, reward model names/paths or (model, tokenizer) "
+                                f"pairs, got {f!r}")
+        self.funcs, self.weights = funcs, weights
+        names = [_name(f) for f in funcs]
         self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
-        self.last: dict[str, float] = {}
+        self._sums: dict[str, float] = {}
+        self._count = 0
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: list) -> torch.Tensor:
+    def resolve(self, load: Callable[[Any], Callable]) -> None:
+        """Replace every reward model still to load (a name, path or pair) by ``load(item)``, a scorer."""
+        self.funcs = [load(f) if isinstance(f, (str, Path)) or _is_model_pair(f) else f for f in self.funcs]
+
+    def __call__(self, prompts: list[Any], completions: list[str], **columns: list) -> torch.Tensor:
         total = torch.zeros(len(completions))
         for name, f, w in zip(self.names, self.funcs, self.weights, strict=True):
+            if not callable(f):
+                raise RuntimeError(f"reward model {f!r} is not loaded yet: call resolve(loader) first (textrl's runs do)")
             scores = check_scores(call_scorer(f, prompts, completions, columns), len(completions), f)
-            self.last[name] = float(scores.mean()) if len(scores) else 0.0
+            self._sums[name] = self._sums.get(name, 0.0) + float(scores.sum())
             total += w * scores
+        self._count += len(completions)
         return total
+
+    def take_means(self) -> dict[str, float]:
+        """Each function's mean score (unweighted) over the completions scored since the last call."""
+        means = {name: total / self._count for name, total in self._sums.items()} if self._count else {}
+        self._sums, self._count = {}, 0
+        return means
 
     def __repr__(self) -> str:
         return "WeightedRewards(" + ", ".join(f"{w:g}·{n}" for n, w in zip(self.names, self.weights, strict=True)) + ")"
+
+
+def _is_model_pair(f: Any) -> bool:
+    return isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], torch.nn.Module)
+
+
+def _name(f: Any) -> str:
+    if isinstance(f, (str, Path)):
+        return Path(str(f)).name or str(f)
+    if _is_model_pair(f):
+        return type(f[0]).__name__
+    return getattr(f, "__name__", type(f).__name__)
 
 
 def clip_and_normalise(scores: torch.Tensor, clip: float | None, scale: float, bias: float) -> torch.Tensor:

@@ -132,19 +132,27 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self._encode_prompts(max_prompt_tokens, context_length)
         self._make_spaces_and_buffers()
 
-    @staticmethod
-    def _special_ids(tokenizer: Any, pad_token_id: int | None) -> tuple[int, int]:
-        """(EOS, PAD); PAD must differ from EOS, or EOS would be masked as padding."""
+    def _special_ids(self, tokenizer: Any, pad_token_id: int | None) -> tuple[int, int]:
+        """(EOS, PAD); PAD must differ from EOS, or EOS would be masked as padding. When the tokenizer's PAD is
+        missing or equals EOS (SmolLM2, Llama 3) another special token pads — padding is masked by the attention
+        mask, never read by id — and ``pad_note`` says which."""
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError("tokenizer has no eos_token_id; the env needs EOS to end rows")
-        pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        self.pad_note = None
+        if pad_token_id is not None:
+            if pad_token_id == eos:
+                raise ValueError(f"pad_token_id={pad_token_id} equals eos_token_id={eos}: EOS would be masked as padding "
+                                 "and the model would never learn to stop; leave pad_token_id unset (the env picks one) "
+                                 "or give another token id")
+            return eos, pad_token_id
+        pad = tokenizer.pad_token_id
         if pad is None or pad == eos:
-            raise ValueError(
-                f"PAD and EOS must differ (pad_token_id={pad}, eos_token_id={eos}): "
-                "with PAD == EOS, EOS gets masked as padding and the model never learns to stop. "
-                "Pass pad_token_id=<another token id> (e.g. an unused special token)."
-            )
+            specials = [tokenizer.unk_token_id, tokenizer.bos_token_id, *getattr(tokenizer, "all_special_ids", [])]
+            pad = next((i for i in specials if i is not None and i != eos), 0 if eos != 0 else 1)
+            self.pad_note = (f"the tokenizer's PAD is {'missing' if tokenizer.pad_token_id is None else 'EOS'}: padding "
+                             f"with token {pad} ({tokenizer.convert_ids_to_tokens(pad)!r}) instead (masked, never "
+                             "read); set pad_token_id to choose another")
         return eos, pad
 
     def _encode_prompts(self, max_prompt_tokens: int | None, context_length: int | None) -> None:

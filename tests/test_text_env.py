@@ -162,13 +162,47 @@ def test_termination_truncation_and_missing_eos_penalty(tok):
     assert r[1].item() == 3.0 - 10.0  # "aaa" scores 3, minus the missing-EOS penalty
 
 
-def test_pad_equal_to_eos_is_refused_unless_fixed(tok):
+def test_pad_equal_to_eos_gets_another_pad_and_says_so(tok):
     same = char_tokenizer()
     same.pad_token = same.eos_token
-    with pytest.raises(ValueError, match="PAD and EOS must differ"):
-        make_env(same)
+    env = make_env(same)  # PAD == EOS in the tokenizer (SmolLM2): another special token pads, and the env says so
+    assert env.pad_token_id not in (None, env.eos_token_id) and str(env.pad_token_id) in env.pad_note
+    assert make_env(tok).pad_note is None  # a tokenizer with its own PAD keeps it
+    with pytest.raises(ValueError, match=r"pad_token_id=1 equals eos_token_id=1.*leave pad_token_id unset"):
+        make_env(same, pad_token_id=same.eos_token_id)  # given explicitly: an error, not a silent change
     env = make_env(same, pad_token_id=same.convert_tokens_to_ids("<unk>"))
-    assert env.pad_token_id != env.eos_token_id
+    assert env.pad_token_id != env.eos_token_id and env.pad_note is None
+    obs, _ = env.reset(seed=0)
+    out = env.step(torch.full((env.num_envs,), env.eos_token_id))
+    assert out[2].all()  # EOS still ends rows (it is not padding)
+
+
+def test_prompt_rows_with_columns_and_chat_messages_reach_the_scorer():
+    from transformers import PreTrainedTokenizerFast
+
+    chat = char_tokenizer()
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}!{% endif %}"
+    seen = {}
+
+    def scorer(prompts, completions, answer):
+        seen.update(prompts=prompts, answer=answer)
+        return [float(c == a) for c, a in zip(completions, answer, strict=True)]
+
+    rows = [{"prompt": [{"role": "user", "content": "ab"}], "answer": "c", "id": 0},
+            {"prompt": "de", "answer": "f", "id": 1}]
+    env = TextGenVectorEnv(2, chat, rows, scorer, max_new_tokens=2, prompt_order="sequential",
+                           eval_prompts=rows)
+    assert isinstance(chat, PreTrainedTokenizerFast) and env.columns == {"answer": ["c", "f"], "id": [0, 1]}
+    obs, _ = env.reset(seed=0)
+    ids = obs["input_ids"][0][obs["attention_mask"][0].bool()].tolist()
+    assert chat.decode(ids) == "ab!"  # the conversation went through the chat template; the string did not
+    c, eos = chat.convert_tokens_to_ids("c"), env.eos_token_id
+    env.step(torch.tensor([c, c]))
+    _, reward, *_ = env.step(torch.tensor([eos, eos]))
+    assert seen["answer"] == ["c", "f"] and seen["prompts"][1] == "de" and reward.tolist() == [1.0, 0.0]
+    assert env.eval_prompts == rows  # held-out rows keep their columns (see with_prompts)
+    with pytest.raises(ValueError, match="row 1 has no 'prompt' column"):
+        TextGenVectorEnv(2, chat, [{"prompt": "a"}, {"text": "b"}], scorer)
 
 
 @pytest.mark.parametrize(

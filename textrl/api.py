@@ -53,36 +53,25 @@ def _extend(cfg: TrainConfig, model: dict[str, Any] | None = None, **changes: An
     fields = {name: getattr(cfg, name) for name in given_fields(cfg)}
     if model:
         section = cfg.model
-        fields["model"] = ModelConfig(**{k: getattr(section, k) for k in given_fields(section)}, **model)
+        fields["model"] = ModelConfig(**{**{k: getattr(section, k) for k in given_fields(section)}, **model})
     return TrainConfig(**{**fields, **changes})
 
 
-def reward_scorer(reward_funcs: Any, weights: Sequence[float] | None = None, device: str = "cpu") -> Any:
-    """One scorer from ``reward_funcs``: a function ``(prompts, completions, **columns) -> scores``, a reward
-    model (a Hugging Face sequence classifier's name or path, a ``textrl train-rm`` directory, or a
-    ``(model, tokenizer)`` pair), or a list of these summed with ``weights``."""
-    from textrl.envs.scorers import HFRewardModelScorer, WeightedRewards
-    from textrl.lm.build import load_reward_model
+def reward_scorer(reward_funcs: Any, weights: Sequence[float] | None = None) -> Any:
+    """One scorer from ``reward_funcs``: a function ``(prompts, completions, **columns) -> scores`` (TRL's
+    ``(completions, **kwargs)`` form too), a reward model (a Hugging Face sequence classifier's name or path, a
+    ``textrl train-rm`` directory, or a ``(model, tokenizer)`` pair — loaded by the run, on its device), or a
+    list of these summed with ``weights`` (:class:`~textrl.envs.scorers.WeightedRewards`)."""
+    from textrl.envs.scorers import WeightedRewards
 
-    def one(f: Any) -> Any:
-        if isinstance(f, (str, Path)):
-            return load_reward_model(str(f), device)
-        if isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], torch.nn.Module):
-            return HFRewardModelScorer(f[0].to(device), f[1])
-        if isinstance(f, torch.nn.Module) and not callable(getattr(f, "score", None)):
-            raise TypeError(f"reward_funcs: a model object needs its tokenizer: pass ({type(f).__name__}, tokenizer)")
-        if not callable(f):
-            raise TypeError(f"reward_funcs: expected a function, a reward model name/path or a (model, tokenizer) "
-                            f"pair, got {f!r}")
-        return f
-
-    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) and not (
-        len(reward_funcs) == 2 and isinstance(reward_funcs[0], torch.nn.Module)) else [reward_funcs]
+    pair = isinstance(reward_funcs, tuple) and len(reward_funcs) == 2 and isinstance(reward_funcs[0], torch.nn.Module)
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) and not pair else [reward_funcs]
     if weights is not None and len(weights) != len(funcs):
         raise ValueError(f"reward_weights: {len(weights)} weights for {len(funcs)} reward functions; give one per "
                          "function (or none: all 1)")
-    scorers = [one(f) for f in funcs]
-    return scorers[0] if len(scorers) == 1 and weights is None else WeightedRewards(scorers, weights)
+    if len(funcs) == 1 and weights is None and callable(funcs[0]) and not isinstance(funcs[0], torch.nn.Module):
+        return funcs[0]
+    return WeightedRewards(funcs, weights)
 
 
 class Trainer:
@@ -117,28 +106,31 @@ class Trainer:
         changes: dict[str, Any] = {}
         if agent is not None:
             changes["agent"] = agent
-        if env is not None or (model is not None or train_dataset is not None) and "env" not in given_fields(cfg):
+        texty = any(x is not None for x in (model, reward_funcs, train_dataset, eval_dataset))
+        if env is not None or texty and "env" not in given_fields(cfg):  # any text argument: the generic text env
             changes["env"] = env or TEXT_ENV
         env_kwargs = dict(cfg.env_kwargs)
         if train_dataset is not None:
             env_kwargs["prompts"] = train_dataset
         if eval_dataset is not None:
             env_kwargs["eval_prompts"] = eval_dataset
+        model_fields = {"name": self._model_name(model)} if model is not None else {}
         if reward_funcs is not None:
-            env_kwargs["scorer"] = self._scorer(reward_funcs, reward_weights, cfg)
+            if cfg.model.reward_model is not None:
+                raise ValueError(f"reward_funcs: given with args.model.reward_model={cfg.model.reward_model!r}, which "
+                                 "would replace them; give the reward model in reward_funcs, or drop reward_funcs")
+            if isinstance(reward_funcs, (str, Path)) and reward_weights is None:  # one model: recorded, resumable
+                model_fields["reward_model"] = str(reward_funcs)
+            else:
+                env_kwargs["scorer"] = reward_scorer(reward_funcs, reward_weights)
         elif reward_weights is not None:
             raise ValueError("reward_weights: given without reward_funcs; pass the functions they weigh")
         if env_kwargs != cfg.env_kwargs:
             changes["env_kwargs"] = env_kwargs
-        name = self._model_name(model) if model is not None else None
-        self.config = _extend(cfg, model={"name": name} if name else None, **changes)
+        self.config = _extend(cfg, model=model_fields, **changes)
         self.run: Run | None = None
+        self.resumed: bool | None = None
         self.result: RunResult | None = None
-
-    def _scorer(self, reward_funcs: Any, weights: Any, cfg: TrainConfig) -> Any:
-        from textrl.runs import torch_device
-
-        return reward_scorer(reward_funcs, weights, torch_device(cfg.device))
 
     def _model_name(self, model: Any) -> str:
         if self.model_object is None:
@@ -149,14 +141,19 @@ class Trainer:
                              "tokenizer from; pass tokenizer=")
         return name or f"<{type(model).__name__} object>"
 
-    def build(self, resume: bool = False) -> Run:
+    def build(self, resume: bool | None = None) -> Run:
         """Build the run (policy, reference, envs, agent, learner) once; :meth:`train` and :meth:`evaluate`
-        use it. ``resume``: continue the run in ``args.output_dir`` from its last checkpoint."""
+        use it. ``resume``: continue the run in ``args.output_dir`` from its last checkpoint (None: as built
+        already, else False)."""
         if self.run is None:
             from textrl.train import make_run
 
-            self.run = make_run(self.config, resume=resume, quiet=self.quiet, model=self.model_object,
+            self.run = make_run(self.config, resume=bool(resume), quiet=self.quiet, model=self.model_object,
                                 tokenizer=self.tokenizer_object)
+            self.resumed = bool(resume)
+        elif resume is not None and resume != self.resumed:
+            raise RuntimeError(f"build: the run was built with resume={self.resumed} (by an earlier evaluate(), policy "
+                               f"or build() call); call train(resume={self.resumed}), or make a new Trainer")
         return self.run
 
     def train(self, resume: bool = False) -> RunResult:
@@ -196,14 +193,18 @@ class Trainer:
         """The policy and its tokenizer in Hugging Face layout: the peft adapter with LoRA (``merged=True``: a
         full model with the adapters merged in, loadable with ``AutoModelForCausalLM``), else the model."""
         from textrl.lm.models import quiet_saving
+        from textrl.parallel.distributed import barrier, is_main
 
         run, path = self.build(), Path(path)
-        lm = run.policy.lm
-        if merged and run.policy.is_lora:
-            lm = copy.deepcopy(lm).merge_and_unload()  # a copy: the run's reference is the adapters-off model
-        with quiet_saving():
-            lm.save_pretrained(path, safe_serialization=True)
-        run.tokenizer.save_pretrained(path)
+        with run.learner.full_weights():  # whole weights (ZeRO-3 gathers its partitions), written once
+            if is_main():
+                lm = run.policy.lm
+                if merged and run.policy.is_lora:
+                    lm = copy.deepcopy(lm).merge_and_unload()  # a copy: the run's reference is the adapters-off model
+                with quiet_saving():
+                    lm.save_pretrained(path, safe_serialization=True)
+                run.tokenizer.save_pretrained(path)
+            barrier()
         return path
 
 
@@ -236,7 +237,7 @@ class PPO:
             fields["agent_config"] = agent_config
         self.fields, self.verbose = fields, verbose
         self.policy: torch.nn.Module | None = None
-        self.num_timesteps, self.result, self.resumable = 0, None, False
+        self.num_timesteps, self.result, self._run_steps = 0, None, -1  # _run_steps: the run directory's step count
 
     def learn(self, total_timesteps: int) -> PPO:
         """Train ``total_timesteps`` more env steps (summed over sub-envs); returns ``self``."""
@@ -249,11 +250,26 @@ class PPO:
         check_env_id(cfg.env)
         if is_text_env(cfg):
             raise TypeError(f"env: {cfg.env} is a text env; train language models with textrl.Trainer")
-        run = make_run(cfg, resume=self.resumable, quiet=self.verbose == 0)
-        self.fields["output_dir"] = str(run.output_dir)  # a later learn() resumes from its checkpoint
+        resume = self._checkpoint_matches()
+        if self.policy is not None and not resume:  # loaded weights whose run went on or is gone: a new run
+            cfg = TrainConfig(**{**self.fields, "output_dir": None}, total_steps=total_timesteps)
+        run = make_run(cfg, resume=resume, quiet=self.verbose == 0)
+        if self.policy is not None and not resume:
+            run.agent.policy.load_state_dict(self.policy.state_dict())  # (the new run's own count starts at 0)
+        self.fields["output_dir"] = str(Path(run.output_dir).resolve())  # a later learn() resumes from its checkpoint
         self.result = loop(run)
-        self.policy, self.num_timesteps, self.resumable = run.agent.policy.eval(), run.global_step, True
+        steps = run.global_step if resume or self.policy is None else self.num_timesteps + run.global_step
+        self.policy, self.num_timesteps = run.agent.policy.eval(), steps
+        self._run_steps = run.global_step
         return self
+
+    def _checkpoint_matches(self) -> bool:
+        """Whether ``learn`` continues the run in ``output_dir``: its checkpoint is where this model is."""
+        out = self.fields.get("output_dir")
+        state = Path(out) / "checkpoint" / "trainer_state.json" if out else None
+        if state is None or not state.is_file() or self.policy is None:
+            return False
+        return json.loads(state.read_text()).get("global_step") == self._run_steps
 
     @torch.no_grad()
     def predict(self, observation: Any, deterministic: bool = False) -> tuple[np.ndarray, None]:
@@ -278,7 +294,8 @@ class PPO:
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.state_dict().items()},
                   str(path / "model.safetensors"))
-        meta = {"fields": to_dict(self.fields), "num_timesteps": self.num_timesteps, **self.policy.shape_info()}
+        meta = {"fields": to_dict(self.fields), "num_timesteps": self.num_timesteps, "run_steps": self._run_steps,
+                **self.policy.shape_info()}
         (path / "textrl_ppo.json").write_text(json.dumps(meta, indent=1))
         return path
 
@@ -300,7 +317,6 @@ class PPO:
         model.policy.load_state_dict(load_file(str(path / "model.safetensors")))
         model.policy.eval()
         model.num_timesteps = meta["num_timesteps"]
-        out = fields.get("output_dir")  # learn() continues that run while its checkpoint is there
-        model.resumable = bool(out) and (Path(out) / "checkpoint" / "trainer_state.json").is_file()
+        model._run_steps = meta.get("run_steps", -1)  # learn() continues that run if its checkpoint is still here
         return model
 

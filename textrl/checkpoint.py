@@ -67,7 +67,8 @@ def save_checkpoint(
         final.rename(older)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    numbered = sorted(run_dir.glob(f"{CHECKPOINT_DIR}-*"), key=lambda p: int(p.name.rpartition("-")[2] or 0))
+    numbered = sorted((p for p in run_dir.glob(f"{CHECKPOINT_DIR}-*") if p.name.rpartition("-")[2].isdigit()),
+                      key=lambda p: int(p.name.rpartition("-")[2]))
     for old in numbered[:max(len(numbered) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final

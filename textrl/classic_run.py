@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import sys
 
 import gymnasium as gym
 import numpy as np
@@ -27,7 +26,7 @@ from textrl.parallel.distributed import gather_objects, make_accelerator, rank, 
 from textrl.parallel.learner import Learner
 from textrl.rollout import Rollout
 from textrl.runs import Run, RunResult, resolve_output_dir, seed_everything, torch_device
-from textrl.tracking import Tracker, check_report_to
+from textrl.tracking import Tracker, check_report_to, logger
 
 __all__ = ["ClassicRun", "make_envs", "check_env_id"]
 
@@ -156,6 +155,6 @@ class ClassicRun(Run):
         result = RunResult(self.output_dir, self.global_step, self.num_updates, self.history, stats,
                            episode_returns=self.returns)
         if not self.quiet and self.main:
-            print(f"final: mean return of the last 20 episodes = {result.mean_return():.1f} "
-                  f"({self.global_step} steps, {len(self.returns)} episodes) -> {self.output_dir}", file=sys.stderr)
+            logger.info(f"final: mean return of the last 20 episodes = {result.mean_return():.1f} "
+                        f"({self.global_step} steps, {len(self.returns)} episodes) -> {self.output_dir}")
         return result

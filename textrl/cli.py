@@ -46,7 +46,8 @@ def _prescan(argv: list[str]) -> argparse.Namespace:
     """Find CONFIG, --agent, --env and --resume before the full parser exists (it depends on the agent).
     Every textrl flag takes one value (a bool flag may be bare), so the positional is the first token no flag
     consumes."""
-    pre = argparse.Namespace(config=None, agent=None, env=None, resume=None)
+    pre = argparse.Namespace(config=None, config_index=None, agent=None, env=None, resume=None)
+    bools = _bool_flags()
     i = 0
     while i < len(argv):
         token = argv[i]
@@ -54,17 +55,33 @@ def _prescan(argv: list[str]) -> argparse.Namespace:
             pass
         elif token.startswith("--"):
             name, eq, value = token[2:].partition("=")
-            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):  # (a bare bool flag: no value)
-                value = argv[i + 1]
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            takes = nxt is not None and not nxt.startswith("--") and (
+                name.replace("-", "_") not in bools or nxt.lower() in _BOOL_WORDS)  # a bare bool flag takes none
+            if not eq and takes:
+                value = nxt
                 i += 1
             elif not eq:
                 value = None
             if name in ("agent", "env", "resume"):
                 setattr(pre, name, value)
         elif token not in ("-h",) and pre.config is None:
-            pre.config = token
+            pre.config, pre.config_index = token, i
         i += 1
     return pre
+
+
+_BOOL_WORDS = ("true", "false", "1", "0", "yes", "no")
+
+
+def _bool_flags() -> set[str]:
+    """The flat names of every bool field (run, sections, every registered agent's config)."""
+    from textrl.agents.base import AGENTS, agent_class
+
+    classes = [TrainConfig, *SECTIONS.values(), *(agent_class(a).config_class for a in AGENTS)]
+    return {section_flat(key, f.name) if key else f.name
+            for cls in classes for key in [next((k for k, c in SECTIONS.items() if c is cls), None)]
+            for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
 
 
 def resolve_train_config(argv: list[str]) -> tuple[TrainConfig, bool]:
@@ -97,8 +114,11 @@ def resolve_train_config(argv: list[str]) -> tuple[TrainConfig, bool]:
         moved = token[2:].partition("=")[0] if token.startswith("--") else ""
         if moved in _MOVED:
             raise ValueError(f"--{moved}: {_MOVED[moved]}")
-    parser = _train_parser(agent_cls.config_class, show_bare="--help" in argv or "-h" in argv)
-    args = parser.parse_args(argv)
+    parser = _train_parser(agent_cls.config_class, agent if "--help" in argv or "-h" in argv else None)
+    # CONFIG as the prescan found it: a bare bool flag before it (--overwrite cfg.yaml) must not take it as a value
+    rest = [t for i, t in enumerate(argv) if i != pre.config_index]
+    args = parser.parse_args(rest)
+    args.config = pre.config
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume", "num_processes")}
 
     run: dict[str, Any] = {}
@@ -156,7 +176,9 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, section: str | None =
                            **({"nargs": "?", "const": True} if is_bool else {}))
 
 
-def _train_parser(agent_config_cls: type, show_bare: bool = False) -> argparse.ArgumentParser:
+def _train_parser(agent_config_cls: type, bare_agent: str | None = None) -> argparse.ArgumentParser:
+    """The ``textrl train`` parser; with ``bare_agent`` (for --help) each field also shows what a bare
+    ``textrl train --agent bare_agent`` would run where that differs from the default."""
     parser = argparse.ArgumentParser(
         prog="textrl train", allow_abbrev=False,
         description="Train an agent on a Gymnasium env. Any config field can be given as --field-name VALUE "
@@ -165,7 +187,7 @@ def _train_parser(agent_config_cls: type, show_bare: bool = False) -> argparse.A
     parser.add_argument("config", nargs="?", help="YAML config; default: the embedded default experiment")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     _add_num_processes(parser)
-    bare = _bare_default() if show_bare else None
+    bare = _bare_default(bare_agent) if bare_agent else None
     _add_fields(parser.add_argument_group("run (TrainConfig)"), TrainConfig, skip=("agent_config", *SECTIONS),
                 defaults=_fields_of(bare))
     for section, cls in SECTIONS.items():
@@ -174,7 +196,7 @@ def _train_parser(agent_config_cls: type, show_bare: bool = False) -> argparse.A
     agent_fields = [f.name for f in dataclasses.fields(agent_config_cls)]
     clash = [n for n in agent_fields if n in _RUN_FIELDS or n in FLAT_KEYS]
     _add_fields(parser.add_argument_group(f"agent ({agent_config_cls.__name__})"), agent_config_cls, skip=tuple(clash),
-                defaults=bare and bare.agent_config if bare and bare.agent == "ppo" else None)
+                defaults=bare.agent_config if bare else None)
     return parser
 
 
@@ -182,10 +204,10 @@ def _fields_of(config: Any) -> dict[str, Any] | None:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)} if config is not None else None
 
 
-def _bare_default() -> TrainConfig | None:
-    """What ``textrl train`` with no arguments runs (the embedded default experiment), for ``--help``."""
+def _bare_default(agent: str) -> TrainConfig | None:
+    """What ``textrl train --agent AGENT`` with no other arguments runs (the embedded default experiment)."""
     try:
-        return resolve_train_config([])[0]
+        return resolve_train_config(["--agent", agent])[0]
     except (ValueError, TypeError, FileNotFoundError):
         return None
 

@@ -206,7 +206,8 @@ class TrainConfig:
     """Save a resumable checkpoint every this many updates (and at the end); 0 saves only at the end."""
     keep_checkpoints: int = 1
     """Checkpoints kept: the latest in checkpoint/ (what --resume reads) and the N − 1 before it as
-    checkpoint-<update>/."""
+    checkpoint-<update>/ (to resume from one, copy it to checkpoint/; under DeepSpeed only the latest has the
+    engine's optimiser state)."""
     overwrite: bool = False
     """Replace the run already in output_dir (its files are deleted first). Without it, a directory holding a
     run is refused unless the run is resumed (--resume)."""

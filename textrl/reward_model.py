@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from textrl.envs.scorers import prompt_as_text
 from textrl.parallel.distributed import (
     all_sum,
     barrier,
@@ -420,7 +421,8 @@ class TrainedRewardScorer:
         self.batch_size = batch_size
 
     def raw(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        return _scores(self.model, self.tokenizer, list(prompts), list(completions), self.max_length, self.batch_size)
+        texts = [prompt_as_text(p, self.tokenizer) for p in prompts]  # (chat conversations as text)
+        return _scores(self.model, self.tokenizer, texts, list(completions), self.max_length, self.batch_size)
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         return self.raw(prompts, [c if c.strip() else "." for c in completions]) * self.gain + self.bias

@@ -70,17 +70,29 @@ def resolve_output_dir(cfg: TrainConfig, resume: bool = False) -> Path:
     that holds a run already is refused unless the run is resumed, or ``cfg.overwrite`` (then the main
     process deletes that run's files first) — a second run never mixes its metrics into the first's."""
     path = Path(cfg.output_dir if cfg.output_dir is not None else broadcast_object(default_output_dir(cfg)))
-    held = [name for name in ("config.yaml", "metrics.jsonl", "checkpoint") if (path / name).exists()]
+    # decided by the main process (another must not look after the main one deleted the old files)
+    held = broadcast_object([n for n in ("config.yaml", "metrics.jsonl", "checkpoint") if (path / n).exists()])
     if held and not resume:
         if not cfg.overwrite:
             raise ValueError(f"output_dir: {str(path)!r} holds a run already ({', '.join(held)}); continue it with "
                              f"--resume {path}, replace it with --overwrite, or choose another --output-dir")
+        if not broadcast_object(is_run_dir(path)):
+            raise ValueError(f"output_dir: {str(path)!r} holds {', '.join(held)} but is not a textrl run directory "
+                             "(its config.yaml is not a run's): --overwrite deletes only runs; choose another --output-dir")
         if is_main():
-            for name in RUN_FILES:
-                target = path / name
+            for target in [path / name for name in RUN_FILES] + list(path.glob("checkpoint-*")):
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         barrier()
     return path
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a textrl run: its config.yaml is a run's resolved config."""
+    try:
+        data = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and {"env", "agent", "agent_config", "output_dir"} <= set(data)
 
 
 class Run:
@@ -103,7 +115,9 @@ class Run:
 
     def resolved_config(self) -> dict[str, Any]:
         """The config as run: the user's config with the output directory and the agent's full config."""
-        return {**to_dict(self.cfg), "output_dir": str(self.output_dir), "agent_config": to_dict(self.agent.config)}
+        config = {**to_dict(self.cfg), "output_dir": str(self.output_dir), "agent_config": to_dict(self.agent.config)}
+        config.pop("overwrite", None)  # an instruction to this session, not part of the run (a rerun must not wipe it)
+        return config
 
     def write_config(self) -> dict[str, Any]:
         resolved = self.resolved_config()

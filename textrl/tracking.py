@@ -77,7 +77,8 @@ def flat_hparams(config: dict[str, Any]) -> dict[str, Any]:
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
-            out[prefix] = value if isinstance(value, (bool, int, float, str)) else str(value)
+            value = value if isinstance(value, (bool, int, float)) else str(value)
+            out[prefix] = value if not isinstance(value, str) or len(value) <= 300 else value[:297] + "..."
 
     walk("", config)
     return out
@@ -92,7 +93,8 @@ def hparams_table(config: dict[str, Any]) -> str:
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
         else:
-            rows.append(f"| {prefix} | {value} |")
+            text = str(value)  # (a long value — a prompt list — is cut here; config.yaml holds it whole)
+            rows.append(f"| {prefix} | {text if len(text) <= 300 else text[:297] + '...'} |")
 
     walk("", config)
     return "\n".join(rows)
@@ -169,8 +171,12 @@ class Tracker:
         path = self.dir / "metrics.jsonl"
         kept = []
         if initial > 0 and path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("global_step", 0) <= initial]
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("global_step", 0) <= initial:
+                        kept.append(line)
+                except (json.JSONDecodeError, AttributeError):  # a line cut by the crash
+                    logger.warning(f"warning: metrics.jsonl: dropped an unreadable line ({line[:60]!r})")
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         return open(path, "a", encoding="utf-8")  # noqa: SIM115
 

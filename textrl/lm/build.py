@@ -23,7 +23,8 @@ from textrl.lm.policy import LMActorCritic, add_lora
 from textrl.parallel.deepspeed import unpartitioned_loading, zero3_loading
 from textrl.shard import Shard
 
-__all__ = ["policy_model_name", "build_policy", "build_critic", "build_text_env", "build_kl_env", "load_reward_model"]
+__all__ = ["policy_model_name", "build_policy", "build_critic", "build_text_env", "build_kl_env", "load_reward_model",
+           "reward_model_scorer"]
 
 
 def policy_model_name(cfg: TrainConfig) -> str:
@@ -68,6 +69,8 @@ def build_policy(cfg: TrainConfig, device: torch.device | str, value_head: bool 
     where = torch.device(device)
     # bitsandbytes quantises as it loads: load straight onto a GPU (a later .to() leaves 8-bit state behind)
     placed = {"device_map": {"": str(where)}} if model.quantization and where.type != "cpu" else {}
+    if lm is not None and any(p.is_floating_point() and p.dtype != torch.float32 for p in lm.parameters()):
+        lm = lm.float()  # trained in fp32 like a model loaded by name (bf16 weights round small updates away)
     lm = disable_dropout(lm) if lm is not None else load_causal_lm(name, quantization=model.quantization, **placed)
     critic = build_critic(model, name, lm) if value_head else None
     reference = None
@@ -120,6 +123,17 @@ def hf_reward_model(name_or_path: str, device: torch.device | str) -> HFRewardMo
     return HFRewardModelScorer(disable_dropout(model).to(device), tokenizer)
 
 
+def reward_model_scorer(item: Any, device: torch.device | str) -> Any:
+    """A reward model given by name or path (see :func:`load_reward_model`) or as a ``(model, tokenizer)``
+    pair, as a scorer on ``device``."""
+    if isinstance(item, tuple):
+        model, tokenizer = item
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return HFRewardModelScorer(model.to(device), tokenizer)
+    return load_reward_model(str(item), device)
+
+
 def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str, num_envs: int | None = None,
                    shard: Shard | None = None, num_generations: int | None = None, scorer: Any = None
                    ) -> gym.vector.VectorEnv:
@@ -139,6 +153,8 @@ def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str,
         kwargs["shard"] = shard
     if scorer is not None:
         kwargs["scorer"] = scorer
+    elif hasattr(kwargs.get("scorer"), "resolve"):  # reward models in a list of rewards load here, on the device
+        kwargs["scorer"].resolve(lambda item: reward_model_scorer(item, device))
     with unpartitioned_loading():  # scorer models are frozen and whole on every process, even under ZeRO-3
         envs = gym.make_vec(cfg.env, num_envs=num_envs or cfg.num_envs, tokenizer=tokenizer, device=device, **kwargs)
     if not isinstance(envs.unwrapped, TextGenVectorEnv):

@@ -9,6 +9,9 @@ token buffer. The policy's generator and the KL wrapper's per-token reference bo
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -21,6 +24,16 @@ __all__ = ["CachedForward", "positions_from_mask", "sequence_logprobs"]
 #: the forward keyword that takes a KV cache: ``cache`` in current transformers (``past_key_values`` is
 #: deprecated there, to be removed in 5.40), ``past_key_values`` before the rename
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_kwarg(model: Any) -> str:
+    """The KV-cache keyword ``model``'s forward names (a custom model may take only ``past_key_values``);
+    :data:`CACHE_KWARG` for forwards that take ``**kwargs`` only (peft wrappers pass them through)."""
+    try:
+        params = inspect.signature(getattr(model, "forward", model)).parameters
+    except (TypeError, ValueError):
+        return CACHE_KWARG
+    return next((name for name in ("cache", "past_key_values") if name in params), CACHE_KWARG)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -37,7 +50,7 @@ class CachedForward:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        self.model, self.cache_kwarg = model, cache_kwarg(model)
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (B, C) cache-layout attention mask
         self.next_logits: torch.Tensor | None = None  # (B, V)
@@ -52,8 +65,8 @@ class CachedForward:
         ids, mask = input_ids[:, start:end], attention_mask[:, start:end].long()
         self.cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                         use_cache=True, **{CACHE_KWARG: self.cache})
-        self.cache = getattr(out, CACHE_KWARG, None) or self.cache  # (updated in place; some models return a new one)
+                         use_cache=True, **{self.cache_kwarg: self.cache})
+        self.cache = getattr(out, self.cache_kwarg, None) or self.cache  # (updated in place; some models return a new one)
         self.mask = mask
         # Each row's next token is predicted at its own last real column (rows reset by mask may end earlier).
         last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (B,)
@@ -71,8 +84,8 @@ class CachedForward:
         positions = self.mask.sum(-1, keepdim=True) - 1 + mask.cumsum(-1)  # (B, n): masked slots repeat the last
         self.mask = torch.cat([self.mask, mask], dim=-1)  # (B, C + n)
         out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
-                         use_cache=True, **{CACHE_KWARG: self.cache})
-        self.cache = getattr(out, CACHE_KWARG, None) or self.cache  # (updated in place; some models return a new one)
+                         use_cache=True, **{self.cache_kwarg: self.cache})
+        self.cache = getattr(out, self.cache_kwarg, None) or self.cache  # (updated in place; some models return a new one)
         n = mask.shape[1]
         last = n - 1 - mask.flip(-1).argmax(-1)  # (B,) each row's last real new column
         rows = torch.arange(mask.shape[0], device=mask.device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from textrl.parallel.distributed import Reducer, is_main, make_accelerator, proc
 from textrl.parallel.learner import Learner
 from textrl.rollout import TokenRollout
 from textrl.runs import Run, RunResult, resolve_output_dir, seed_everything, torch_device
-from textrl.tracking import Tracker, check_report_to
+from textrl.tracking import Tracker, check_report_to, logger
 
 __all__ = ["LMRun", "rows_per_process", "rollout_stats", "bf16_supported", "DEEPSPEED_DIR"]
 
@@ -134,6 +133,11 @@ class LMRun(Run):
             raise ValueError(f"kl.target={cfg.kl.target}: the adaptive β steers the KL penalty in the reward, and "
                              f"{cfg.agent} puts the KL in its loss (weight kl.coef); set kl.target: null")
         self.local_envs = rows_per_process(cfg.num_envs, self.world, agent_cfg)  # before loading any model
+        low = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32} \
+            if model is not None else set()
+        if low:
+            self.notes.append(f"note: the model object's weights are {', '.join(sorted(low))}: upcast to float32 in "
+                              "place for training (bf16: true gives bf16 autocast in the update)")
         self.tokenizer, self.policy, self.reference = build_policy(cfg, self.device, cls.has_critic, model, tokenizer)
         scorer = load_reward_model(cfg.model.reward_model, self.device) if cfg.model.reward_model else None
         self.shard = process_shard(self.local_envs)
@@ -180,6 +184,8 @@ class LMRun(Run):
         msg = self.tracker.message
         for note in self.notes:
             msg(note)
+        if getattr(self.base, "pad_note", None):
+            msg(f"note: {self.base.pad_note}")
         msg(f"health: PAD={self.base.pad_token_id} != EOS={self.base.eos_token_id}; dropout off; "
             f"reference = {'policy with LoRA adapters off' if self.policy.is_lora else 'frozen copy'}")
         if self.world > 1:
@@ -202,9 +208,12 @@ class LMRun(Run):
         """The held-out evaluation (every process answers its share of the prompts)."""
         cfg = self.cfg
         with self.learner.full_weights():
-            return evaluate_heldout(self.base, self.policy.lm, self.reference, self.base.eval_prompts,
+            result = evaluate_heldout(self.base, self.policy.lm, self.reference, self.base.eval_prompts,
                                     sampling=cfg.sampling, kl=cfg.kl, generations=cfg.eval.generations,
                                     samples=cfg.eval.samples, seed=cfg.seed, progress=self.main and not self.quiet)
+        if hasattr(self.base.scorer, "take_means"):
+            self.base.scorer.take_means()  # the held-out answers do not count in the next update's reward/<name>
+        return result
 
     def collect(self) -> TokenRollout:
         # Rollouts stay in fp32: bf16 noise on the logits biases the sampled tokens' log π − log π_ref upwards
@@ -222,6 +231,8 @@ class LMRun(Run):
         self.kl_env.controller.update(out["policy/kl_ref"], n_steps=self.cfg.num_envs)
         self.tokens_seen += out["env/response_length"] * self.cfg.num_envs  # agent tokens, not padded slots
         out.update({"reward/kl_coef": self.kl_env.kl_coef, "time/tokens_per_s": self.tokens_seen / elapsed})
+        if hasattr(self.base.scorer, "take_means"):  # several reward functions: each one's mean (this process's rows)
+            out.update({f"reward/{name}": v for name, v in self.base.scorer.take_means().items()})
         if self.device.type == "cuda":  # this process's peak since the run started (weights, caches, optimiser)
             out["memory/gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if stats.get("policy/approx_kl", 0) > 0.1 or stats.get("policy/clipfrac", 0) > 0.3:
@@ -284,6 +295,6 @@ class LMRun(Run):
             if self.before is not None and samples.is_file():
                 self.tracker.text("eval/samples", samples.read_text(), self.global_step)
             if not self.quiet:
-                print(summary_line(self.before, after), file=sys.stderr)
+                logger.info(summary_line(self.before, after))
         result.before, result.after = self.before, after
         return result
