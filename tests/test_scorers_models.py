@@ -82,7 +82,7 @@ def test_prompt_sources(tmp_path):
     assert load_prompts([{"prompt": "x"}, {"prompt": "y"}]) == ["x", "y"]  # dataset-like rows
     with pytest.raises(ValueError, match="no such file"):
         load_prompts(tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match="empty or not strings"):
+    with pytest.raises(ValueError, match="are empty or neither a string"):
         load_prompts(["ok", ""])
 
 
