@@ -10,10 +10,10 @@ base="$(.venv/bin/python -c 'import sys; print(sys.base_prefix)')/bin/python3"
 "$base" -m venv "$work/venv"
 site="$("$work/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
 .venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$site/deps.pth"
-"$work/venv/bin/python" -m pip install -q "transformers==4.56.2" "peft==0.13.2"
+"$work/venv/bin/python" -m pip install -q "transformers==4.56.2" "peft==0.13.2" "datasets==2.19.2"
 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" "$root"
 "$work/venv/bin/python" -m pip install -q --no-deps --force-reinstall "$work"/dist/textrl_gym-*.whl
-"$work/venv/bin/python" -c "import transformers, peft, textrl; print('floors:', transformers.__version__, peft.__version__, textrl.__file__)"
 cd "$root/tests"  # tests/ only on sys.path: textrl comes from the wheel
+"$work/venv/bin/python" -c "import transformers, peft, textrl; print('floors:', transformers.__version__, peft.__version__, textrl.__file__)"
 HF_HUB_OFFLINE=1 "$work/venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$root" \
   test_generate.py test_rollout.py test_text_env.py test_text_ppo.py test_python_api.py test_trainer_api.py "$@"

@@ -66,6 +66,25 @@ def test_readme_custom_reward_example_learns_from_the_dataset_column_and_saves(t
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "letters-model") is not None
 
 
+def test_readme_sb3_style_example_learns_cartpole(tmp_path, monkeypatch):
+    import gymnasium as gym
+    from helpers import run_readme_snippet
+
+    from textrl.api import PPO
+
+    model = run_readme_snippet("python-sb3", tmp_path, monkeypatch)["model"]
+    loaded = PPO.load(tmp_path / "cartpole-ppo")
+    env, total = gym.make("CartPole-v1"), 0.0
+    obs, _ = env.reset(seed=7)
+    for _ in range(500):  # one greedy episode with the saved, reloaded policy
+        action, _ = loaded.predict(obs, deterministic=True)
+        obs, reward, terminated, truncated, _ = env.step(int(action))
+        total += reward
+        if terminated or truncated:
+            break
+    assert model.num_timesteps >= 30_000 and total >= 300  # a random policy lasts ~20 steps
+
+
 @pytest.mark.parametrize("env", ["CartPole-v1", "textrl/TargetToken-v0"])
 def test_presets_apply_from_python_as_from_the_cli(env):
     from textrl.cli import resolve_train_config
