@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,10 +102,14 @@ def _smollm2_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")  # one per process: several may convert at once
+    with quiet_saving():
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target) if not target.exists() else None
+    try:
+        tmp.rename(target)  # atomic; whoever renames first wins, the others' copies are dropped
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
