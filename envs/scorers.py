@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 __all__ = ["Scorer", "TokenScorer", "HFRewardModelScorer", "WeightedRewards", "call_scorer", "check_scores",
-           "prompt_as_text",
+           "is_model_pair", "prompt_as_text",
            "resolve_scorer"]
 
 
@@ -167,7 +167,7 @@ class WeightedRewards:
             if getattr(f, "token_level", False):
                 raise TypeError(f"reward_funcs: {type(f).__name__} is a token-level scorer (it reads the policy's token "
                                 "ids); use it alone as the env's scorer, not in a list of text rewards")
-            if not (callable(f) or isinstance(f, (str, Path)) or _is_model_pair(f)):
+            if not (callable(f) or isinstance(f, (str, Path)) or is_model_pair(f)):
                 raise TypeError(f"reward_funcs: expected functions, reward model names/paths or (model, tokenizer) "
                                 f"pairs, got {f!r}")
         self.funcs, self.weights = funcs, weights
@@ -178,7 +178,7 @@ class WeightedRewards:
 
     def resolve(self, load: Callable[[Any], Callable]) -> None:
         """Replace every reward model still to load (a name, path or pair) by ``load(item)``, a scorer."""
-        self.funcs = [load(f) if isinstance(f, (str, Path)) or _is_model_pair(f) else f for f in self.funcs]
+        self.funcs = [load(f) if isinstance(f, (str, Path)) or is_model_pair(f) else f for f in self.funcs]
 
     def __call__(self, prompts: list[Any], completions: list[str], **columns: list) -> torch.Tensor:
         total = torch.zeros(len(completions))
@@ -201,14 +201,15 @@ class WeightedRewards:
         return "WeightedRewards(" + ", ".join(f"{w:g}·{n}" for n, w in zip(self.names, self.weights, strict=True)) + ")"
 
 
-def _is_model_pair(f: Any) -> bool:
+def is_model_pair(f: Any) -> bool:
+    """Whether ``f`` is a ``(model, tokenizer)`` pair: a reward model given as objects."""
     return isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], torch.nn.Module)
 
 
 def _name(f: Any) -> str:
     if isinstance(f, (str, Path)):
         return Path(str(f)).name or str(f)
-    if _is_model_pair(f):
+    if is_model_pair(f):
         return type(f[0]).__name__
     return getattr(f, "__name__", type(f).__name__)
 

@@ -62,10 +62,10 @@ def reward_scorer(reward_funcs: Any, weights: Sequence[float] | None = None) -> 
     ``(completions, **kwargs)`` form too), a reward model (a Hugging Face sequence classifier's name or path, a
     ``textrl train-rm`` directory, or a ``(model, tokenizer)`` pair — loaded by the run, on its device), or a
     list of these summed with ``weights`` (:class:`~textrl.envs.scorers.WeightedRewards`)."""
-    from textrl.envs.scorers import WeightedRewards
+    from textrl.envs.scorers import WeightedRewards, is_model_pair
 
-    pair = isinstance(reward_funcs, tuple) and len(reward_funcs) == 2 and isinstance(reward_funcs[0], torch.nn.Module)
-    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) and not pair else [reward_funcs]
+    single = not isinstance(reward_funcs, (list, tuple)) or is_model_pair(reward_funcs)
+    funcs = [reward_funcs] if single else list(reward_funcs)
     if weights is not None and len(weights) != len(funcs):
         raise ValueError(f"reward_weights: {len(weights)} weights for {len(funcs)} reward functions; give one per "
                          "function (or none: all 1)")
