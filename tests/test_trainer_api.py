@@ -150,6 +150,27 @@ def test_resume_drops_metrics_written_after_the_checkpoint_and_keeps_n_checkpoin
     assert state["update"] == 3
 
 
+def test_resume_after_a_crash_drops_the_lost_updates_from_tensorboard(tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from textrl.train import train
+
+    train(_toy(tmp_path, total_steps=384, checkpoint_every=2, keep_checkpoints=2), quiet=True)
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoint")  # as if killed after update 3 was logged, before its checkpoint was written
+    (run / "checkpoint-2").rename(run / "checkpoint")
+    train(_toy(tmp_path, total_steps=512, checkpoint_every=2, keep_checkpoints=2), resume=True, quiet=True)
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("losses/policy")}
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["global_step"] for x in lines] == [128, 256, 384, 512]
+    assert sorted(logged) == [128, 256, 384, 512] and len(events.Scalars("losses/policy")) == 4
+    assert logged[384] == pytest.approx(lines[2]["losses/policy"], rel=1e-6)  # the resumed session's update 3
+
+
 def test_bare_bool_flags_and_help_shows_what_a_bare_train_runs(capsys):
     from textrl.cli import main, resolve_train_config
 

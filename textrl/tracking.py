@@ -132,7 +132,8 @@ class Tracker:
             return
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.dir / "tb"))
+        # resumed: TensorBoard drops the events a crashed session logged after the checkpoint's step (>= its + 1)
+        self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=initial + 1 if initial > 0 else None)
         table = hparams_table(config)
         self.writer.add_text("hyperparameters", table, global_step=0)
         self._write_hparams(config)
