@@ -107,7 +107,7 @@ def hf_reward_model(name_or_path: str, device: torch.device | str) -> HFRewardMo
     pads with its EOS (the classifier reads the last real token, found from the attention mask)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from textrl.lm.models import disable_dropout, resolve_model_path
+    from textrl.lm.models import resolve_model_path
 
     path = resolve_model_path(name_or_path)
     try:
@@ -116,6 +116,12 @@ def hf_reward_model(name_or_path: str, device: torch.device | str) -> HFRewardMo
     except (OSError, ValueError) as err:
         raise ValueError(f"reward_model: {name_or_path!r} is neither a `textrl train-rm` directory nor a Hugging "
                          f"Face sequence-classification model ({err})") from None
+    return classifier_scorer(model, tokenizer, device)
+
+
+def classifier_scorer(model: torch.nn.Module, tokenizer: Any, device: torch.device | str) -> HFRewardModelScorer:
+    """A loaded sequence classifier and its tokenizer as a scorer on ``device``: dropout off, and a tokenizer
+    without a PAD token pads with its EOS (the classifier reads the last real token from the attention mask)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
@@ -127,10 +133,7 @@ def reward_model_scorer(item: Any, device: torch.device | str) -> Any:
     """A reward model given by name or path (see :func:`load_reward_model`) or as a ``(model, tokenizer)``
     pair, as a scorer on ``device``."""
     if isinstance(item, tuple):
-        model, tokenizer = item
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return HFRewardModelScorer(model.to(device), tokenizer)
+        return classifier_scorer(*item, device)
     return load_reward_model(str(item), device)
 
 
