@@ -16,7 +16,7 @@ import gymnasium as gym
 import torch
 from textrl.agents.base import Agent, Reduce, UpdateConfig, is_token_env, lm_batch, lm_forward
 
-from textrl.advantages import gae, next_values_from
+from textrl.advantages import gae, next_action_values, next_values_from
 from textrl.losses import explained_variance, policy_loss, value_loss
 from textrl.masking import masked_mean
 from textrl.rollout import Rollout, TokenRollout
@@ -122,7 +122,7 @@ class PPO(Agent):
         old_logprobs, entropy, values, last_values = self.policy.evaluate_batch(
             ro.input_ids, ro.attention_mask, ro.response_start)  # (B, T) ×3: the rollout policy's; (B,) V(s_T)
         rewards = reduce.whiten(ro.rewards, m, shift_mean=False) if cfg.whiten_rewards else ro.rewards
-        advantages, returns = gae(rewards, values, next_values_from(values, last_values), ro.terminated,
+        advantages, returns = gae(rewards, values, next_action_values(values, last_values, m), ro.terminated,
                                   ro.truncated, m, cfg.gamma, cfg.gae_lambda,
                                   bootstrap_truncated=ro.bootstrap_truncated)
         # statistics over the whole (global) batch: the union of the processes' shards

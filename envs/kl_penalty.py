@@ -115,7 +115,10 @@ class KLPenalty(gym.vector.VectorWrapper):
         reward = reward - beta * kl.to(reward.device)
         still_running = valid & ~(terminated | truncated)
         if still_running.any():  # the last step needs no next-token distribution
-            self.ref.extend(tokens.unsqueeze(1), valid.unsqueeze(1))  # ended rows: a masked slot
+            new, mask = tokens.unsqueeze(1), valid.unsqueeze(1)  # ended rows: a masked slot
+            if "appended_ids" in info:  # a multi-turn env's own tokens after the agent's: the reference reads them
+                new, mask = torch.cat([new, info["appended_ids"]], 1), torch.cat([mask, info["appended_mask"]], 1)
+            self.ref.extend(new.to(self.ref.next_logits.device), mask)
         every = torch.ones_like(valid)
         info = {**info, "kl": kl, "_kl": every, "kl_penalty": beta * kl, "_kl_penalty": every,
                 "ref_logprob": torch.where(valid, ref_logprob, 0.0), "_ref_logprob": every,

@@ -99,6 +99,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         num_generations: int = 1,
         shard: Shard | tuple[int, int] | None = None,
         render_mode: str | None = None,
+        stop_token_ids: Any = None,
     ):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
@@ -115,7 +116,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
                               max_prompt_tokens=max_prompt_tokens, context_length=context_length,
                               pad_token_id=pad_token_id, missing_eos_penalty=missing_eos_penalty,
                               score_clip=score_clip, score_scale=score_scale, score_bias=score_bias, device=device,
-                              chat_template=chat_template)
+                              chat_template=chat_template, stop_token_ids=stop_token_ids)
         self.default_model = model
         self.chat_template = chat_template
         # held-out prompts as rows that keep their columns (a verifiable task's answers), see with_prompts
@@ -125,14 +126,16 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self.max_new_tokens = max_new_tokens
         self.missing_eos_penalty = missing_eos_penalty
         self.score_clip, self.score_scale, self.score_bias = score_clip, score_scale, score_bias
-        self.eos_token_id, self.pad_token_id = self._special_ids(tokenizer, pad_token_id)
+        self.stop_token_ids = self._stop_ids(stop_token_ids, tokenizer)
+        self.eos_token_id, self.pad_token_id = self._special_ids(tokenizer, pad_token_id, self.stop_token_ids)
+        self._stop_tensor = torch.tensor(self.stop_token_ids, dtype=torch.long, device=self.device)
         self.vocab_size = len(tokenizer)
         self.prompts, self.columns = load_prompt_records(prompts)
         self.prompt_sampler = PromptSampler(len(self.prompts), num_envs, prompt_order, num_generations, shard)
         self._encode_prompts(max_prompt_tokens, context_length)
         self._make_spaces_and_buffers()
 
-    def _special_ids(self, tokenizer: Any, pad_token_id: int | None) -> tuple[int, int]:
+    def _special_ids(self, tokenizer: Any, pad_token_id: int | None, stops: tuple[int, ...]) -> tuple[int, int]:
         """(EOS, PAD); PAD must differ from EOS, or EOS would be masked as padding. When the tokenizer's PAD is
         missing or equals EOS (SmolLM2, Llama 3) another special token pads — padding is masked by the attention
         mask, never read by id — and ``pad_note`` says which."""
@@ -141,19 +144,35 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
             raise ValueError("tokenizer has no eos_token_id; the env needs EOS to end rows")
         self.pad_note = None
         if pad_token_id is not None:
-            if pad_token_id == eos:
-                raise ValueError(f"pad_token_id={pad_token_id} equals eos_token_id={eos}: EOS would be masked as padding "
-                                 "and the model would never learn to stop; leave pad_token_id unset (the env picks one) "
-                                 "or give another token id")
+            if pad_token_id == eos or pad_token_id in stops:
+                raise ValueError(f"pad_token_id={pad_token_id} equals eos_token_id={eos} or a stop token "
+                                 f"({list(stops)}): it would be masked as padding and the model would never learn to "
+                                 "stop; leave pad_token_id unset (the env picks one) or give another token id")
             return eos, pad_token_id
         pad = tokenizer.pad_token_id
-        if pad is None or pad == eos:
+        if pad is None or pad == eos or pad in stops:
             specials = [tokenizer.unk_token_id, tokenizer.bos_token_id, *getattr(tokenizer, "all_special_ids", [])]
-            pad = next((i for i in specials if i is not None and i != eos), 0 if eos != 0 else 1)
-            self.pad_note = (f"the tokenizer's PAD is {'missing' if tokenizer.pad_token_id is None else 'EOS'}: padding "
+            pad = next((i for i in specials if i is not None and i != eos and i not in stops),
+                       next(i for i in range(len(stops) + 2) if i != eos and i not in stops))
+            what = 'missing' if tokenizer.pad_token_id is None else 'EOS' if tokenizer.pad_token_id == eos else 'a stop token'
+            self.pad_note = (f"the tokenizer's PAD is {what}: padding "
                              f"with token {pad} ({tokenizer.convert_ids_to_tokens(pad)!r}) instead (masked, never "
                              "read); set pad_token_id to choose another")
         return eos, pad
+
+    @staticmethod
+    def _stop_ids(stop_token_ids: Any, tokenizer: Any) -> tuple[int, ...]:
+        """The ids that end a row (default: EOS alone), checked."""
+        if stop_token_ids is None:
+            return (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+        ids = tuple(dict.fromkeys(int(i) for i in ([stop_token_ids] if isinstance(stop_token_ids, int)
+                                                    else stop_token_ids)))
+        if not ids:
+            raise ValueError("stop_token_ids is empty; give at least one id that ends a row (e.g. EOS, "
+                             f"{tokenizer.eos_token_id}), or None for EOS alone")
+        if any(not 0 <= i < len(tokenizer) for i in ids):
+            raise ValueError(f"stop_token_ids={list(ids)} must be token ids in [0, {len(tokenizer)})")
+        return ids
 
     def _encode_prompts(self, max_prompt_tokens: int | None, context_length: int | None) -> None:
         """Encode every prompt once, left-padded to P: ``[N_prompts, P]``. A conversation (list of messages)
@@ -230,20 +249,19 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self.attention_mask[rows, :P] = self._prompt_mask[picks]
         self.num_generated[rows] = 0
         self.done[rows] = False
+        self._on_reset(rows)
         every = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         start = torch.full((self.num_envs,), P, dtype=torch.long, device=self.device)
         return self._obs(), {"prompt_index": self.prompt_index.clone(), "_prompt_index": every,
                              "response_start": start, "_response_start": every}
 
+    def _on_reset(self, rows: torch.Tensor) -> None:
+        """Subclasses reset their own per-row state of ``rows`` here."""
+
     def step(self, actions):
         tokens = self._tokens_of(actions)
-        valid = ~self.done  # (B,) rows whose token is real this step
-        # where each row writes; a finished row "writes" column 0's own value back (no host sync on a GPU)
-        col = torch.where(valid, self.max_prompt_tokens + self.num_generated, 0)[:, None]
-        self.input_ids.scatter_(1, col, torch.where(valid[:, None], tokens[:, None], self.input_ids.gather(1, col)))
-        self.attention_mask.scatter_(1, col, torch.where(valid[:, None], 1, self.attention_mask.gather(1, col)))
-        self.num_generated += valid.long()
-        terminated = valid & (tokens == self.eos_token_id)
+        valid, column = self._write(tokens)
+        terminated = valid & torch.isin(tokens, self._stop_tensor)
         truncated = valid & ~terminated & (self.num_generated >= self.max_new_tokens)
         ended = terminated | truncated
         self.done |= ended
@@ -257,8 +275,21 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
                 s = s - self.missing_eos_penalty * truncated[idx].float()
             scores[idx] = s
             rewards[idx] = s
-        info = {"valid": valid, "_valid": torch.ones_like(valid), "score": scores, "_score": ended}
+        info = {"valid": valid, "_valid": torch.ones_like(valid), "column": column, "_column": valid,
+                "score": scores, "_score": ended}
         return self._obs(), rewards, terminated, truncated, info
+
+    def _write(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write each live row's token at its next response column. Returns ``valid`` ``[B]`` (the row was
+        live: its token is real) and the response column each token went to ``[B]`` (0 where not valid)."""
+        valid = ~self.done  # (B,) rows whose token is real this step
+        # where each row writes; a finished row "writes" column 0's own value back (no host sync on a GPU)
+        col = torch.where(valid, self.max_prompt_tokens + self.num_generated, 0)[:, None]
+        self.input_ids.scatter_(1, col, torch.where(valid[:, None], tokens[:, None], self.input_ids.gather(1, col)))
+        self.attention_mask.scatter_(1, col, torch.where(valid[:, None], 1, self.attention_mask.gather(1, col)))
+        column = torch.where(valid, self.num_generated, 0)
+        self.num_generated += valid.long()
+        return valid, column
 
     # --- helpers ------------------------------------------------------------------------------
     def _tokens_of(self, actions) -> torch.Tensor:

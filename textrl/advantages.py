@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gae", "next_values_from", "leave_one_out", "group_normalise", "check_groups"]
+__all__ = ["gae", "next_values_from", "next_action_values", "leave_one_out", "group_normalise", "check_groups"]
 
 
 def next_values_from(values: torch.Tensor, last_values: torch.Tensor) -> torch.Tensor:
@@ -24,6 +24,20 @@ def next_values_from(values: torch.Tensor, last_values: torch.Tensor) -> torch.T
     the caller with the value of their true final observation.
     """
     return torch.cat([values[:, 1:], last_values.unsqueeze(1)], dim=1)  # (B, T)
+
+
+def next_action_values(values: torch.Tensor, last_values: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """V of the state in which each column's *next action* is chosen, ``[B, T]``: the value at the row's next
+    action column after t (``last_values`` ``[B]`` when none follows). A multi-turn text episode's env tokens
+    are context, not time steps: the step after a turn's last token is the first token of the agent's next
+    turn, whose state includes the env's reply. Equals :func:`next_values_from` at every action column
+    followed by another (single-turn rows, whose actions are contiguous)."""
+    B, T = action_mask.shape
+    cols = torch.arange(T, device=action_mask.device).expand(B, T)
+    at = torch.where(action_mask, cols, T)  # (B, T) an action's own column, T elsewhere
+    after = torch.cat([at[:, 1:], torch.full_like(at[:, :1], T)], 1)  # the column after t, if an action
+    following = after.flip(1).cummin(1).values.flip(1)  # (B, T) the first action column > t, or T
+    return torch.cat([values, last_values.unsqueeze(1)], 1).gather(1, following)
 
 
 def gae(

@@ -59,8 +59,9 @@ class TokenRollout:
     ``response_start`` = P, then the response. Per-token tensors are ``[B, T]``, T = L − P, column t of them
     being sequence column P + t. ``action_mask`` marks the agent's tokens (the actions: losses, advantages,
     the KL and every logged token average count them only); ``attention_mask`` marks every real token the
-    model reads, so a response column may hold context that is not an action (tokens an env appends between
-    turns; today's single-turn collection writes agent tokens only).
+    model reads, so a response column may hold context that is not an action: the tokens a multi-turn env
+    (:mod:`textrl.envs.turns`) appends between the agent's turns. Rewards sit at action columns (a turn's
+    reward at its last token); ``terminated``/``truncated`` at the episode's last agent token.
     """
 
     input_ids: torch.Tensor  # (B, L) token ids, PAD where attention_mask is 0
@@ -75,6 +76,8 @@ class TokenRollout:
     terminated: torch.Tensor  # (B, T) bool, True at a stop token
     truncated: torch.Tensor  # (B, T) bool, True at the length limit without a stop token
     prompt_index: torch.Tensor  # (B,) which prompt each row answered
+    #: per-episode counts an env reports at each row's end (a multi-turn env's ``turns``, ``tool_calls``), [B] each
+    episode_stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
     #: a text episode's score is paid at its last token whether a stop token or the length limit ended it, so
     #: a truncated episode has nothing left to bootstrap: V(s_T) would add a guess of a score already paid

@@ -8,7 +8,10 @@ over the finished sequences in one parallel pass (the KL wrapper's reference pas
 What collection reads from the env: ``reset`` → observation ``{"input_ids", "attention_mask"}`` ``[B, L]``
 and info ``prompt_index`` ``[B]``, ``response_start`` ``[B]`` (the first response column, equal for every
 row); ``step`` → reward, terminated, truncated ``[B]`` and info ``valid`` ``[B]`` (this step's token is
-real), ``score`` with its ``_score`` mask, and ``ref_logprob``/``kl`` where a per-token KL wrapper adds them.
+real), ``column`` (the response column it went to), ``score`` with its ``_score`` mask, ``appended_ids``/
+``appended_mask`` ``[B, n]`` when the env wrote tokens of its own after the agent's (a multi-turn env), the
+per-episode counts named by the env's ``episode_stat_names`` (with masks), and ``ref_logprob``/``kl`` where a
+per-token KL wrapper adds them.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ def collect_tokens(envs: gym.vector.VectorEnv, generator: Generator, seed: int |
 
     ``seed`` reseeds the env's prompt draws (None continues its stream); the generator brings its own random
     stream. A data-parallel process's generator keeps its stream in step with the other processes' at
-    ``finish`` (rows of one process may end before another's)."""
+    ``finish`` (rows of one process may end before another's). Each step's token goes to the response column
+    the env reports (``info["column"]``; rows of a multi-turn env are at different columns), and tokens the env
+    appends after it (``info["appended_ids"]``/``["appended_mask"]``) extend the generator's KV cache in the same
+    forward: nothing is re-encoded."""
     obs, info = envs.reset(seed=seed)
     B, L = obs["input_ids"].shape
     P, prompt_index = int(info["response_start"][0]), info["prompt_index"].clone()
@@ -38,24 +44,35 @@ def collect_tokens(envs: gym.vector.VectorEnv, generator: Generator, seed: int |
     out = {k: torch.zeros(B, T, **f32) for k in ("logprobs", "ref_logprobs", "rewards", "kl")}
     flags = {k: torch.zeros(B, T, dtype=torch.bool, device=dev) for k in ("action_mask", "terminated", "truncated")}
     scores, done = torch.zeros(B, **f32), torch.zeros(B, dtype=torch.bool, device=dev)
-    for t in range(T):  # single-turn: step t writes response column t
+    stat_names = tuple(getattr(envs.unwrapped, "episode_stat_names", ()))
+    stats = {k: torch.zeros(B, **f32) for k in stat_names}
+    for t in range(T):  # every step fills at least one response column of each live row
         tokens, logprob = generator.sample()  # (B,), (B,)
         obs, reward, term, trunc, info = envs.step({"token": tokens, "logprob": logprob})
         valid = info["valid"]
-        out["logprobs"][:, t] = torch.where(valid, logprob, 0.0)
-        out["rewards"][:, t] = reward
+        col = (info["column"] if "column" in info else torch.full_like(tokens, t)).unsqueeze(1)  # (B, 1)
+        values = {"logprobs": logprob, "rewards": reward.float(), "action_mask": valid, "terminated": term,
+                  "truncated": trunc}
         if "ref_logprob" in info:
-            out["ref_logprobs"][:, t], out["kl"][:, t] = info["ref_logprob"], info["kl"]
-        flags["action_mask"][:, t], flags["terminated"][:, t], flags["truncated"][:, t] = valid, term, trunc
+            values.update(ref_logprobs=info["ref_logprob"], kl=info["kl"])
+        for k, v in values.items():  # column col of each live row (ended rows write their own value back)
+            buf = out.get(k, flags.get(k))
+            buf.scatter_(1, col, torch.where(valid, v.to(buf.dtype), buf.gather(1, col).squeeze(1)).unsqueeze(1))
         scores += torch.where(info["_score"], info["score"], 0.0)
+        for k in stat_names:
+            stats[k] += torch.where(info["_" + k], info[k], 0).float()
         done |= term | trunc
         if done.all():
             break
-        generator.extend(tokens.unsqueeze(1), valid.unsqueeze(1))  # ended rows get a masked slot
+        new, new_mask = tokens.unsqueeze(1), valid.unsqueeze(1)  # ended rows get a masked slot
+        if "appended_ids" in info:  # the env's tokens after this one, ragged
+            new = torch.cat([new, info["appended_ids"]], 1)
+            new_mask = torch.cat([new_mask, info["appended_mask"]], 1)
+        generator.extend(new, new_mask)
     generator.finish()
     ro = TokenRollout(obs["input_ids"], obs["attention_mask"], P, flags["action_mask"], out["logprobs"],
                       out["ref_logprobs"], out["rewards"], scores, out["kl"], flags["terminated"],
-                      flags["truncated"], prompt_index)
+                      flags["truncated"], prompt_index, stats)
     for hook in episode_end_hooks(envs):
         ro = hook(ro)
     return ro
