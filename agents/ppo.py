@@ -16,7 +16,7 @@ import gymnasium as gym
 import torch
 from textrl.agents.base import Agent, Reduce, UpdateConfig, is_token_env, lm_batch, lm_forward
 
-from textrl.advantages import gae, next_action_values, next_values_from
+from textrl.advantages import gae, next_action_values
 from textrl.losses import explained_variance, policy_loss, value_loss
 from textrl.masking import masked_mean
 from textrl.rollout import Rollout, TokenRollout

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-
 from textrl.envs.text_gen import TextGenVectorEnv
 
 __all__ = ["Reply", "MultiTurnEnv", "stop_ids_of", "reply_suffix"]
