@@ -106,7 +106,11 @@ class MultiTurnEnv(TextGenVectorEnv):
 
     #: names of the per-episode counts (from :attr:`Reply.metrics`) reported at each episode's end
     metrics: ClassVar[tuple[str, ...]] = ()
+    #: the default of ``max_turns``
     default_max_turns: ClassVar[int] = 4
+    #: the name in :attr:`metrics` that is 1 for a solved episode and 0 otherwise (a verifiable task's; gives
+    #: accuracy and pass@k in ``textrl eval``), or None
+    success: ClassVar[str | None] = None
 
     def __init__(self, num_envs: int, tokenizer: Any, prompts: Any, scorer: Any = None, *,
                  max_turns: int | None = None, max_turn_tokens: int | None = None,

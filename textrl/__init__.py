@@ -34,6 +34,11 @@ def _register() -> None:
         "textrl/Cheerful-v0": dict(entry_point="textrl.envs.cheerful:CheerfulEnv",
                                    vector_entry_point="textrl.envs.cheerful:cheerful_env",
                                    kwargs={"model": "smollm2-135m-instruct"}),
+        **{f"textrl/{name}-v0": dict(entry_point=f"textrl.envs.tasks.{module}:{name}SingleEnv",
+                                     vector_entry_point=f"textrl.envs.tasks.{module}:{name}Env",
+                                     kwargs={"model": "smollm2-135m-instruct"})
+           for name, module in (("Arithmetic", "arithmetic"), ("Calculator", "calculator"),
+                                ("GuessNumber", "guess_number"))},
     }
     for env_id, spec in envs.items():
         if env_id not in gym.envs.registry:

@@ -237,8 +237,26 @@ def _train_rm(argv: list[str]) -> int:
     return 0
 
 
+def _eval(argv: list[str]) -> int:
+    from textrl.lm.eval_run import EvalConfig, run_eval
+
+    parser = argparse.ArgumentParser(
+        prog="textrl eval", allow_abbrev=False,
+        description="Evaluate a base model (--model, default: the env's) or a trained run (--run RUN_DIR) on a text "
+                    "env's held-out prompts: reward ± SE, accuracy and pass@k (verifiable envs), turns and tool "
+                    "calls (multi-turn envs), KL to the base model. Writes eval.json and samples.md.")
+    parser.add_argument("config", nargs="?", help="YAML file with any of the fields below")
+    _add_fields(parser.add_argument_group("evaluation (EvalConfig)"), EvalConfig)
+    args = parser.parse_args(argv)
+    values = dict(load_yaml(args.config)) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    run_eval(from_dict(EvalConfig, values))
+    return 0
+
+
 COMMANDS = {
     "train": (_train, "train an agent (PPO, RLOO, GRPO …) on a Gymnasium or textrl env"),
+    "eval": (_eval, "evaluate a model or a trained run on a text env's held-out prompts"),
     "train-rm": (_train_rm, "train a reward model from preference pairs (Bradley–Terry)"),
 }
 

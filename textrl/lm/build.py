@@ -16,7 +16,7 @@ from textrl.config import KLConfig, ModelConfig, TrainConfig
 from textrl.envs.kl_penalty import KLPenalty
 from textrl.envs.scorers import HFRewardModelScorer
 from textrl.envs.text_gen import TextGenVectorEnv
-from textrl.imports import env_spec
+from textrl.imports import env_spec, load_attr
 from textrl.kl_control import make_kl_controller
 from textrl.lm.models import disable_dropout, load_causal_lm, load_tokenizer
 from textrl.lm.policy import LMActorCritic, add_lora
@@ -138,12 +138,13 @@ def reward_model_scorer(item: Any, device: torch.device | str) -> Any:
 
 
 def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str, num_envs: int | None = None,
-                   shard: Shard | None = None, num_generations: int | None = None, scorer: Any = None
-                   ) -> gym.vector.VectorEnv:
+                   shard: Shard | None = None, num_generations: int | None = None, scorer: Any = None,
+                   generation_eos_ids: Any = ()) -> gym.vector.VectorEnv:
     """The run's text env: ``cfg.env`` with ``cfg.env_kwargs``, ``num_envs`` rows (default ``cfg.num_envs``),
     the rows ``shard`` of a data-parallel batch, k = ``num_generations`` rows per prompt (None: as
     ``env_kwargs`` says; an agent that needs k sets it), and ``scorer`` (e.g. a loaded reward model)
-    replacing the env's own."""
+    replacing the env's own; ``generation_eos_ids`` (the policy's ``generation_config.eos_token_id``) join a
+    multi-turn env's default stop ids."""
     kwargs = dict(cfg.env_kwargs)
     if num_generations is not None:
         given = kwargs.pop("num_generations", num_generations)
@@ -156,6 +157,8 @@ def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str,
         kwargs["shard"] = shard
     if scorer is not None:
         kwargs["scorer"] = scorer
+    if generation_eos_ids and _is_multi_turn(cfg.env):  # a list of EOS ids in generation_config also ends turns
+        kwargs.setdefault("generation_eos_ids", generation_eos_ids)
     elif hasattr(kwargs.get("scorer"), "resolve"):  # reward models in a list of rewards load here, on the device
         kwargs["scorer"].resolve(lambda item: reward_model_scorer(item, device))
     with unpartitioned_loading():  # scorer models are frozen and whole on every process, even under ZeRO-3
@@ -164,6 +167,18 @@ def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str,
         raise TypeError(f"env: {cfg.env} is not a textrl text env (got {type(envs.unwrapped).__name__}); text runs "
                         "need a TextGenVectorEnv or a subclass of it (see textrl.envs)")
     return envs
+
+
+def _is_multi_turn(env_id: str) -> bool:
+    """Whether the registered ``env_id`` builds a :class:`~textrl.envs.turns.MultiTurnEnv`."""
+    from textrl.envs.turns import MultiTurnEnv
+
+    try:
+        entry = getattr(env_spec(env_id), "vector_entry_point", None)
+        target = load_attr(entry, "env") if isinstance(entry, str) else entry
+    except (ImportError, AttributeError, ValueError, gym.error.Error):
+        return False
+    return isinstance(target, type) and issubclass(target, MultiTurnEnv)
 
 
 def build_kl_env(envs: gym.vector.VectorEnv, reference: Any, kl: KLConfig, temperature: float,

@@ -72,7 +72,8 @@ def rollout_stats(ro: TokenRollout, reduce: Reducer) -> dict[str, float]:
     scores, seq_kl = reduce.gather(ro.scores), reduce.gather(ro.kl.sum(1))  # (B_global,) each
     returns, lengths = reduce.gather(ro.rewards.sum(1)), reduce.gather(ro.action_mask.sum(1).float())
     eos = reduce.gather(ro.terminated.any(1).float())
-    return {
+    counts = {f"env/{k}": float(reduce.gather(v).mean()) for k, v in ro.episode_stats.items()}  # turns, tool calls…
+    return {**counts,
         "reward/score_mean": float(scores.mean()),
         "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0,
         "reward/total_mean": float(returns.mean()),
@@ -142,7 +143,9 @@ class LMRun(Run):
         scorer = load_reward_model(cfg.model.reward_model, self.device) if cfg.model.reward_model else None
         self.shard = process_shard(self.local_envs)
         k = cls.completions_per_prompt(agent_cfg)
-        self.envs = build_text_env(cfg, self.tokenizer, self.device, self.local_envs, self.shard, k, scorer)
+        eos = getattr(getattr(self.policy.lm, "generation_config", None), "eos_token_id", None)
+        self.envs = build_text_env(cfg, self.tokenizer, self.device, self.local_envs, self.shard, k, scorer,
+                                   generation_eos_ids=[eos] if isinstance(eos, int) else list(eos or ()))
         self.base = self.envs.unwrapped
         cls.check_env(self.envs, agent_cfg)
         self.agent = cls(agent_cfg, self.policy, kl_coef=cfg.kl.coef if cls.kl_in == "loss" else 0.0)
@@ -151,7 +154,7 @@ class LMRun(Run):
                                    in_reward=cls.kl_in == "reward")
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)  # the sampling stream
         self.generator = HFGenerator.from_config(self.policy.lm, cfg.sampling, self.rng, self.shard,
-                                                 stop_ids=(self.base.eos_token_id,))
+                                                 stop_ids=self.base.stop_token_ids)
 
     def _resume(self) -> None:
         out = self.output_dir

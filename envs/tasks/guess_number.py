@@ -1,0 +1,53 @@
+"""``textrl/GuessNumber-v0``: a multi-turn game. The env hides a number in 1–10; the agent guesses, the env
+answers "Higher." or "Lower." (as the user), for at most 5 guesses. Reward 1 − 0.2·(guesses − 1) for finding it
+(1 at the first guess, 0.2 at the fifth), 0 otherwise; ``found`` and ``turns`` are reported. A reply without a
+number counts as a guess and is told so."""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any, ClassVar
+
+from textrl.envs.text_gen import TextGenEnv
+from textrl.envs.turns import MultiTurnEnv, Reply
+
+__all__ = ["GuessNumberEnv", "GuessNumberSingleEnv", "guess_number_rows"]
+
+PROMPT = ("Let's play a game. I am thinking of a whole number between 1 and 10. Guess it: reply with one number. "
+          "I will tell you if my number is higher or lower.")
+
+
+def guess_number_rows(split: str = "train", seed: int = 0, n: int | None = None) -> list[dict[str, Any]]:
+    """Rows ``{"prompt", "secret"}``: 200 train games, 50 held-out games (secrets drawn with ``seed``)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    rng = random.Random(f"{seed}-{split}")
+    return [{"prompt": PROMPT, "secret": rng.randint(1, 10)} for _ in range(n or (200 if split == "train" else 50))]
+
+
+class GuessNumberEnv(MultiTurnEnv):
+    metrics: ClassVar[tuple[str, ...]] = ("found",)
+    success: ClassVar[str] = "found"
+    default_max_turns: ClassVar[int] = 5
+
+    def __init__(self, num_envs: int, tokenizer: Any, prompts: Any = None, scorer: Any = None, *,
+                 eval_prompts: Any = None, max_new_tokens: int = 120, max_turn_tokens: int | None = 10,
+                 **kwargs: Any):
+        super().__init__(num_envs, tokenizer, prompts if prompts is not None else guess_number_rows("train"), scorer,
+                         eval_prompts=eval_prompts if eval_prompts is not None else guess_number_rows("eval"),
+                         max_new_tokens=max_new_tokens, max_turn_tokens=max_turn_tokens, **kwargs)
+
+    def respond(self, state: dict[str, Any], reply: str) -> Reply:
+        state["guesses"] = state.get("guesses", 0) + 1
+        numbers = re.findall(r"-?\d+", reply)
+        if not numbers:
+            return Reply("That is not a number. Guess again: reply with one number.")
+        guess, secret = int(numbers[-1]), int(state["secret"])
+        if guess == secret:
+            return Reply(reward=1.0 - 0.2 * (state["guesses"] - 1), done=True, metrics={"found": 1.0})
+        return Reply("Higher." if guess < secret else "Lower.")
+
+
+class GuessNumberSingleEnv(TextGenEnv):
+    vector_env = staticmethod(GuessNumberEnv)
