@@ -1,8 +1,11 @@
 """textrl environments: the token-level text generation env, prompt sampling, the KL-to-reference wrapper,
-reward scorers, and the built-in tasks (``toy``: TargetToken-v0; ``cheerful``: Cheerful-v0).
+reward scorers, multi-turn envs (``turns``), verifiable-reward helpers (``verifiable``), and the built-in tasks
+(``toy``: TargetToken-v0; ``cheerful``: Cheerful-v0; ``tasks``: Arithmetic-v0, Calculator-v0, GuessNumber-v0).
 
 Registered ids (on ``import textrl``): ``textrl/TextGen-v0``, ``textrl/TargetToken-v0``,
-``textrl/Cheerful-v0``. ``gym.make_vec(id, num_envs=B, ...)`` builds the natively batched env (torch tensors
+``textrl/Cheerful-v0``, and the verifiable and multi-turn tasks of :mod:`textrl.envs.tasks`
+(``textrl/Arithmetic-v0``, ``textrl/Calculator-v0``, ``textrl/GuessNumber-v0``). Multi-turn envs are written
+at the level of messages with :class:`MultiTurnEnv` (:mod:`textrl.envs.turns`). ``gym.make_vec(id, num_envs=B, ...)`` builds the natively batched env (torch tensors
 on the model's device, ``autoreset_mode`` DISABLED); ``gym.make(id, ...)`` its single-env form (numpy; passes
 ``check_env``), which ``gym.make_vec(id, num_envs=B, vectorization_mode="sync", ...)`` also uses. TextGen-v0
 needs ``tokenizer=``, ``prompts=``, ``scorer=``; TargetToken-v0 needs nothing; Cheerful-v0 needs ``tokenizer=``
@@ -18,8 +21,9 @@ from textrl.envs.kl_penalty import KLPenalty
 from textrl.envs.prompts import PromptSampler, load_prompt_records, load_prompts
 from textrl.envs.scorers import HFRewardModelScorer, Scorer, TokenScorer, check_scores
 from textrl.envs.text_gen import TextGenEnv, TextGenVectorEnv, TorchToNumpy
+from textrl.envs.turns import MultiTurnEnv, Reply
 
 __all__ = [
     "KLPenalty", "HFRewardModelScorer", "PromptSampler", "Scorer", "TokenScorer", "check_scores", "TextGenEnv",
-    "TextGenVectorEnv", "TorchToNumpy", "load_prompt_records", "load_prompts",
+    "TextGenVectorEnv", "TorchToNumpy", "load_prompt_records", "load_prompts", "MultiTurnEnv", "Reply",
 ]

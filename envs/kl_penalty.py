@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from textrl.kl_control import AdaptiveKLController, FixedKLController
+from textrl.lm.collect import context_column
 from textrl.lm.decoding import CachedForward, sequence_logprobs
 from textrl.losses import KLEstimator, kl_estimate
 from textrl.rollout import TokenRollout
@@ -113,11 +114,8 @@ class KLPenalty(gym.vector.VectorWrapper):
         kl = torch.where(valid, kl, torch.zeros_like(kl))
         beta = self.controller.value
         reward = reward - beta * kl.to(reward.device)
-        still_running = valid & ~(terminated | truncated)
-        if still_running.any():  # the last step needs no next-token distribution
-            new, mask = tokens.unsqueeze(1), valid.unsqueeze(1)  # ended rows: a masked slot
-            if "appended_ids" in info:  # a multi-turn env's own tokens after the agent's: the reference reads them
-                new, mask = torch.cat([new, info["appended_ids"]], 1), torch.cat([mask, info["appended_mask"]], 1)
+        new, mask = context_column(tokens.to(valid.device), info)  # ended rows: a masked slot; env tokens read
+        if (mask.squeeze(1) & ~(terminated | truncated)).any():  # the last step needs no next-token distribution
             self.ref.extend(new.to(self.ref.next_logits.device), mask)
         every = torch.ones_like(valid)
         info = {**info, "kl": kl, "_kl": every, "kl_penalty": beta * kl, "_kl_penalty": every,

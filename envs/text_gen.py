@@ -279,10 +279,11 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
                 "score": scores, "_score": ended}
         return self._obs(), rewards, terminated, truncated, info
 
-    def _write(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write each live row's token at its next response column. Returns ``valid`` ``[B]`` (the row was
-        live: its token is real) and the response column each token went to ``[B]`` (0 where not valid)."""
-        valid = ~self.done  # (B,) rows whose token is real this step
+    def _write(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the token of each ``live`` row (default: every row not done) at its next response column.
+        Returns ``valid`` ``[B]`` (the row was live: its token is real) and the response column each token
+        went to ``[B]`` (0 where not valid)."""
+        valid = ~self.done if live is None else live  # (B,) rows whose token is real this step
         # where each row writes; a finished row "writes" column 0's own value back (no host sync on a GPU)
         col = torch.where(valid, self.max_prompt_tokens + self.num_generated, 0)[:, None]
         self.input_ids.scatter_(1, col, torch.where(valid[:, None], tokens[:, None], self.input_ids.gather(1, col)))

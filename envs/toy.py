@@ -14,13 +14,21 @@ __all__ = ["char_tokenizer", "tiny_gpt2", "tiny_model", "TINY_MODEL", "target_to
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 
 
+#: the char tokenizer's chat template: each message as "<role initial> <content><eos>", then "a " for the assistant
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }} {{ m['content'] }}<eos>{% endfor %}"
+                 "{% if add_generation_prompt %}a {% endif %}")
+
+
 def char_tokenizer(alphabet: str = string.ascii_lowercase + " .,!?") -> PreTrainedTokenizerFast:
-    """A character-level tokenizer built in memory: ids 0-2 are <pad>, <eos>, <unk>, then one id per char."""
+    """A character-level tokenizer built in memory: ids 0-2 are <pad>, <eos>, <unk>, then one id per char; with a
+    tiny chat template (:data:`CHAT_TEMPLATE`), so multi-turn envs run on the tiny model too."""
     vocab = {tok: i for i, tok in enumerate(SPECIALS + list(dict.fromkeys(alphabet)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 32, n_head: int = 2, n_positions: int = 128,

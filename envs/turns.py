@@ -19,19 +19,24 @@ EOS, the chat template's end of turn and ``generation_eos_ids``) or after ``max_
 calls :meth:`MultiTurnEnv.respond` with the turn's text; its :class:`Reply` says the reward of this turn, whether
 the episode is over, and the message (role ``user`` or ``tool``) to append. The appended tokens are rendered with
 the chat template — the end of the agent's turn (unless its stop token already wrote it), the message, the
-assistant header — and written after the agent's tokens; they are context, not actions.
+assistant header — and written after the agent's tokens (see below); they are context, not actions.
 
 **Limits.** ``max_turns`` agent turns and ``max_new_tokens`` response columns (agent and env tokens together) per
 episode. A turn cut by a limit is still answered: :meth:`respond` sees its text and its reward counts. When a
 limit leaves no room for another agent turn (the last turn, no budget left, or a reply too long for what is
 left) the episode ends ``truncated`` with the rewards paid so far; a ``done`` reply ends it ``terminated``.
 
-**What the token-level env reports** (beyond :class:`~textrl.envs.text_gen.TextGenVectorEnv`'s keys): the
-reward of each turn at its last token; ``info["column"]`` (the response column the step's token went to);
-``info["appended_ids"]``/``info["appended_mask"]`` ``[B, n]`` on steps after which the env appended tokens (so a
-generator or reference extends its KV cache with them instead of re-encoding the history); at a row's last
-step ``info["score"]`` (the episode's summed reward), ``info["turns"]`` and every name in :attr:`metrics` (summed
-over the episode's replies). The action mask of the rollout marks agent tokens only.
+**The env's tokens are steps too.** After a reply, the row writes the reply's tokens one per step (the
+env speaking: the row's action is ignored, ``info["valid"]`` is False, ``info["env_token"]`` is the token
+written, marked by ``info["_env_token"]``; :attr:`MultiTurnEnv.replying` says which rows are at it), so a
+generator and a per-token reference extend their KV caches by one column per row every step, whether the
+row's model reads its own token or the env's: rows whose turns end at different steps never widen a
+forward, and nothing is re-encoded. The observation holds everything written so far.
+
+**What else the token-level env reports** (beyond :class:`~textrl.envs.text_gen.TextGenVectorEnv`'s keys): the
+reward of each turn at its last token; ``info["column"]`` (the response column the agent's token went to); at
+a row's last step ``info["score"]`` (the episode's summed reward), ``info["turns"]`` and every name in
+:attr:`metrics` (summed over the episode's replies). The action mask of the rollout marks agent tokens only.
 """
 
 from __future__ import annotations
@@ -135,13 +140,20 @@ class MultiTurnEnv(TextGenVectorEnv):
         self._settings.update(max_turns=max_turns, max_turn_tokens=max_turn_tokens, stop_token_ids=stops)
         self._stop_text = {i: tokenizer.decode([i]) for i in stops}
         self._states = [self.start(self._row(i)) for i in range(len(self.prompts))]
+        bad = next((i for i, st in enumerate(self._states) if not isinstance(st, dict)), None)
+        if bad is not None:
+            raise TypeError(f"env {name}: start() for prompt row {bad} returned {type(self._states[bad]).__name__}; "
+                            "return a dict (the episode's state, e.g. dict(row, secret=7))")
         B = num_envs
         self.turns = torch.zeros(B, dtype=torch.long, device=self.device)
         self.turn_start = torch.zeros(B, dtype=torch.long, device=self.device)  # response column of the turn's 1st token
         self.returns = torch.zeros(B, dtype=torch.float32, device=self.device)  # rewards paid so far this episode
         self.totals = {k: torch.zeros(B, dtype=torch.float32, device=self.device) for k in self.metrics}
         self.state: list[dict] = [{} for _ in range(B)]
-        self.agent_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=self.device)  # response columns
+        # the env's reply being written, one token per step: ids, length, tokens written so far
+        self.reply_ids = torch.zeros(B, max_new_tokens, dtype=torch.long, device=self.device)
+        self.reply_len = torch.zeros(B, dtype=torch.long, device=self.device)
+        self.reply_pos = torch.zeros(B, dtype=torch.long, device=self.device)
 
     @property
     def episode_stat_names(self) -> tuple[str, ...]:
@@ -166,23 +178,31 @@ class MultiTurnEnv(TextGenVectorEnv):
     def _on_reset(self, rows: torch.Tensor) -> None:
         for b, p in zip(rows.tolist(), self.prompt_index[rows].tolist(), strict=True):
             self.state[b] = copy.deepcopy(self._states[p])
-        for t in (self.turns, self.turn_start, self.returns, *self.totals.values()):
+        for t in (self.turns, self.turn_start, self.returns, self.reply_len, self.reply_pos, *self.totals.values()):
             t[rows] = 0
-        self.agent_mask[rows] = False
+
+    @property
+    def replying(self) -> torch.Tensor:
+        """``[B]`` rows whose next step writes a token of the env's reply (their action is ignored)."""
+        return ~self.done & (self.reply_pos < self.reply_len)
 
     def step(self, actions):
         tokens = self._tokens_of(actions)
-        valid, col = self._write(tokens)  # the agent's token at each live row's next column
-        self.agent_mask[self._rows[valid], col[valid]] = True
+        live, replying = ~self.done, self.replying
+        env_token = self.reply_ids.gather(1, self.reply_pos.clamp(max=self.max_new_tokens - 1)[:, None]).squeeze(1)
+        _, col = self._write(torch.where(replying, env_token, tokens), live)  # the agent's token, or the env's
+        self.reply_pos += replying.long()
+        valid = live & ~replying  # the agent acted: its token is an action
         turn_end = valid & (torch.isin(tokens, self._stop_tensor) | (self.num_generated - self.turn_start
                                                                      >= self.max_turn_tokens)
                             | (self.num_generated >= self.max_new_tokens))
         B, dev = self.num_envs, self.device
         rewards = torch.zeros(B, dtype=torch.float32, device=dev)
         terminated, truncated = torch.zeros(B, dtype=torch.bool, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
-        info: dict[str, Any] = {"valid": valid, "_valid": torch.ones_like(valid), "column": col, "_column": valid}
+        info: dict[str, Any] = {"valid": valid, "_valid": torch.ones_like(valid), "column": col, "_column": valid,
+                                "env_token": torch.where(replying, env_token, 0), "_env_token": replying}
         if turn_end.any():  # Python from here: the user's respond is Python (turn ends are rare among steps)
-            self._end_turns(self._rows[turn_end].tolist(), tokens.tolist(), rewards, terminated, truncated, info)
+            self._end_turns(self._rows[turn_end].tolist(), tokens.tolist(), rewards, terminated, truncated)
         ended = terminated | truncated
         self.done |= ended
         info.update({"score": torch.where(ended, self.returns, 0.0), "_score": ended,
@@ -192,13 +212,12 @@ class MultiTurnEnv(TextGenVectorEnv):
         return self._obs(), rewards, terminated, truncated, info
 
     def _end_turns(self, rows: list[int], tokens: list[int], rewards: torch.Tensor, terminated: torch.Tensor,
-                   truncated: torch.Tensor, info: dict[str, Any]) -> None:
-        """Ask :meth:`respond` about each row's finished turn; pay, end or append."""
+                   truncated: torch.Tensor) -> None:
+        """Ask :meth:`respond` about each row's finished turn; pay, end, or queue the reply's tokens."""
         starts, ends = self.turn_start[rows].tolist(), self.num_generated[rows].tolist()
         P = self.max_prompt_tokens
         texts = self.tokenizer.batch_decode([self.input_ids[b, P + s:P + e].tolist()
                                              for b, s, e in zip(rows, starts, ends, strict=True)], skip_special_tokens=True)
-        appended: dict[int, list[int]] = {}
         for b, text, end in zip(rows, texts, ends, strict=True):
             reply = self._check_reply(self.respond(self.state[b], text), b)
             self.turns[b] += 1
@@ -212,11 +231,10 @@ class MultiTurnEnv(TextGenVectorEnv):
             ids = self._reply_ids(reply, tokens[b]) if reply.message is not None else []
             if int(self.turns[b]) >= self.max_turns or end + len(ids) >= self.max_new_tokens:
                 truncated[b] = True  # no room for another agent turn
-            elif ids:
-                appended[b] = ids
-        if appended:
-            self._append(appended, info)
-        self.turn_start[rows] = self.num_generated[rows]
+                continue
+            self.reply_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            self.reply_len[b], self.reply_pos[b] = len(ids), 0
+            self.turn_start[b] = end + len(ids)  # the agent's next turn starts after the reply
 
     def _check_reply(self, reply: Any, row: int) -> Reply:
         where = f"env {type(self).__name__}: respond() for row {row}"
@@ -249,22 +267,6 @@ class MultiTurnEnv(TextGenVectorEnv):
                              f"episode of max_new_tokens={self.max_new_tokens}; raise max_new_tokens or shorten the "
                              f"env's replies (message starts {reply.message[:60]!r})")
         return ids
-
-    def _append(self, appended: dict[int, list[int]], info: dict[str, Any]) -> None:
-        """Write each row's appended tokens after its last one (context: attention on, action mask off)."""
-        n = max(len(v) for v in appended.values())
-        ids = torch.full((self.num_envs, n), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((self.num_envs, n), dtype=torch.bool)
-        for b, v in appended.items():
-            ids[b, :len(v)], mask[b, :len(v)] = torch.tensor(v), True
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        rows, j = mask.nonzero(as_tuple=True)
-        cols = self.max_prompt_tokens + self.num_generated[rows] + j
-        self.input_ids[rows, cols] = ids[rows, j]
-        self.attention_mask[rows, cols] = 1
-        self.num_generated += mask.sum(1)
-        info.update({"appended_ids": ids, "_appended_ids": mask.any(1), "appended_mask": mask,
-                     "_appended_mask": mask.any(1)})
 
 
 def _no_scorer(prompts, completions):

@@ -1,10 +1,10 @@
 """PPO vs RLOO vs GRPO vs REINFORCE++ on the same env and the same budget of generated tokens.
 
-    python -m textrl.experiments.compare_agents [--tasks toy default] [--seeds 1 2 3] [--out DIR]
+    python -m textrl.experiments.compare_agents [--tasks toy default arithmetic] [--seeds 1 2 3] [--out DIR]
 
 Every (task, agent, seed) run is a plain ``textrl train`` in its own subprocess (so its peak memory is its
-own), with only ``--agent`` changed; the agents' settings come from the task's config (the toy preset, or
-``experiments/default.yaml``), so all three see the same env, model, rows per batch, tokens per completion
+own), with only ``--agent`` changed; the agents' settings come from the task's config (the toy and
+Arithmetic-v0 presets, or ``experiments/default.yaml``), so all three see the same env, model, rows per batch, tokens per completion
 and total generated tokens. Writes ``DIR/compare_agents.md`` (final held-out reward ± SE, KL to the
 reference per completion, wall time, peak RSS; mean over seeds) and ``DIR/compare_agents.png`` (training
 reward vs generated tokens).
@@ -25,6 +25,7 @@ AGENTS = ("ppo", "rloo", "grpo", "reinforce++")
 TASKS = {
     "toy": ["--env", "textrl/TargetToken-v0"],  # its preset holds the ppo/rloo/grpo sections
     "default": [],  # experiments/default.yaml: SmolLM2-135M + LoRA, MiniLM cheerfulness
+    "arithmetic": ["--env", "textrl/Arithmetic-v0"],  # verifiable sums; its preset holds every agent's section
 }
 
 
@@ -33,6 +34,7 @@ def _child(task: str, agent: str, seed: int, out: Path) -> None:
     import resource
 
     from textrl.cli import resolve_train_config
+    from textrl.lm.evaluate import paired_gain
     from textrl.train import train
 
     cfg, _ = resolve_train_config([*TASKS[task], "--agent", agent, "--seed", str(seed), "--output-dir", str(out)])
@@ -40,9 +42,10 @@ def _child(task: str, agent: str, seed: int, out: Path) -> None:
     result = train(cfg, quiet=True)
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gain, gain_se = paired_gain(result.before, result.after)
     print(json.dumps({"task": task, "agent": agent, "seed": seed, "before": result.before.mean,
                       "before_se": result.before.se, "after": result.after.mean, "after_se": result.after.se,
-                      "kl": result.after.kl, "wall_s": wall, "peak_mb": peak_mb,
+                      "gain": gain, "gain_se": gain_se, "kl": result.after.kl, "wall_s": wall, "peak_mb": peak_mb,
                       "curve": [(h["global_step"], h["reward/score_mean"]) for h in result.history]}))
 
 
@@ -55,8 +58,8 @@ def run_one(task: str, agent: str, seed: int, out: Path) -> dict:
 
 
 def summarise(rows: list[dict]) -> str:
-    lines = ["| task | agent | seeds | held-out reward before | held-out reward after ± SE | KL (nats/completion) "
-             "| wall time (s) | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | agent | seeds | held-out reward before | held-out reward after ± SE | paired gain (z) "
+             "| KL (nats/completion) | wall time (s) | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|"]
     for task in TASKS:
         for agent in AGENTS:
             runs = [r for r in rows if r["task"] == task and r["agent"] == agent]
@@ -69,7 +72,9 @@ def summarise(rows: list[dict]) -> str:
                 after = f"{mean('after'):.3f} ± {se:.3f} (over seeds)"
             else:
                 after = f"{runs[0]['after']:.3f} ± {runs[0]['after_se']:.3f}"
-            lines.append(f"| {task} | {agent} | {len(runs)} | {mean('before'):.3f} | {after} | {mean('kl'):.2f} "
+            gains = [r for r in runs if r.get("gain_se")]
+            z = "; ".join(f"{r['gain']:+.3f} ({r['gain'] / r['gain_se']:.1f})" for r in gains) or "–"
+            lines.append(f"| {task} | {agent} | {len(runs)} | {mean('before'):.3f} | {after} | {z} | {mean('kl'):.2f} "
                          f"| {mean('wall_s'):.0f} | {mean('peak_mb'):.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds of the toy task")
-    ap.add_argument("--default-seeds", nargs="+", type=int, default=[1], help="seeds of the default task")
+    ap.add_argument("--default-seeds", nargs="+", type=int, default=[1],
+                    help="seeds of the SmolLM2 tasks (default, arithmetic)")
     ap.add_argument("--agents", nargs="+", default=list(AGENTS), choices=list(AGENTS))
     ap.add_argument("--out", type=Path, default=Path("runs/compare_agents"))
     args = ap.parse_args(argv)

@@ -3,6 +3,7 @@ forward), only agent tokens are actions (zero gradient at env tokens, no effect 
 rewards and GAE through env tokens, every agent trains on them, and bad input fails clearly."""
 
 import math
+import string
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from textrl.agents.ppo import PPO, PPOConfig
 from textrl.agents.reinforce_pp import ReinforcePP, ReinforcePPConfig
 from textrl.agents.rloo import RLOO, RLOOConfig
 from textrl.envs import KLPenalty
-from textrl.envs.toy import char_tokenizer, tiny_gpt2
+from textrl.envs.toy import CHAT_TEMPLATE, char_tokenizer, tiny_gpt2
 from textrl.envs.turns import MultiTurnEnv, Reply, stop_ids_of
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,13 +23,15 @@ from textrl.lm.generate import HFGenerator
 from textrl.lm.policy import LMActorCritic
 from textrl.parallel import Reducer
 
-TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }} {{ m['content'] }}<eos>{% endfor %}"
-            "{% if add_generation_prompt %}a {% endif %}")
-
-
 def chat_tokenizer():
     tok = char_tokenizer()
-    tok.chat_template = TEMPLATE
+    assert tok.chat_template == CHAT_TEMPLATE  # the toy tokenizer has a chat template
+    return tok
+
+
+def no_template_tokenizer():
+    tok = char_tokenizer()
+    tok.chat_template = None
     return tok
 
 
@@ -239,11 +242,16 @@ def test_bad_replies_fail_at_the_first_turn_end(answer, error, match):
 
 def test_bad_env_settings_fail_at_construction():
     with pytest.raises(ValueError, match="env Bad: the tokenizer has no chat template"):
-        Bad(2, char_tokenizer(), PROMPTS)
+        Bad(2, no_template_tokenizer(), PROMPTS)
     with pytest.raises(ValueError, match="env Bad: stop_token_ids is empty"):
         Bad(2, chat_tokenizer(), PROMPTS, stop_token_ids=[])
     with pytest.raises(ValueError, match="env Bad: max_turns must be a positive integer, got 0"):
         Bad(2, chat_tokenizer(), PROMPTS, max_turns=0)
+    class NoState(Bad):
+        def start(self, row):
+            return row["prompt"]
+    with pytest.raises(TypeError, match=r"env NoState: start\(\) for prompt row 0 returned str; return a dict"):
+        NoState(2, chat_tokenizer(), PROMPTS)
     with pytest.raises(NotImplementedError, match="must define respond"):
         rollout(MultiTurnEnv(2, chat_tokenizer(), PROMPTS, max_turn_tokens=2), tiny_gpt2(34), seed=0)
 
@@ -260,3 +268,66 @@ def test_stop_ids_are_a_set():
     z = tok.convert_tokens_to_ids("z")
     ends = ro.action_mask & ~torch.cat([ro.action_mask[:, 1:], torch.zeros(2, 1, dtype=torch.bool)], 1)
     assert collect is ro and bool(((ro.tokens == z) & ro.action_mask <= ends).all())  # a "z" always ends a turn
+
+
+# --- learning and the README's examples ------------------------------------------------------------
+class ThreeTurnsOfE(MultiTurnEnv):
+    """Three turns of at most 5 tokens with a user message between them; each turn earns a third of its share
+    of "e" (the toy task, spread over turns: the rewards sit at three places in each row)."""
+
+    default_max_turns = 3
+
+    def respond(self, state, reply):
+        state["turn"] = state.get("turn", 0) + 1
+        reward = reply.count("e") / max(len(reply), 1) / 3
+        return Reply("go on", reward=reward) if state["turn"] < 3 else Reply(reward=reward, done=True)
+
+
+@pytest.mark.learning
+def test_ppo_learns_across_turns(tmp_path):
+    import gymnasium as gym
+
+    from textrl.config import TrainConfig
+    from textrl.train import train
+
+    if "test/ThreeTurnsOfE-v0" not in gym.registry:
+        gym.register("test/ThreeTurnsOfE-v0", vector_entry_point=ThreeTurnsOfE,
+                     kwargs={"prompts": PROMPTS, "model": "textrl/tiny-char-gpt2", "max_turn_tokens": 5,
+                             "max_new_tokens": 40})
+    cfg = TrainConfig(env="test/ThreeTurnsOfE-v0", num_envs=16, total_steps=16 * 40 * 16, seed=0,
+                      output_dir=str(tmp_path / "run"), agent_config={"learning_rate": 3e-3, "anneal_lr": False,
+                                                                      "num_minibatches": 2},
+                      kl={"coef": 0.001}, model={"bf16": False})
+    result = train(cfg, quiet=True)
+    scores = [h["reward/score_mean"] for h in result.history]
+    assert result.history[0]["env/turns"] == 3.0
+    assert sum(scores[:2]) / 2 < 0.1 and sum(scores[-3:]) / 3 > 0.3, scores
+
+
+def test_readme_multi_turn_example_trains_and_logs_its_counts(tmp_path, monkeypatch):
+    from helpers import run_readme_snippet
+
+    result = run_readme_snippet("python-multi-turn", tmp_path, monkeypatch)["result"]
+    assert result.updates == 8
+    assert all(0 <= h["env/found"] <= 1 and 1 <= h["env/turns"] for h in result.history)
+    assert any(h["env/turns"] > 1 for h in result.history)  # the env's replies made episodes go on
+
+
+def test_readme_tool_use_example_runs_its_tool(tmp_path, monkeypatch):
+    from helpers import run_readme_snippet
+
+    ns = run_readme_snippet("python-tool-use", tmp_path, monkeypatch)
+    tok = char_tokenizer(string.ascii_lowercase + " .,!?()")
+    env = ns["WeatherDesk"](2, tok, [{"prompt": "is it raining in paris", "answer": "rain"}],
+                            max_new_tokens=60)
+    env.reset(seed=0)
+    turns = [tok("weather(paris)", add_special_tokens=False)["input_ids"] + [1],
+             tok("yes, rain", add_special_tokens=False)["input_ids"] + [1]]
+    script, rewards, info = [t for turn in turns for t in turn], [], {}
+    while script:
+        token = 1 if bool(env.replying[0]) else script.pop(0)  # (the env writes its reply: actions ignored)
+        _, reward, term, _, info = env.step(torch.tensor([token, 1]))
+        rewards.append(float(reward[0]))
+    text = tok.decode(env.input_ids[0][env.attention_mask[0].bool()].tolist())
+    assert "<eos>t rain<eos>a " in text and sum(rewards) == 1.0 and bool(term[0])
+    assert float(info["tool_calls"][0]) == 1

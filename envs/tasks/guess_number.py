@@ -1,7 +1,7 @@
 """``textrl/GuessNumber-v0``: a multi-turn game. The env hides a number in 1–10; the agent guesses, the env
-answers "Higher." or "Lower." (as the user), for at most 5 guesses. Reward 1 − 0.2·(guesses − 1) for finding it
-(1 at the first guess, 0.2 at the fifth), 0 otherwise; ``found`` and ``turns`` are reported. A reply without a
-number counts as a guess and is told so."""
+answers "Higher." or "Lower." (as the user), for at most 4 guesses of at most 6 tokens. Reward
+1 − 0.25·(guesses − 1) for finding it (1 at the first guess, 0.25 at the fourth), 0 otherwise; ``found`` and
+``turns`` are reported. A reply without a number counts as a guess and is told so."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from textrl.envs.turns import MultiTurnEnv, Reply
 
 __all__ = ["GuessNumberEnv", "GuessNumberSingleEnv", "guess_number_rows"]
 
-PROMPT = ("Let's play a game. I am thinking of a whole number between 1 and 10. Guess it: reply with one number. "
-          "I will tell you if my number is higher or lower.")
+PROMPT = ("Let's play a game. I am thinking of a whole number from 1 to 10, and you guess it. After each guess I "
+          "say if my number is higher or lower. Reply with the number only, for example: 5")
 
 
 def guess_number_rows(split: str = "train", seed: int = 0, n: int | None = None) -> list[dict[str, Any]]:
@@ -29,10 +29,10 @@ def guess_number_rows(split: str = "train", seed: int = 0, n: int | None = None)
 class GuessNumberEnv(MultiTurnEnv):
     metrics: ClassVar[tuple[str, ...]] = ("found",)
     success: ClassVar[str] = "found"
-    default_max_turns: ClassVar[int] = 5
+    default_max_turns: ClassVar[int] = 4
 
     def __init__(self, num_envs: int, tokenizer: Any, prompts: Any = None, scorer: Any = None, *,
-                 eval_prompts: Any = None, max_new_tokens: int = 120, max_turn_tokens: int | None = 10,
+                 eval_prompts: Any = None, max_new_tokens: int = 80, max_turn_tokens: int | None = 6,
                  **kwargs: Any):
         super().__init__(num_envs, tokenizer, prompts if prompts is not None else guess_number_rows("train"), scorer,
                          eval_prompts=eval_prompts if eval_prompts is not None else guess_number_rows("eval"),
@@ -45,7 +45,7 @@ class GuessNumberEnv(MultiTurnEnv):
             return Reply("That is not a number. Guess again: reply with one number.")
         guess, secret = int(numbers[-1]), int(state["secret"])
         if guess == secret:
-            return Reply(reward=1.0 - 0.2 * (state["guesses"] - 1), done=True, metrics={"found": 1.0})
+            return Reply(reward=1.0 - 0.25 * (state["guesses"] - 1), done=True, metrics={"found": 1.0})
         return Reply("Higher." if guess < secret else "Lower.")
 
 

@@ -8,10 +8,10 @@ over the finished sequences in one parallel pass (the KL wrapper's reference pas
 What collection reads from the env: ``reset`` → observation ``{"input_ids", "attention_mask"}`` ``[B, L]``
 and info ``prompt_index`` ``[B]``, ``response_start`` ``[B]`` (the first response column, equal for every
 row); ``step`` → reward, terminated, truncated ``[B]`` and info ``valid`` ``[B]`` (this step's token is
-real), ``column`` (the response column it went to), ``score`` with its ``_score`` mask, ``appended_ids``/
-``appended_mask`` ``[B, n]`` when the env wrote tokens of its own after the agent's (a multi-turn env), the
-per-episode counts named by the env's ``episode_stat_names`` (with masks), and ``ref_logprob``/``kl`` where a
-per-token KL wrapper adds them.
+real), ``column`` (the response column it went to), ``score`` with its ``_score`` mask, ``env_token`` with its mask
+where the env wrote a token of its own instead of the agent (a multi-turn env's reply, one token per step;
+the row's action was ignored), the per-episode counts named by the env's ``episode_stat_names`` (with
+masks), and ``ref_logprob``/``kl`` where a per-token KL wrapper adds them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from textrl.lm.generate import Generator
 from textrl.rollout import TokenRollout
 
-__all__ = ["collect_tokens", "episode_end_hooks"]
+__all__ = ["collect_tokens", "context_column", "episode_end_hooks"]
 
 
 @torch.no_grad()
@@ -32,9 +32,9 @@ def collect_tokens(envs: gym.vector.VectorEnv, generator: Generator, seed: int |
     ``seed`` reseeds the env's prompt draws (None continues its stream); the generator brings its own random
     stream. A data-parallel process's generator keeps its stream in step with the other processes' at
     ``finish`` (rows of one process may end before another's). Each step's token goes to the response column
-    the env reports (``info["column"]``; rows of a multi-turn env are at different columns), and tokens the env
-    appends after it (``info["appended_ids"]``/``["appended_mask"]``) extend the generator's KV cache in the same
-    forward: nothing is re-encoded."""
+    the env reports (``info["column"]``; rows of a multi-turn env are at different columns); a token the env
+    writes itself (``info["env_token"]``) extends the generator's KV cache in place of the agent's: nothing is
+    re-encoded, and every step is one forward of one column per row."""
     obs, info = envs.reset(seed=seed)
     B, L = obs["input_ids"].shape
     P, prompt_index = int(info["response_start"][0]), info["prompt_index"].clone()
@@ -64,10 +64,7 @@ def collect_tokens(envs: gym.vector.VectorEnv, generator: Generator, seed: int |
         done |= term | trunc
         if done.all():
             break
-        new, new_mask = tokens.unsqueeze(1), valid.unsqueeze(1)  # ended rows get a masked slot
-        if "appended_ids" in info:  # the env's tokens after this one, ragged
-            new = torch.cat([new, info["appended_ids"]], 1)
-            new_mask = torch.cat([new_mask, info["appended_mask"]], 1)
+        new, new_mask = context_column(tokens, info)  # ended rows get a masked slot
         generator.extend(new, new_mask)
     generator.finish()
     ro = TokenRollout(obs["input_ids"], obs["attention_mask"], P, flags["action_mask"], out["logprobs"],
@@ -76,6 +73,17 @@ def collect_tokens(envs: gym.vector.VectorEnv, generator: Generator, seed: int |
     for hook in episode_end_hooks(envs):
         ro = hook(ro)
     return ro
+
+
+def context_column(tokens: torch.Tensor, info: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column a step adds to a model's context, ``[B, 1]`` ids and mask: the agent's token where it acted
+    (``info["valid"]``), the env's token where the env wrote one instead (``info["env_token"]``, a multi-turn
+    env's reply), a masked slot elsewhere (ended rows)."""
+    ids, mask = tokens, info["valid"]
+    if "env_token" in info:
+        ids = torch.where(info["_env_token"], info["env_token"].to(tokens.device), tokens)
+        mask = mask | info["_env_token"]
+    return ids.unsqueeze(1), mask.unsqueeze(1)
 
 
 def episode_end_hooks(envs: gym.vector.VectorEnv) -> list:
