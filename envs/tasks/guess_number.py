@@ -1,7 +1,8 @@
 """``textrl/GuessNumber-v0``: a multi-turn game. The env hides a number in 1–10; the agent guesses, the env
 answers "Higher." or "Lower." (as the user), for at most 4 guesses of at most 6 tokens. Reward
 1 − 0.25·(guesses − 1) for finding it (1 at the first guess, 0.25 at the fourth), 0 otherwise; ``found`` and
-``turns`` are reported. A reply without a number counts as a guess and is told so."""
+``turns`` are reported. A reply without a number counts as a guess, costs 0.1 (a format penalty: without it
+the base model, which mostly answers in words, almost never earns a reward to learn from) and is told so."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class GuessNumberEnv(MultiTurnEnv):
         state["guesses"] = state.get("guesses", 0) + 1
         numbers = re.findall(r"-?\d+", reply)
         if not numbers:
-            return Reply("That is not a number. Guess again: reply with one number.")
+            return Reply("Reply with a number.", reward=-0.1)
         guess, secret = int(numbers[-1]), int(state["secret"])
         if guess == secret:
             return Reply(reward=1.0 - 0.25 * (state["guesses"] - 1), done=True, metrics={"found": 1.0})

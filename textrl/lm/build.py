@@ -24,6 +24,7 @@ from textrl.parallel.deepspeed import unpartitioned_loading, zero3_loading
 from textrl.shard import Shard
 
 __all__ = ["policy_model_name", "build_policy", "build_critic", "build_text_env", "build_kl_env", "load_reward_model",
+           "builds", "context_length_of",
            "reward_model_scorer"]
 
 
@@ -139,12 +140,13 @@ def reward_model_scorer(item: Any, device: torch.device | str) -> Any:
 
 def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str, num_envs: int | None = None,
                    shard: Shard | None = None, num_generations: int | None = None, scorer: Any = None,
-                   generation_eos_ids: Any = ()) -> gym.vector.VectorEnv:
+                   generation_eos_ids: Any = (), context_length: int | None = None) -> gym.vector.VectorEnv:
     """The run's text env: ``cfg.env`` with ``cfg.env_kwargs``, ``num_envs`` rows (default ``cfg.num_envs``),
     the rows ``shard`` of a data-parallel batch, k = ``num_generations`` rows per prompt (None: as
     ``env_kwargs`` says; an agent that needs k sets it), and ``scorer`` (e.g. a loaded reward model)
     replacing the env's own; ``generation_eos_ids`` (the policy's ``generation_config.eos_token_id``) join a
-    multi-turn env's default stop ids."""
+    multi-turn env's default stop ids; ``context_length`` (the policy's) is checked against the env's prompt
+    and response budget when the env is a :class:`~textrl.envs.text_gen.TextGenVectorEnv` class."""
     kwargs = dict(cfg.env_kwargs)
     if num_generations is not None:
         given = kwargs.pop("num_generations", num_generations)
@@ -157,8 +159,12 @@ def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str,
         kwargs["shard"] = shard
     if scorer is not None:
         kwargs["scorer"] = scorer
-    if generation_eos_ids and _is_multi_turn(cfg.env):  # a list of EOS ids in generation_config also ends turns
+    from textrl.envs.turns import MultiTurnEnv
+
+    if generation_eos_ids and builds(cfg.env, MultiTurnEnv):  # a list of EOS ids in generation_config ends turns
         kwargs.setdefault("generation_eos_ids", generation_eos_ids)
+    if context_length and builds(cfg.env, TextGenVectorEnv):  # prompts + response must fit the model
+        kwargs.setdefault("context_length", context_length)
     elif hasattr(kwargs.get("scorer"), "resolve"):  # reward models in a list of rewards load here, on the device
         kwargs["scorer"].resolve(lambda item: reward_model_scorer(item, device))
     with unpartitioned_loading():  # scorer models are frozen and whole on every process, even under ZeRO-3
@@ -169,16 +175,23 @@ def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str,
     return envs
 
 
-def _is_multi_turn(env_id: str) -> bool:
-    """Whether the registered ``env_id`` builds a :class:`~textrl.envs.turns.MultiTurnEnv`."""
-    from textrl.envs.turns import MultiTurnEnv
-
+def builds(env_id: str, cls: type) -> bool:
+    """Whether the registered ``env_id``'s vector entry point is ``cls`` or a subclass (a class, not a function)."""
     try:
         entry = getattr(env_spec(env_id), "vector_entry_point", None)
         target = load_attr(entry, "env") if isinstance(entry, str) else entry
     except (ImportError, AttributeError, ValueError, gym.error.Error):
         return False
-    return isinstance(target, type) and issubclass(target, MultiTurnEnv)
+    return isinstance(target, type) and issubclass(target, cls)
+
+
+def context_length_of(config: Any) -> int | None:
+    """A model config's context length (``max_position_embeddings`` or GPT-2's ``n_positions``), or None."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def build_kl_env(envs: gym.vector.VectorEnv, reference: Any, kl: KLConfig, temperature: float,

@@ -23,6 +23,7 @@ from textrl.envs.prompts import load_prompt_records, prompt_rows
 from textrl.envs.text_gen import TextGenVectorEnv
 from textrl.imports import env_spec
 from textrl.lm.evaluate import EvalResult, evaluate_heldout
+from textrl.lm.build import builds, context_length_of
 from textrl.lm.models import disable_dropout, load_causal_lm, load_tokenizer
 from textrl.lm.policy import AdaptersOff
 
@@ -115,6 +116,9 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> tuple[EvalResult, Path]:
     device = torch.device(torch_device(cfg.device))
     env_kwargs = {**(dict(train.env_kwargs) if train is not None and env_id == train.env else {}), **cfg.env_kwargs}
     tokenizer = load_tokenizer(name)
+    policy, reference = _load_policy(cfg, train, name, device)
+    if builds(env_id, TextGenVectorEnv):  # prompts + response must fit the model's context
+        env_kwargs.setdefault("context_length", context_length_of(getattr(policy, "config", None)))
     env = gym.make_vec(env_id, num_envs=1, tokenizer=tokenizer, device=device, **env_kwargs).unwrapped
     if not isinstance(env, TextGenVectorEnv):
         raise TypeError(f"env: {env_id} is not a textrl text env (got {type(env).__name__})")
@@ -123,7 +127,6 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> tuple[EvalResult, Path]:
         raise ValueError(f"split: env {env_id} has no {cfg.split} prompts; use --split train or give eval_prompts")
     prompts = list(prompts)[:cfg.max_prompts] if cfg.max_prompts else list(prompts)
     load_prompt_records(prompts)  # (a malformed row fails here)
-    policy, reference = _load_policy(cfg, train, name, device)
     temperature = cfg.temperature or (train.sampling.temperature if train is not None else 0.7)
     sampling = SamplingConfig(temperature=temperature)
     kl = KLConfig(reference_pass="sequence")

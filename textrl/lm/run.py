@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from textrl.agents.base import agent_class
 from textrl.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from textrl.config import TrainConfig, from_dict
-from textrl.lm.build import build_kl_env, build_policy, build_text_env, load_reward_model
+from textrl.lm.build import build_kl_env, build_policy, build_text_env, context_length_of, load_reward_model
 from textrl.lm.collect import collect_tokens
 from textrl.lm.evaluate import EvalResult, evaluate_heldout, summary_line
 from textrl.lm.generate import HFGenerator
@@ -145,7 +145,8 @@ class LMRun(Run):
         k = cls.completions_per_prompt(agent_cfg)
         eos = getattr(getattr(self.policy.lm, "generation_config", None), "eos_token_id", None)
         self.envs = build_text_env(cfg, self.tokenizer, self.device, self.local_envs, self.shard, k, scorer,
-                                   generation_eos_ids=[eos] if isinstance(eos, int) else list(eos or ()))
+                                   generation_eos_ids=[eos] if isinstance(eos, int) else list(eos or ()),
+                                   context_length=context_length_of(getattr(self.policy.lm, "config", None)))
         self.base = self.envs.unwrapped
         cls.check_env(self.envs, agent_cfg)
         self.agent = cls(agent_cfg, self.policy, kl_coef=cfg.kl.coef if cls.kl_in == "loss" else 0.0)
