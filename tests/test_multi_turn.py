@@ -23,6 +23,7 @@ from textrl.lm.generate import HFGenerator
 from textrl.lm.policy import LMActorCritic
 from textrl.parallel import Reducer
 
+
 def chat_tokenizer():
     tok = char_tokenizer()
     assert tok.chat_template == CHAT_TEMPLATE  # the toy tokenizer has a chat template

@@ -86,7 +86,7 @@ class Scripted:
         infos = []
         while not env.done.all():
             replying = env.replying.tolist()  # the env is writing its reply there: the action is ignored
-            tokens = torch.tensor([q.pop(0) if q and not r else tok.eos_token_id for q, r in zip(queue, replying)])
+            tokens = torch.tensor([q.pop(0) if q and not r else tok.eos_token_id for q, r in zip(queue, replying, strict=True)])
             obs, reward, term, trunc, info = env.step(tokens)
             infos.append((reward, term, trunc, info))
         return obs, infos

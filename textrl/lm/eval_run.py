@@ -22,8 +22,8 @@ from textrl.config import KLConfig, SamplingConfig, TrainConfig, from_dict
 from textrl.envs.prompts import load_prompt_records, prompt_rows
 from textrl.envs.text_gen import TextGenVectorEnv
 from textrl.imports import env_spec
-from textrl.lm.evaluate import EvalResult, evaluate_heldout
 from textrl.lm.build import builds, context_length_of
+from textrl.lm.evaluate import EvalResult, evaluate_heldout
 from textrl.lm.models import disable_dropout, load_causal_lm, load_tokenizer
 from textrl.lm.policy import AdaptersOff
 
