@@ -117,11 +117,28 @@ class MultiTurnEnv(TextGenVectorEnv):
     #: accuracy and pass@k in ``textrl eval``), or None
     success: ClassVar[str | None] = None
 
-    def __init__(self, num_envs: int, tokenizer: Any, prompts: Any, scorer: Any = None, *,
+    #: the defaults of ``max_new_tokens`` and ``max_turn_tokens`` (None: the episode's budget)
+    default_max_new_tokens: ClassVar[int] = 128
+    default_max_turn_tokens: ClassVar[int | None] = None
+
+    @classmethod
+    def rows(cls, split: str) -> list[dict[str, Any]] | None:
+        """A task's own data: its ``"train"`` and ``"eval"`` rows, used when ``prompts`` / ``eval_prompts``
+        are not given. Default: none (``prompts`` is required)."""
+        return None
+
+    def __init__(self, num_envs: int, tokenizer: Any, prompts: Any = None, scorer: Any = None, *,
                  max_turns: int | None = None, max_turn_tokens: int | None = None,
-                 stop_token_ids: Any = None, generation_eos_ids: Any = (), max_new_tokens: int = 128,
-                 chat_template: bool = True, **kwargs: Any):
+                 stop_token_ids: Any = None, generation_eos_ids: Any = (), max_new_tokens: int | None = None,
+                 chat_template: bool = True, eval_prompts: Any = None, **kwargs: Any):
         name = type(self).__name__
+        prompts = prompts if prompts is not None else self.rows("train")
+        if prompts is None:
+            raise ValueError(f"env {name}: prompts is required (rows with a 'prompt' column and the episode's other "
+                             "columns), or define the classmethod rows(split)")
+        eval_prompts = eval_prompts if eval_prompts is not None else self.rows("eval")
+        max_new_tokens = max_new_tokens if max_new_tokens is not None else self.default_max_new_tokens
+        max_turn_tokens = max_turn_tokens if max_turn_tokens is not None else self.default_max_turn_tokens
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(f"env {name}: the tokenizer has no chat template, which a multi-turn env needs to write "
                              "the turns; use an instruct/chat model's tokenizer or set tokenizer.chat_template")
@@ -136,7 +153,8 @@ class MultiTurnEnv(TextGenVectorEnv):
                              f"{tokenizer.eos_token_id}, or the chat template's end-of-turn token)")
         self.max_turns, self.max_turn_tokens = max_turns, max_turn_tokens or max_new_tokens
         super().__init__(num_envs, tokenizer, prompts, scorer if scorer is not None else _no_scorer,
-                         max_new_tokens=max_new_tokens, chat_template=True, stop_token_ids=stops, **kwargs)
+                         max_new_tokens=max_new_tokens, chat_template=True, stop_token_ids=stops,
+                         eval_prompts=eval_prompts, **kwargs)
         self._settings.update(max_turns=max_turns, max_turn_tokens=max_turn_tokens, stop_token_ids=stops)
         self._stop_text = {i: tokenizer.decode([i]) for i in stops}
         self._states = [self.start(self._row(i)) for i in range(len(self.prompts))]

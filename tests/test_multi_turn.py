@@ -244,6 +244,8 @@ def test_bad_replies_fail_at_the_first_turn_end(answer, error, match):
 def test_bad_env_settings_fail_at_construction():
     with pytest.raises(ValueError, match="env Bad: the tokenizer has no chat template"):
         Bad(2, no_template_tokenizer(), PROMPTS)
+    with pytest.raises(ValueError, match="env Bad: prompts is required"):
+        Bad(2, chat_tokenizer())
     with pytest.raises(ValueError, match="env Bad: stop_token_ids is empty"):
         Bad(2, chat_tokenizer(), PROMPTS, stop_token_ids=[])
     with pytest.raises(ValueError, match="env Bad: max_turns must be a positive integer, got 0"):

@@ -37,12 +37,11 @@ class ArithmeticEnv(MultiTurnEnv):
     metrics: ClassVar[tuple[str, ...]] = ("correct", "strict_correct")
     success: ClassVar[str] = "correct"
     default_max_turns: ClassVar[int] = 1
+    default_max_new_tokens: ClassVar[int] = 32
 
-    def __init__(self, num_envs: int, tokenizer: Any, prompts: Any = None, scorer: Any = None, *,
-                 eval_prompts: Any = None, max_new_tokens: int = 32, **kwargs: Any):
-        super().__init__(num_envs, tokenizer, prompts if prompts is not None else arithmetic_rows("train"), scorer,
-                         eval_prompts=eval_prompts if eval_prompts is not None else arithmetic_rows("eval"),
-                         max_new_tokens=max_new_tokens, **kwargs)
+    @classmethod
+    def rows(cls, split: str) -> list[dict[str, Any]]:
+        return arithmetic_rows(split)
 
     def respond(self, state: dict[str, Any], reply: str) -> Reply:
         lenient = exact_match([reply], [state["answer"]], "lenient")[0]

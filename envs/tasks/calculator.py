@@ -64,13 +64,12 @@ class CalculatorEnv(MultiTurnEnv):
     metrics: ClassVar[tuple[str, ...]] = ("correct", "tool_calls", "tool_errors")
     success: ClassVar[str] = "correct"
     default_max_turns: ClassVar[int] = 3
+    default_max_new_tokens: ClassVar[int] = 160
+    default_max_turn_tokens: ClassVar[int | None] = 48
 
-    def __init__(self, num_envs: int, tokenizer: Any, prompts: Any = None, scorer: Any = None, *,
-                 eval_prompts: Any = None, max_new_tokens: int = 160, max_turn_tokens: int | None = 48,
-                 **kwargs: Any):
-        super().__init__(num_envs, tokenizer, prompts if prompts is not None else calculator_rows("train"), scorer,
-                         eval_prompts=eval_prompts if eval_prompts is not None else calculator_rows("eval"),
-                         max_new_tokens=max_new_tokens, max_turn_tokens=max_turn_tokens, **kwargs)
+    @classmethod
+    def rows(cls, split: str) -> list[dict[str, Any]]:
+        return calculator_rows(split)
 
     def respond(self, state: dict[str, Any], reply: str) -> Reply:
         call = _CALL.search(reply)

@@ -31,13 +31,12 @@ class GuessNumberEnv(MultiTurnEnv):
     metrics: ClassVar[tuple[str, ...]] = ("found",)
     success: ClassVar[str] = "found"
     default_max_turns: ClassVar[int] = 4
+    default_max_new_tokens: ClassVar[int] = 80
+    default_max_turn_tokens: ClassVar[int | None] = 6
 
-    def __init__(self, num_envs: int, tokenizer: Any, prompts: Any = None, scorer: Any = None, *,
-                 eval_prompts: Any = None, max_new_tokens: int = 80, max_turn_tokens: int | None = 6,
-                 **kwargs: Any):
-        super().__init__(num_envs, tokenizer, prompts if prompts is not None else guess_number_rows("train"), scorer,
-                         eval_prompts=eval_prompts if eval_prompts is not None else guess_number_rows("eval"),
-                         max_new_tokens=max_new_tokens, max_turn_tokens=max_turn_tokens, **kwargs)
+    @classmethod
+    def rows(cls, split: str) -> list[dict[str, Any]]:
+        return guess_number_rows(split)
 
     def respond(self, state: dict[str, Any], reply: str) -> Reply:
         state["guesses"] = state.get("guesses", 0) + 1
