@@ -272,7 +272,9 @@ def test_reward_models_read_chat_prompts_as_text():
     config = GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=16, n_head=2, num_labels=1, pad_token_id=tok.pad_token_id)
     scorer = HFRewardModelScorer(GPT2ForSequenceClassification(config), tok)
     chat = [{"role": "user", "content": "ab"}]
-    assert prompt_as_text(chat, tok) == "ab!" and prompt_as_text(chat, char_tokenizer()) == "ab\n"
+    plain = char_tokenizer()
+    plain.chat_template = None  # a tokenizer without a chat template: the messages' contents, one per line
+    assert prompt_as_text(chat, tok) == "ab!" and prompt_as_text(chat, plain) == "ab\n"
     torch.testing.assert_close(scorer([chat], ["cd"]), scorer(["ab!"], ["cd"]))  # the conversation, rendered
 
 
