@@ -13,14 +13,19 @@
 #   2. tests: the test suite on CUDA (`device: auto` picks the GPU), less what cannot run on one GPU
 #      without the offline models or bitsandbytes: tests/test_distributed.py (2-process launches),
 #      tests/test_golden.py (recorded on CPU), the five tests that load SmolLM2/MiniLM weights, and QLoRA;
-#   3. rollout: benchmarks/rollout_vs_generate.py on cuda in bf16 (textrl's env rollout with the sequence
+#   3. multi_turn: benchmarks/multi_turn_rollout.py on cuda (a 4-turn chat rollout vs a single-turn rollout
+#      of as many response columns, random weights of the 135M shape); logged into rollout.log;
+#      rollout: benchmarks/rollout_vs_generate.py on cuda in bf16 (textrl's env rollout with the sequence
 #      reference pass vs `generate` + reference forward, random weights of the 135M and 1.7B shapes);
 #   4. train_lora, train_full: `textrl train` end to end on cuda (random-weight 135M shape, LoRA r16; then
 #      full fine-tuning with bf16 autocast): seconds per update, tokens/s, peak GPU memory (OUT/figures.md);
 #      train_lora_1.7b: LoRA on the 1.7B shape (the four models of RLHF in one copy);
+#      train_multi_turn: `textrl train --env textrl/GuessNumber-v0` (a multi-turn game, its preset) on the
+#      135M shape: 3 updates and the held-out games before and after;
 #   5. ppo_vs_trl: benchmarks/ppo_vs_trl.py on cuda (textrl PPO vs TRL's PPOTrainer, same random weights);
 #   and writes OUT/summary.md (OUT defaults to $OUT, else gpu_check_out/). STEP names pick steps (default:
-#   tests rollout train_lora train_full ppo_vs_trl; train_lora_1.7b runs only when named).
+#   tests multi_turn rollout train_lora, about 9 minutes; train_full, ppo_vs_trl, train_lora_1.7b and
+#   train_multi_turn run only when named: each is 1-2 minutes more). The tests read the SmolLM2 tokenizer from .gpu (TEXTRL_TEST_SMOLLM2_TOKENIZER).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -64,6 +69,7 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to OUT/NAME.lo
   [[ " $STEPS " == *" $name "* ]] || return 0
   local start=$SECONDS log="$OUT/$name.log"
   [[ $name == train_* ]] && log="$OUT/train.log"  # one file for the train runs: 8 files come back at most
+  [[ $name == multi_turn ]] && log="$OUT/rollout.log"
   echo "== $name (limit ${limit}s)" | tee -a "$log"
   timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
@@ -75,7 +81,7 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to OUT/NAME.lo
 run() {
   OUT="${1:-${OUT:-gpu_check_out}}"
   shift || true
-  STEPS="${*:-tests rollout train_lora train_full ppo_vs_trl}"
+  STEPS="${*:-tests multi_turn rollout train_lora}"
   local runs=/tmp/gpu_check_runs  # run directories stay on the machine; OUT gets 8 small files
   mkdir -p "$OUT"; rm -rf "$runs"
   figures() {  # the figures of run $1 (also of a run stopped at its limit) go into steps.md at once
@@ -85,9 +91,11 @@ run() {
   export PIP_DISABLE_PIP_VERSION_CHECK=1 TRANSFORMERS_VERBOSITY=error
   # GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1: a dry run of every step on a machine without a GPU (CI-sized)
   local py=python3 shape135="$GPU_DIR/smollm2-135m" shape17="$GPU_DIR/smollm2-1.7b" dev="${GPU_CHECK_DEVICE:-cuda}"
-  local rows=64 tokens=64 lengths=(${GPU_CHECK_LENGTHS:-128 256}) tests=(tests) dtype=bf16 xdist=(-n 4) small_env=""
+  local rows=64 tokens=64 lengths=(${GPU_CHECK_LENGTHS:-128 256}) tests=(tests) dtype=bf16 xdist=(-n 12) small_env=""
+  local turn=(--turns 4 --turn-tokens 16)
   if [[ -n "${GPU_CHECK_SMALL:-}" ]]; then
-    rows=4; tokens=8; lengths=(8); tests=(tests/test_rollout.py); shape17="$shape135"; dtype=fp32
+    rows=4; tokens=8; lengths=(8); tests=(tests/test_rollout.py tests/test_tasks.py); shape17="$shape135"; dtype=fp32
+    turn=(--turns 2 --turn-tokens 4)
     small_env=", eval_prompts: ['Say hi.', 'Name a colour.']"
   fi
   [[ -x .venv/bin/python && -n "${GPU_CHECK_SMALL:-}" ]] && py=.venv/bin/python
@@ -107,7 +115,7 @@ print('GPU:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else No
   cat "$OUT/env.log"
 
   $py -c "import xdist" 2>/dev/null || xdist=()
-  step tests 180 $py -m pytest -q --maxfail=20 -p no:cacheprovider "${xdist[@]}" --durations=10 \
+  TEXTRL_TEST_SMOLLM2_TOKENIZER="$shape135" step tests 300 $py -m pytest -v --tb=short --maxfail=20 -p no:cacheprovider -W ignore "${xdist[@]}" --durations=15 \
     --ignore=tests/test_distributed.py --ignore=tests/test_golden.py \
     --deselect tests/test_scorers_models.py::test_smollm2_offline_cached_logprobs_match_parallel_forward \
     --deselect tests/test_scorers_models.py::test_hf_reward_model_scorer_has_its_own_tokenizer_and_is_batch_invariant \
@@ -116,6 +124,9 @@ print('GPU:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else No
     --deselect tests/test_reward_model.py::test_lora_reward_model_is_merged_into_a_plain_checkpoint \
     --ignore=tests/test_quant.py \
     "${tests[@]}"
+
+  step multi_turn 75 $py benchmarks/multi_turn_rollout.py --device "$dev" --dtype $dtype --batch $rows \
+    "${turn[@]}" --reps 2 --model "random:$shape135"
 
   step rollout 100 $py benchmarks/rollout_vs_generate.py --device "$dev" --dtype $dtype --batch $rows \
     --lengths "${lengths[@]}" --reps 1 --reference-pass sequence --models "random:$shape135" "random:$shape17"
@@ -131,7 +142,7 @@ with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
 model.save_pretrained(sys.argv[2]); AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
 EOF
   }
-  if [[ " $STEPS " == *" train_lora "* || " $STEPS " == *" train_full "* ]]; then
+  if [[ " $STEPS " == *" train_lora "* || " $STEPS " == *" train_full "* || " $STEPS " == *" train_multi_turn "* ]]; then
     save_random "$shape135" /tmp/smollm2-random
   fi
   if [[ " $STEPS " == *" train_lora_1.7b "* ]]; then save_random "$shape17" /tmp/smollm2-1.7b-random; fi
@@ -148,6 +159,10 @@ EOF
   train[7]=/tmp/smollm2-1.7b-random
   step train_lora_1.7b 120 "${train[@]}" "${lora[@]}" --checkpoint-every 0 --output-dir "$runs/lora_1.7b"
   figures lora_1.7b
+  # a multi-turn game end to end (GuessNumber's preset: LoRA r16, 80 response columns), 3 updates
+  step train_multi_turn 90 $py -m textrl train --env textrl/GuessNumber-v0 --model /tmp/smollm2-random \
+    --device "$dev" --num-envs $rows --total-steps $((rows * 80 * 3)) --checkpoint-every 0 --output-dir "$runs/multi_turn"
+  figures multi_turn
 
   step ppo_vs_trl 110 $py benchmarks/ppo_vs_trl.py --device "$dev" --sizes "random:$shape135" --batch $rows \
     --response $tokens --updates 6
@@ -156,9 +171,11 @@ EOF
     echo "# textrl GPU check"; echo; echo '```'; cat "$OUT/env.log"; echo '```'; echo
     cat "$OUT/steps.md"; echo
     if [[ -f "$OUT/tests.log" ]]; then
-      echo "## Tests on CUDA"; echo '```'; grep -E "^(FAILED|ERROR) |^[0-9]+ (passed|failed)|(passed|failed).* in [0-9.]+s" "$OUT/tests.log"; echo '```'
+      echo "## Tests on CUDA"; echo '```'; grep -E "^(FAILED|ERROR) |\] (FAILED|ERROR) |^[0-9]+ (passed|failed)|(passed|failed).* in [0-9.]+s" "$OUT/tests.log"; echo '```'
     fi
     [[ -f "$OUT/rollout.log" ]] && { echo "## Rollout vs generate ($dtype, batch $rows)"; grep "^|" "$OUT/rollout.log"; echo; }
+    [[ -f "$OUT/rollout.log" ]] && { echo "## Multi-turn vs single-turn rollout ($dtype, batch $rows)"
+      grep -E "^(model|\(a\)|\(b\))" "$OUT/rollout.log"; echo; }
     echo "## textrl train on $dev (random-weight SmolLM2 shapes, $rows rows x $tokens tokens; lora: r16, fp32;"
     echo "full: full fine-tuning with bf16 autocast; PPO defaults: 4 epochs x 4 minibatches)"
     echo "| run | updates | collect (s, median) | update (s, median) | agent tokens/s | peak GPU MiB |"

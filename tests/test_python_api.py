@@ -186,12 +186,16 @@ def test_an_import_error_inside_the_users_module_is_reported_as_such(tmp_path, m
 
 
 def test_resume_without_samples_and_with_a_foreign_sampling_stream(tmp_path, capfd):
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     cfg = TrainConfig(env="textrl/TargetToken-v0", num_envs=8, total_steps=256, output_dir=str(tmp_path))
     train(cfg, quiet=True)
     (tmp_path / "samples.md").unlink()  # as if the first session had stopped before its end
-    save_file({"state": torch.zeros(16, dtype=torch.uint8)}, str(tmp_path / "checkpoint" / "sampler.safetensors"))
+    path = tmp_path / "checkpoint" / "sampler.safetensors"
+    # a stream of the other device type: a CUDA state is 16 bytes, a CPU one 5056 (the run may be on either)
+    cuda_saved = load_file(str(path))["state"].numel() == 16
+    foreign = torch.Generator().get_state() if cuda_saved else torch.zeros(16, dtype=torch.uint8)
+    save_file({"state": foreign}, str(path))
     capfd.readouterr()
     result = train(dataclasses.replace(cfg, total_steps=512), resume=True, quiet=True)
     assert result.updates == 4 and result.before is None and result.after is not None

@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import os
 
 import gymnasium as gym
 import pytest
@@ -94,7 +95,8 @@ class Scripted:
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    return load_tokenizer("smollm2-135m-instruct")
+    # the GPU check (benchmarks/gpu_check.sh) carries SmolLM2's tokenizer files without the GGUF package
+    return load_tokenizer(os.environ.get("TEXTRL_TEST_SMOLLM2_TOKENIZER", "smollm2-135m-instruct"))
 
 
 def test_calculator_appends_the_tool_result_and_pays_the_final_answer(smol_tokenizer):
@@ -163,7 +165,8 @@ def test_textrl_eval_writes_its_report_and_a_trained_run_evaluates(tmp_path, mon
                  "--env-kwargs", '{"eval_prompts": [{"prompt": "go", "secret": 3}]}', "--lora-r", "0"]) == 0
     assert main(["eval", "--run", "run", "--num-samples", "1", "--max-prompts", "2"]) == 0
     report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
-    assert report["env"] == "textrl/GuessNumber-v0" and report["kl_to_base"] > 0  # the trained policy moved
+    # the trained policy moved: the base model's KL is 0 (above); this k1 estimate is signed, so |KL| > 0
+    assert report["env"] == "textrl/GuessNumber-v0" and abs(report["kl_to_base"]) > 1e-3
     with pytest.raises(SystemExit):
         main(["eval", "--bogus"])
     assert main(["eval", "--run", "run", "--model", str(model)]) == 2  # one or the other

@@ -67,7 +67,8 @@ def test_trainer_trains_a_model_object_in_place_with_weighted_rewards(tmp_path):
     assert trainer.config.env == "textrl/TextGen-v0"
     result = trainer.train()
     assert result.updates == 4 and result.before is not None and result.after is not None
-    assert any(not torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))  # trained in place
+    # trained in place (on a GPU, `device: auto` moved the user's model there, as TRL's trainers do)
+    assert any(not torch.equal(a, b.detach().cpu()) for a, b in zip(start, model.parameters(), strict=True))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"]["name"] == "<GPT2LMHeadModel object>"
     assert saved["env_kwargs"]["scorer"] == "WeightedRewards(1·share_of_e, 0.1·length)"
@@ -88,8 +89,9 @@ def test_trainer_save_pretrained_merges_lora_into_a_loadable_model(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor([[1, 2, 3, 4]])
     lm = trainer.build().policy.lm.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, lm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # (the run's model is on the run's device: the GPU where there is one)
+        run_logits = lm(input_ids=ids.to(next(lm.parameters()).device)).logits.cpu()
+        torch.testing.assert_close(loaded(ids).logits, run_logits, atol=1e-5, rtol=1e-5)
     assert trainer.build().policy.is_lora  # merging worked on a copy: the run still has its adapters
 
 
