@@ -17,8 +17,10 @@ another; ``register_agent`` adds yours.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import gymnasium as gym
@@ -228,7 +230,22 @@ ALIASES: dict[str, str] = {"reinforce_pp": "reinforce++"}
 
 
 def register_agent(name: str, target: str, aliases: tuple[str, ...] = ()) -> None:
-    """Make an agent available by name, e.g. ``register_agent("my_ppo", "my_pkg.agents:MyPPO")``."""
+    """Make an agent available by name, e.g. ``register_agent("my_ppo", "my_pkg.agents:MyPPO")`` (imported when
+    first used; a malformed target or a module that cannot be found fails here, naming the agent)."""
+    import importlib.util
+
+    module, sep, attr = target.partition(":") if isinstance(target, str) else ("", "", "")
+    if not sep or not module or not attr:
+        raise ValueError(f"register_agent({name!r}, {target!r}): expected 'module:Class', e.g. 'my_pkg.agents:MyPPO'")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    top = module.split(".")[0]
+    in_cwd = (Path.cwd() / f"{top}.py").is_file() or (Path.cwd() / top).is_dir()  # (found when first used)
+    if not found and top not in sys.modules and not in_cwd:
+        raise ValueError(f"register_agent({name!r}, {target!r}): module {module!r} cannot be found; install it or add "
+                         "its folder to sys.path (PYTHONPATH) first")
     AGENTS[name] = target
     ALIASES.update(dict.fromkeys(aliases, name))
 

@@ -38,9 +38,14 @@ class GRPOConfig(GroupConfig):
     """Divide centred rewards by the group's std ("group", the paper), the batch's ("batch") or not ("none", Dr. GRPO)."""
     adv_eps: float = 1e-4
     """eps in (R − mean) / (std + eps)."""
+    kl_loss: str = "k3"
+    """The KL loss term, differentiated through π_θ: "k3" (the paper and TRL) has the gradient of KL(π_ref‖π),
+    the reverse direction; "k2" (½(log π − log π_ref)²) has the gradient of KL(π‖π_ref), the KL that PPO's
+    reward penalises (enumerated exactly in tests/test_losses.py)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        one_of("kl_loss", self.kl_loss, ("k3", "k2"))
         one_of("loss_type", self.loss_type, ("sequence", "token"))
         one_of("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
         finite_number("adv_eps", self.adv_eps, minimum=0)
@@ -68,7 +73,7 @@ class GRPO(GroupAgent):
         terms = {"losses/policy": pg, **entropy_terms(entropy, mask)}
         loss = pg
         if self.kl_coef > 0:
-            kl = aggregate(kl_estimate(logprobs, mb["ref_logprobs"], "k3"), mask, cfg.loss_type)
+            kl = aggregate(kl_estimate(logprobs, mb["ref_logprobs"], cfg.kl_loss), mask, cfg.loss_type)
             loss = pg + self.kl_coef * kl
             terms["losses/kl"] = kl
         return loss, terms, pstats

@@ -51,7 +51,11 @@ class PPOConfig(UpdateConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
+        sizes = self.hidden_sizes if isinstance(self.hidden_sizes, (list, tuple)) else (self.hidden_sizes,)
+        if not sizes or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in sizes):
+            raise ValueError(f"hidden_sizes must be one or more positive integers (the MLP's layer widths), got "
+                             f"{self.hidden_sizes!r}; e.g. --hidden-sizes 64,64")
+        self.hidden_sizes = tuple(sizes)
         positive_int("num_steps", self.num_steps)
         for name in ("gamma", "gae_lambda"):
             in_range(name, getattr(self, name), 0.0, 1.0)
@@ -130,7 +134,7 @@ class PPO(Agent):
         ent = float(masked_mean(reduce.gather(entropy), u_m))
         stats = {
             "value/explained_variance": float(explained_variance(reduce.gather(values), reduce.gather(returns), u_m)),
-            "policy/rollout_logprob_diff": float(reduce.max(((old_logprobs - ro.logprobs).abs() * m).max())),
+            "policy/rollout_logprob_diff": float(reduce.max(torch.where(m, (old_logprobs - ro.logprobs).abs(), 0.0).max())),
             "policy/entropy": ent,
             "losses/entropy": -ent,  # replaced by the minibatches' value when an entropy bonus recomputes it
         }

@@ -32,6 +32,8 @@ class RLOOConfig(GroupConfig):
 class RLOO(GroupAgent):
     config_class = RLOOConfig
     kl_in = "reward"
+    # approx_kl is per token (as every agent's); clipfrac per completion (the clip acts on completions)
+    token_mean_stats = frozenset({"policy/entropy", "losses/entropy", "policy/approx_kl"})
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         adv = leave_one_out(rewards, self.config.num_generations)

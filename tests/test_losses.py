@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from textrl.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 from textrl.logprobs import entropy_from_logits
-from textrl.losses import explained_variance, kl_estimate, policy_loss, value_loss
+from textrl.losses import explained_variance, kl_estimate, policy_loss, sequence_policy_loss, value_loss
 from textrl.masking import masked_mean, masked_var, masked_whiten
 
 
@@ -180,3 +180,45 @@ def test_kl_controllers():
         FixedKLController(-1)
     with pytest.raises(ValueError, match="target"):
         AdaptiveKLController(0.1, target=0, horizon=10)
+
+
+def test_only_k1_as_a_reward_gives_the_gradient_of_the_kl():
+    """With the KL estimate paid as a reward, the policy gradient is E_π[k(a) ∇log π(a)] (k held fixed, as a
+    reward is). Enumerated exactly on a 6-way softmax: k1's equals ∇KL(π‖π_ref); k2's and k3's do not (so a
+    run refuses them in the reward); the k2 loss term, differentiated through, gives ∇KL(π‖π_ref) too."""
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6, generator=g, dtype=torch.float64), -1)
+    logp = torch.log_softmax(theta, -1)
+    true_grad, = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), theta, retain_graph=True)
+    grads = {}
+    for est in ("k1", "k2", "k3"):
+        reward = kl_estimate(logp, ref, est).detach()
+        grads[est], = torch.autograd.grad((logp.exp().detach() * reward * logp).sum(), theta, retain_graph=True)
+    torch.testing.assert_close(grads["k1"], true_grad)
+    for est in ("k2", "k3"):
+        rel = float((grads[est] - true_grad).norm() / true_grad.norm())
+        assert rel > 0.5, (est, rel)  # (0.69 and 0.86 here)
+    # as a loss term differentiated through π (GRPO's kl_loss): k2 gives ∇KL(π‖π_ref), k3 ∇KL(π_ref‖π)
+    k2_loss, = torch.autograd.grad((logp.exp().detach() * kl_estimate(logp, ref, "k2")).sum(), theta, retain_graph=True)
+    torch.testing.assert_close(k2_loss, true_grad)
+    k3_loss, = torch.autograd.grad((logp.exp().detach() * kl_estimate(logp, ref, "k3")).sum(), theta, retain_graph=True)
+    reverse, = torch.autograd.grad((ref.exp() * (ref - logp)).sum(), theta)
+    torch.testing.assert_close(k3_loss, reverse)
+    assert float((k3_loss - true_grad).norm()) > 0.05 * float(true_grad.norm())
+
+
+def test_rloo_approx_kl_is_per_token_like_every_agents():
+    """The warning thresholds and target_kl are per token: a sequence loss reports the per-token k3 mean (a
+    per-sequence value would be about T times larger and fire T times early)."""
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(4, 10, generator=g, dtype=torch.float64) - 2
+    new = old + 0.05 * torch.randn(4, 10, generator=g, dtype=torch.float64)
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    new[0, 6:] = float("nan")  # padding: never read
+    _, stats = sequence_policy_loss(new, old, torch.ones(4, dtype=torch.float64), mask, 0.2)
+    lr = (new - old)[mask]
+    assert float(stats["approx_kl"]) == pytest.approx(float((torch.expm1(lr) - lr).mean()))
+    _, token_stats = policy_loss(torch.where(mask, new, 0.0), old, torch.ones(4, 10, dtype=torch.float64), mask, 0.2)
+    assert float(stats["approx_kl"]) == pytest.approx(float(token_stats["approx_kl"]))

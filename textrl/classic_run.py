@@ -21,6 +21,7 @@ from textrl.agents.mlp import MLPActorCritic
 from textrl.checkpoint import load_checkpoint, save_checkpoint
 from textrl.collector import Collector
 from textrl.config import TrainConfig, from_dict
+from textrl.env_state import env_state, load_env_state
 from textrl.imports import env_spec
 from textrl.parallel.distributed import gather_objects, make_accelerator, rank, world_size
 from textrl.parallel.learner import Learner
@@ -63,6 +64,7 @@ class ClassicRun(Run):
             torch.set_num_threads(cfg.torch_threads)
         seed_everything(cfg.seed)
         self.cfg, self.quiet, self.history, self.returns = cfg, quiet, [], []
+        self.notes: list[str] = []  # messages from before the tracker exists, shown at start()
         accelerator, world, self.rank, local = None, 1, 0, cfg.num_envs
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun: data-parallel
             accelerator = make_accelerator(torch_device(cfg.device, auto_gpu=False))
@@ -76,7 +78,7 @@ class ClassicRun(Run):
         # data-parallel: each process on its own device (cuda:LOCAL_RANK on GPUs), as accelerate assigned it
         device = torch_device(cfg.device, auto_gpu=False)  # "auto": an MLP runs faster on the CPU
         self.device = torch.device(device if accelerator is None or device == "cpu" else accelerator.device)
-        self.output_dir = resolve_output_dir(cfg, resume)
+        self.output_dir, resume = resolve_output_dir(cfg, resume)
         self.envs = make_envs(cfg, local)
         self.agent, self.learner = self._build_agent(accelerator)
         if world > 1:
@@ -115,10 +117,21 @@ class ClassicRun(Run):
         self.learner.load_state_dict(agent_state)
         self.start_update, self.global_step = state["update"], state["global_step"]
         self.returns = state.get("episode_returns", [])
-        # Env internals are not checkpointed: sub-envs restart fresh episodes from a derived seed.
-        self.collector.reset(seed=self.cfg.seed + 7919 * self.start_update + self.rank * self.local_envs)
+        saved = (state.get("env_states") or [None] * self.world)[self.rank] if len(state.get("env_states") or []) \
+            == self.world else None
+        if saved is not None:  # the episodes go on where they were: the resumed run is the uninterrupted one
+            load_env_state(self.collector.envs, saved["envs"])
+            self.collector.load_state_dict(saved["collector"])
+        else:  # an env whose state is not plain data (see env_state): fresh episodes from a derived seed
+            why = state.get("env_state_note") or ("another process count saved it" if state.get("env_states")
+                                                  else "the checkpoint is from an older textrl")
+            self.notes.append(f"note: the env's state could not be restored ({why}): the sub-envs start fresh "
+                              "episodes, so this resumed run is not the uninterrupted one")
+            self.collector.reset(seed=self.cfg.seed + 7919 * self.start_update + self.rank * self.local_envs)
 
     def start(self) -> None:
+        for note in self.notes:
+            self.tracker.message(note)
         if not self.quiet:
             self.tracker.message(
                 f"textrl: {self.cfg.agent} on {self.cfg.env}: {self.num_updates} updates × {self.steps_per_update} "
@@ -141,9 +154,14 @@ class ClassicRun(Run):
         return out
 
     def checkpoint(self, update: int) -> None:
+        envs, why = env_state(self.collector.envs)
+        mine = {"envs": envs, "collector": self.collector.state_dict()} if envs is not None else None
+        states = gather_objects([mine])  # every process's sub-envs, in rank order
         if self.main:
+            exact = all(s is not None for s in states)
             save_checkpoint(self.output_dir, self.learner.state_dict(), {
                 "update": update, "global_step": self.global_step, "episode_returns": self.returns[-1000:],
+                "env_states": states if exact else None, "env_state_note": why,
             }, keep=self.cfg.keep_checkpoints)
         self.barrier()
 

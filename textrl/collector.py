@@ -62,6 +62,18 @@ class Collector:
         self._obs, _ = self.envs.reset(seed=seed)
         self._pending_reset[:] = False
 
+    def state_dict(self) -> dict[str, Any]:
+        """The collector's place in its episodes (the last observations, the rows awaiting a reset), as plain
+        data for a checkpoint (with :func:`textrl.env_state.env_state` of its envs)."""
+        obs = None if self._obs is None else np.asarray(self._obs)
+        return {"obs": None if obs is None else {"data": obs.tolist(), "dtype": str(obs.dtype)},
+                "pending_reset": self._pending_reset.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        obs = state["obs"]
+        self._obs = None if obs is None else np.asarray(obs["data"], dtype=obs["dtype"])
+        self._pending_reset = np.asarray(state["pending_reset"], dtype=bool)
+
     def _to_tensor(self, obs: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
 

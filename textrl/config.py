@@ -328,9 +328,10 @@ def _coerce(tp: Any, value: Any) -> Any:
             raise ValueError(value)
         return bool(value)
     if tp is int:
-        if isinstance(value, float) and not value.is_integer():
+        number = float(value) if isinstance(value, str) else value  # ("1e5" is 100000; "2.5" is refused)
+        if isinstance(number, float) and not number.is_integer():
             raise ValueError(value)
-        return int(float(value)) if isinstance(value, str) else int(value)
+        return int(number)
     if tp is float:
         return float(value)
     if tp is str:
@@ -342,25 +343,33 @@ def _coerce(tp: Any, value: Any) -> Any:
         return tuple(inner(v) for v in value)
     if typing.get_origin(tp) is dict or tp is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ValueError(f"not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(value, dict):
             raise ValueError(value)
     return value
 
 
-def coerce_field(cls: type, name: str, value: Any) -> Any:
-    """Convert a YAML/CLI value to the field's declared type, or raise naming the field."""
+def coerce_field(cls: type, name: str, value: Any, label: str | None = None) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise naming the field (as ``label``: a
+    section field by its flat name, e.g. ``kl_coef``)."""
     tp, optional = _base_type(typing.get_type_hints(cls)[name])
+    label = label or name
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
         if optional:
             return None
-        raise ValueError(f"{name}: null is not allowed; expected {tp}")
+        raise ValueError(f"{label}: null is not allowed; expected {tp}")
     if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, (tp, dict)) else _raise_type(name, tp, value)
+        return value if isinstance(value, (tp, dict)) else _raise_type(label, tp, value)
     try:
         return _coerce(tp, value)
-    except (TypeError, ValueError):
-        _raise_type(name, tp, value)
+    except (TypeError, ValueError, OverflowError) as err:
+        if str(err).startswith("not valid YAML"):
+            raise ValueError(f"{label}: {err}; write a mapping, e.g. --{label.replace('_', '-')} "
+                             "'{max_new_tokens: 32}'") from None
+        _raise_type(label, tp, value)
 
 
 def _raise_type(name: str, tp: Any, value: Any):
@@ -376,7 +385,8 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
-    return cls(**{k: coerce_field(cls, k, v) for k, v in data.items()})
+    section = next((name for name, klass in SECTIONS.items() if klass is cls), None)
+    return cls(**{k: coerce_field(cls, k, v, section_flat(section, k) if section else k) for k, v in data.items()})
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -419,7 +429,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: no such file {str(path)!r}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config: {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); give a YAML "
+                         "config file") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ValueError(f"config: {str(path)!r} is not valid YAML{at}: {getattr(err, 'problem', None) or err}")
     if not isinstance(data, dict):
         raise ValueError(f"config: {path} must hold a mapping of fields, got {type(data).__name__}")
     return data

@@ -90,16 +90,19 @@ def sequence_policy_loss(
 
     ρ_i = exp(Σ_t m_t·(log π_θ − log π_old)),   L = −mean_i min(ρ_i·A_i, clip(ρ_i, 1−ε, 1+ε)·A_i)
 
-    ``logprobs``/``old_logprobs``/``mask`` are ``[B, T]``; ``advantages`` ``[B]``. Stats as :func:`policy_loss`,
-    per completion.
+    ``logprobs``/``old_logprobs``/``mask`` are ``[B, T]``; ``advantages`` ``[B]``. Stats as :func:`policy_loss`:
+    ``approx_kl`` per token (the mean over real tokens of each token's k3, as PPO's, so the same warning
+    thresholds and ``target_kl`` apply); ``clipfrac`` per completion (the share whose ratio ρ_i is clipped: the
+    clip acts on sequences).
     """
+    token_logratio = torch.where(mask, logprobs.detach() - old_logprobs.detach(), 0.0)
     logratio = masked_sum(logprobs - old_logprobs.detach(), mask, dim=-1)  # (B,)
     ratio = torch.exp(logratio)
     adv = advantages.detach()
     loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)).mean()
     with torch.no_grad():
         stats = {
-            "approx_kl": ((ratio - 1.0) - logratio).mean(),
+            "approx_kl": masked_mean(torch.expm1(token_logratio) - token_logratio, mask),
             "clipfrac": ((ratio - 1.0).abs() > clip_range).to(ratio.dtype).mean(),
             "ratio_max_dev": (ratio - 1.0).abs().max(),
         }

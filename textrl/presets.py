@@ -22,6 +22,11 @@ def split_layer(data: dict[str, Any], agent: str) -> tuple[dict, dict]:
     from textrl.agents.base import AGENTS, ALIASES, canonical_agent
 
     data = dict(data)
+    for name in ["agent_config", *AGENTS, *ALIASES, *SECTIONS]:
+        legacy = name == "model" and isinstance(data.get(name), str)  # (older configs: model: NAME)
+        if data.get(name) is not None and not isinstance(data[name], dict) and not legacy:
+            raise ValueError(f"{name}: a section of fields (a mapping such as '{name}: {{learning_rate: 1e-5}}'), "
+                             f"got {data[name]!r}")
     agent_fields = dict(data.pop("agent_config", None) or {})
     for name in [*AGENTS, *ALIASES]:
         section = data.pop(name, None)

@@ -106,6 +106,12 @@ class RewardModelConfig:
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be >= 0, got {self.lora_r!r}")
+        for name in ("margin", "weight_decay", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int) or self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be an integer >= 0 (0: torch's default), got {self.torch_threads!r}")
 
 
 @dataclass
@@ -311,6 +317,7 @@ def _train_epochs(cfg: RewardModelConfig, learner: Learner, sched, tokenizer, tr
     model, world, step, nan_skipped = learner.policy, world_size(), 0, 0
     for epoch in range(cfg.num_epochs):
         model.train()  # dropout is 0 everywhere; train mode only for layers that care (none here)
+        learner.remember()  # a step that makes a weight non-finite goes back to the epoch's start
         order = list(range(len(train_rows)))
         rng.shuffle(order)
         for i in range(0, len(order), cfg.batch_size):

@@ -24,8 +24,9 @@ from textrl.envs.text_gen import TextGenVectorEnv
 from textrl.imports import env_spec
 from textrl.lm.build import builds, context_length_of
 from textrl.lm.evaluate import EvalResult, evaluate_heldout
-from textrl.lm.models import disable_dropout, load_causal_lm, load_tokenizer
+from textrl.lm.models import check_model_source, disable_dropout, load_causal_lm, load_tokenizer
 from textrl.lm.policy import AdaptersOff
+from textrl.validate import finite_number, non_negative_int
 
 __all__ = ["EvalConfig", "run_eval", "result_table"]
 
@@ -73,8 +74,9 @@ class EvalConfig:
             raise ValueError(f"num_samples must be a positive integer, got {self.num_samples!r}")
         if self.max_prompts is not None and (not isinstance(self.max_prompts, int) or self.max_prompts < 1):
             raise ValueError(f"max_prompts must be a positive integer or null, got {self.max_prompts!r}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.temperature is not None:
+            finite_number("temperature", self.temperature, minimum=0)
+        non_negative_int("samples", self.samples)
 
 
 def _run_config(run: str) -> TrainConfig:
@@ -113,6 +115,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> tuple[EvalResult, Path]:
         or (spec.kwargs or {}).get("model")
     if name is None:
         raise ValueError(f"model: env {env_id} names no default model; give --model NAME_OR_PATH")
+    check_model_source("model", name)
     device = torch.device(torch_device(cfg.device))
     env_kwargs = {**(dict(train.env_kwargs) if train is not None and env_id == train.env else {}), **cfg.env_kwargs}
     tokenizer = load_tokenizer(name)

@@ -71,15 +71,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("TEXTRL_CACHE", Path.home() / ".cache" / "textrl"))
 
 
+#: dropout probabilities that configs hold, and that modules copy into float attributes at init (Llama's and
+#: Qwen's attention keep ``self.attention_dropout`` and pass it to the attention kernel in train mode)
+DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",
+                "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "dropout_rate", "activation_dropout")
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set every dropout probability to 0 (modules and config), so train mode is deterministic too."""
+    """Set every dropout probability to 0 — ``nn.Dropout`` modules, the float attributes modules copied from
+    their config (``attention_dropout``), and the configs — so train mode is deterministic too."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    config = getattr(model, "config", None)
-    if config is not None:
-        for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-                    "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout"):
+        for key in DROPOUT_KEYS:
+            if isinstance(getattr(module, key, None), float) and not isinstance(getattr(module, key), bool):
+                setattr(module, key, 0.0)
+        config = getattr(module, "config", None)
+        for key in DROPOUT_KEYS if config is not None else ():
             if isinstance(getattr(config, key, None), float):
                 setattr(config, key, 0.0)
     return model
@@ -121,6 +129,31 @@ def resolve_model_path(name_or_path: str) -> str:
     if key in (MINILM, "sentence-transformers/all-minilm-l6-v2") and not Path(name_or_path).exists():
         return str(minilm_path())
     return name_or_path
+
+
+def check_model_source(field: str, name_or_path: str) -> None:
+    """Fail before anything loads when ``name_or_path`` cannot be a model: a path that does not exist or holds no
+    ``config.json``, or (offline, ``HF_HUB_OFFLINE=1``) a hub id that is not in the local cache. The message
+    names the field and what would work."""
+    if name_or_path in _REGISTERED or name_or_path.lower() in (SMOLLM2, MINILM, "huggingfacetb/smollm2-135m-instruct",
+                                                                "sentence-transformers/all-minilm-l6-v2"):
+        return
+    path = Path(name_or_path).expanduser()
+    hint = (f"give a folder holding a saved model (config.json and weights, e.g. from save_pretrained), a hub "
+            f"id such as 'HuggingFaceTB/SmolLM2-135M-Instruct', or {SMOLLM2!r} (offline)")
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ValueError(f"{field}: {name_or_path!r} exists but holds no config.json, so it is not a saved model; {hint}")
+        return
+    looks_like_path = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise ValueError(f"{field}: {name_or_path!r} is not a folder that exists; {hint}")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            raise ValueError(f"{field}: {name_or_path!r} is neither a local folder nor in the Hugging Face cache, and "
+                             f"the hub is offline (HF_HUB_OFFLINE=1); {hint}")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:

@@ -21,11 +21,18 @@ from safetensors.torch import load_file, save_file
 from textrl.agents.base import agent_class
 from textrl.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from textrl.config import TrainConfig, from_dict
-from textrl.lm.build import build_kl_env, build_policy, build_text_env, context_length_of, load_reward_model
+from textrl.lm.build import (
+    build_kl_env,
+    build_policy,
+    build_text_env,
+    context_length_of,
+    load_reward_model,
+    policy_model_name,
+)
 from textrl.lm.collect import collect_tokens
 from textrl.lm.evaluate import EvalResult, evaluate_heldout, summary_line
 from textrl.lm.generate import HFGenerator
-from textrl.lm.models import quiet_saving
+from textrl.lm.models import check_model_source, quiet_saving
 from textrl.lm.report import plot_curves, write_samples
 from textrl.parallel.deepspeed import is_zero3
 from textrl.parallel.distributed import Reducer, is_main, make_accelerator, process_shard, world_size
@@ -107,7 +114,8 @@ class LMRun(Run):
         self.device = accelerator.device if want.type != "cpu" else want
         # the process count from torch.distributed (under DeepSpeed on CPU accelerate's own state reports 1)
         self.world, self.main = world_size(), is_main()
-        self.output_dir = resolve_output_dir(cfg, resume)
+        self.output_dir, resume = resolve_output_dir(cfg, resume)
+        self.resumed = resume
         if cfg.model.bf16 and not bf16_supported(self.device):
             raise ValueError(f"bf16: this {self.device.type} has no bf16 support (avx512_bf16/amx_bf16 or a bf16 "
                              "GPU); set bf16: false")
@@ -133,7 +141,18 @@ class LMRun(Run):
         if cls.kl_in == "loss" and cfg.kl.target is not None:
             raise ValueError(f"kl.target={cfg.kl.target}: the adaptive β steers the KL penalty in the reward, and "
                              f"{cfg.agent} puts the KL in its loss (weight kl.coef); set kl.target: null")
+        if cls.kl_in == "reward" and cfg.kl.estimator != "k1" and cfg.kl.coef > 0:
+            raise ValueError(
+                f"kl_estimator={cfg.kl.estimator!r}: {cfg.agent} pays the KL penalty in the reward, and there only k1 "
+                "(log π − log π_ref) makes the policy gradient the gradient of KL(π‖π_ref); a k2 or k3 reward "
+                "pushes in another direction (tests/test_losses.py enumerates it). Use --kl-estimator k1 (k2 and k3 "
+                "suit a KL loss term: --agent grpo)")
         self.local_envs = rows_per_process(cfg.num_envs, self.world, agent_cfg)  # before loading any model
+        sources = {"model": policy_model_name(cfg) if model is None else None, "reward_model": cfg.model.reward_model,
+                   "value_model": cfg.model.value_model if cfg.model.value_model not in ("head", "policy") else None}
+        for field, name in sources.items():
+            if name is not None:
+                check_model_source(field, name)
         low = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32} \
             if model is not None else set()
         if low:
@@ -180,11 +199,29 @@ class LMRun(Run):
             lines = (out / "metrics.jsonl").read_text().splitlines()[:self.start_update]
             self.history = [json.loads(x) for x in lines]
 
+    def _check_train_mode_is_deterministic(self) -> None:
+        """Health check: two train-mode forwards of the policy on one input agree (dropout that no module or
+        config names, e.g. a float attribute a custom attention copied at init, would make them differ)."""
+        lm, ids = self.policy.lm, self.tokenizer("A health check of the policy.")["input_ids"][:8]
+        ids = torch.tensor([ids or [self.base.eos_token_id]], device=self.device)
+        was = lm.training
+        lm.train()
+        with torch.no_grad():
+            first, second = (lm(input_ids=ids).logits.float() for _ in range(2))
+        lm.train(was)
+        gap = float((first - second).abs().max())
+        if not gap <= 1e-4:
+            raise ValueError(f"dropout: two train-mode forwards of the policy on the same input differ by {gap:.3g}: "
+                             "a dropout that textrl could not switch off is live (RLHF needs it off: the rollout's "
+                             "log-probs must be the update's). Set the model's dropout probabilities to 0")
+
     # --- what the loop calls --------------------------------------------------------------------
     def start(self) -> None:
         live = [m for m in self.policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
         if live:
             raise ValueError(f"dropout must be off in RLHF models; {len(live)} dropout module(s) have p > 0")
+        if self.comparable_weights:  # (not under ZeRO-3, where a plain forward needs the engine's gathering)
+            self._check_train_mode_is_deterministic()
         msg = self.tracker.message
         for note in self.notes:
             msg(note)

@@ -4,7 +4,12 @@ An agent turns a rollout into a batch (``agent.prepare(rollout, reduce)``) and a
 (``agent.loss(model, minibatch, clip_range)``); both are plain torch. Everything else lives here: learning-
 rate and clip schedules, epochs × minibatches × gradient-accumulation micro-batches, each micro-batch's
 weight in the global minibatch, DDP's ``no_sync``, backward and gradient clipping through accelerate,
-DeepSpeed's engine and checkpoints, the non-finite-step guard and the target-KL stop.
+DeepSpeed's engine and checkpoints, the non-finite guards and the target-KL stop.
+
+Non-finite guards: a step whose loss or gradient is not finite is skipped (``train/nan_skipped``); a step
+that leaves a trained weight non-finite (a finite gradient times a huge learning rate) is undone, with the
+rest of its update, back to the copy :meth:`Learner.remember` took at the update's start
+(``train/nan_undone``).
 
 Data-parallel runs: each process takes the same number of rows from its shard for every minibatch, and each
 micro-batch loss is weighted by its share of the global minibatch's loss units (× the process count, which
@@ -16,6 +21,7 @@ global values, so every process takes the same path.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -61,6 +67,8 @@ class Learner:
         if accelerator is not None:
             self.model, self.optimizer = accelerator.prepare(policy, optimizer)
         self.reduce = Reducer()
+        self._good: tuple[list[torch.Tensor], dict[str, Any]] | None = None  # see remember()
+        self.undone = False  # the last apply() undid its step (and everything since remember())
 
     @classmethod
     def for_agent(cls, agent: Any, accelerator: Any = None, batch_rows: int | None = None) -> Learner:
@@ -94,6 +102,7 @@ class Learner:
         if n < cfg.num_minibatches:
             raise ValueError(f"the batch has {n} samples, fewer than num_minibatches={cfg.num_minibatches}")
         acc = _Accumulator()
+        self.remember()
         for epoch in range(cfg.num_epochs):
             acc.epochs_run = epoch + 1
             if cfg.num_minibatches == 1:  # full batch: order does not matter, skip the gather
@@ -143,6 +152,9 @@ class Learner:
                 mb_stats[key] = mb_stats.get(key, 0.0) + float(val.detach()) * w
         grad_norm = self.clip_grad_norm() if finite else None
         if not self.apply(grad_norm):
+            if self.undone:  # the weights went non-finite: the update is undone and ends here
+                acc.nan_undone = 1
+                return True
             acc.nan_skipped += 1  # the step is skipped and the weights kept; logged as train/nan_skipped
             return False
         acc.add(mb_stats, float(grad_norm))  # after synchronisation: the same on every process
@@ -174,12 +186,44 @@ class Learner:
 
     def apply(self, grad_norm: torch.Tensor | None) -> bool:
         """Take the optimiser step, unless the gradient is not finite (``None``: a non-finite loss was seen):
-        then drop the gradients, keep the weights and return False."""
+        then drop the gradients, keep the weights and return False. A step that leaves a trained weight
+        non-finite is undone back to :meth:`remember`'s copy (``self.undone`` is set) and returns False."""
+        self.undone = False
         if grad_norm is None or not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return False
         self.optimizer.step()
+        if self._good is not None and not self.weights_finite():
+            self.restore()
+            self.undone = True
+            return False
         return True
+
+    def weights_finite(self) -> bool:
+        """Whether every trained weight is finite (one host synchronisation)."""
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()) if self.params else True
+
+    def remember(self) -> None:
+        """Copy the trained weights and the optimiser state to the CPU: :meth:`apply` goes back to this copy
+        when a step makes a weight non-finite. (Not under DeepSpeed, whose engine steps inside backward and
+        partitions its state; its checkpoints are still refused when non-finite.)"""
+        if self.deepspeed:
+            return
+        cpu = lambda x: x.detach().to("cpu", copy=True) if torch.is_tensor(x) else copy.deepcopy(x)  # noqa: E731
+        state = self.optimizer.state_dict()
+        optimizer = {"state": {k: {n: cpu(v) for n, v in st.items()} for k, st in state["state"].items()},
+                     "param_groups": copy.deepcopy(state["param_groups"])}
+        self._good = ([cpu(p) for p in self.params], optimizer)
+
+    def restore(self) -> None:
+        """Back to :meth:`remember`'s copy: weights and optimiser state (its tensors return to their
+        parameters' devices); the gradients are dropped."""
+        weights, optimizer = self._good
+        with torch.no_grad():
+            for p, saved in zip(self.params, weights, strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
 
     # --- weights and state ----------------------------------------------------------------------
     def full_weights(self):
@@ -219,6 +263,7 @@ class _Accumulator:
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.count, self.nan_skipped, self.epochs_run, self.grad_norm_sum = 0, 0, 0, 0.0
+        self.nan_undone = 0
         self.first_ratio_dev = float("nan")
 
     def add(self, mb_stats: dict[str, float], grad_norm: float) -> None:
@@ -240,5 +285,5 @@ class _Accumulator:
         if self.count:
             stats["train/grad_norm"] = self.grad_norm_sum / self.count
         stats.update({"policy/first_ratio_dev": first, "train/epochs_run": float(self.epochs_run),
-                      "train/nan_skipped": float(self.nan_skipped)})
+                      "train/nan_skipped": float(self.nan_skipped), "train/nan_undone": float(self.nan_undone)})
         return stats
