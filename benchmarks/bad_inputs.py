@@ -54,6 +54,7 @@ def _values(tp: type) -> list[str]:
 def cases() -> list[tuple[str, str, list[str], str]]:
     """(surface, field, argv, value) for the CLI."""
     from textrl.agents.base import AGENTS, agent_class
+
     from textrl.config import SECTIONS, TrainConfig
     from textrl.lm.eval_run import EvalConfig
     from textrl.reward_model import RewardModelConfig
@@ -67,7 +68,7 @@ def cases() -> list[tuple[str, str, list[str], str]]:
             out += [("train", flat, toy, v) for v in _values(tp)]
     seen = {flat for _, flat, _, _ in out}
     for agent in AGENTS:
-        for name, flat, tp in _fields(agent_class(agent).config_class):
+        for _, flat, tp in _fields(agent_class(agent).config_class):
             if flat in seen:
                 continue
             seen.add(flat)
@@ -155,6 +156,7 @@ def api_cases() -> list[tuple[str, str]]:
     """TrainConfig, its sections and every agent config built from Python with each bad value (not strings:
     floats and None, the API's own types)."""
     from textrl.agents.base import AGENTS, agent_class
+
     from textrl.config import SECTIONS, TrainConfig
 
     out = []

@@ -437,7 +437,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise ValueError(f"config: {str(path)!r} is not valid YAML{at}: {getattr(err, 'problem', None) or err}")
+        raise ValueError(f"config: {str(path)!r} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config: {path} must hold a mapping of fields, got {type(data).__name__}")
     return data
