@@ -39,8 +39,12 @@ def test_reward_function_in_env_kwargs_trains_and_is_recorded(tmp_path, scorer):
     if scorer is share_of_e:
         assert saved == f"{__name__}:share_of_e"
         # the recorded path is what a resumed run uses: resume and train 2 more updates with it
-        more = dataclasses.replace(cfg, total_steps=512, env_kwargs={"scorer": saved})
+        more = TrainConfig(env="textrl/TargetToken-v0", num_envs=8, total_steps=512, output_dir=str(tmp_path / "run"),
+                           env_kwargs={"scorer": saved})  # (the env's preset fills the rest, as it did for the run)
         assert train(more, resume=True, quiet=True).updates == 4
+        # dataclasses.replace gives every field (so no preset): the settings that differ are named, not used
+        with pytest.raises(ValueError, match=r"kl\.coef: 0\.001 \(the run\) -> 0\.05 \(given\)"):
+            train(dataclasses.replace(more, total_steps=768), resume=True, quiet=True)
     else:
         assert saved.startswith("<function")
 
@@ -187,6 +191,7 @@ def test_an_import_error_inside_the_users_module_is_reported_as_such(tmp_path, m
 
 def test_resume_without_samples_and_with_a_foreign_sampling_stream(tmp_path, capfd):
     from safetensors.torch import load_file, save_file
+    from textrl.checkpoint import _write_manifest
 
     cfg = TrainConfig(env="textrl/TargetToken-v0", num_envs=8, total_steps=256, output_dir=str(tmp_path))
     train(cfg, quiet=True)
@@ -196,8 +201,10 @@ def test_resume_without_samples_and_with_a_foreign_sampling_stream(tmp_path, cap
     cuda_saved = load_file(str(path))["state"].numel() == 16
     foreign = torch.Generator().get_state() if cuda_saved else torch.zeros(16, dtype=torch.uint8)
     save_file({"state": foreign}, str(path))
+    _write_manifest(path.parent)  # as a checkpoint written on the other device type would be (complete, verified)
     capfd.readouterr()
-    result = train(dataclasses.replace(cfg, total_steps=512), resume=True, quiet=True)
+    more = TrainConfig(env="textrl/TargetToken-v0", num_envs=8, total_steps=512, output_dir=str(tmp_path))
+    result = train(more, resume=True, quiet=True)
     assert result.updates == 4 and result.before is None and result.after is not None
     err = capfd.readouterr().err
     assert "warning: the saved sampling stream is from another device type" in err, err[-2000:]

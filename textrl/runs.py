@@ -137,7 +137,9 @@ def check_resume_settings(cfg: TrainConfig, path: Path) -> None:
         return  # (no readable config: the resume says what is missing when it loads)
     if not isinstance(saved, dict):
         return
-    given = to_dict(cfg)
+    from textrl.presets import with_preset
+
+    given = to_dict(with_preset(cfg))  # the settings the resumed run would use (its env's preset included)
     if not given.get("agent_config"):
         given.pop("agent_config", None)  # the Python API's default: the run's own agent config
     old, new, unset = _flat(saved), _flat(given), "(unset)"
