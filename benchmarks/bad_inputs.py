@@ -37,11 +37,11 @@ SKIP = {"seed"}  # any integer is a seed
 
 def _fields(cls: type, section: str | None = None) -> list[tuple[str, str, type]]:
     """(flag dest, flat name, base type) of the numeric fields of dataclass ``cls``."""
-    from textrl.config import _base_type, section_flat
+    from textrl.config import field_type, section_flat
 
     out = []
     for f in dataclasses.fields(cls):
-        tp, _ = _base_type(typing.get_type_hints(cls)[f.name])
+        tp, _ = field_type(cls, f.name)
         if tp in (int, float) and f.name not in SKIP:
             out.append((f.name, section_flat(section, f.name) if section else f.name, tp))
     return out

@@ -191,6 +191,7 @@ def test_an_import_error_inside_the_users_module_is_reported_as_such(tmp_path, m
 
 def test_resume_without_samples_and_with_a_foreign_sampling_stream(tmp_path, capfd):
     from safetensors.torch import load_file, save_file
+
     from textrl.checkpoint import _write_manifest
 
     cfg = TrainConfig(env="textrl/TargetToken-v0", num_envs=8, total_steps=256, output_dir=str(tmp_path))

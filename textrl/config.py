@@ -40,7 +40,7 @@ from textrl.validate import (
 
 __all__ = [
     "TrainConfig", "ModelConfig", "SamplingConfig", "KLConfig", "EvalConfig", "SECTIONS", "FLAT_KEYS",
-    "nest_run_fields", "section_flat", "given_fields", "coerce_field", "field_docs", "from_dict", "to_dict", "load_yaml", "preset_for",
+    "nest_run_fields", "section_flat", "given_fields", "field_type", "coerce_field", "field_docs", "from_dict", "to_dict", "load_yaml", "preset_for",
     "default_config_path",
 ]
 
@@ -350,6 +350,12 @@ def _coerce(tp: Any, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ValueError(value)
     return value
+
+
+def field_type(cls: type, name: str) -> tuple[Any, bool]:
+    """The declared type of field ``name`` of dataclass ``cls`` (``X | None`` unwrapped to ``X``), and whether
+    it may be None."""
+    return _base_type(typing.get_type_hints(cls)[name])
 
 
 def coerce_field(cls: type, name: str, value: Any, label: str | None = None) -> Any:
