@@ -349,9 +349,27 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
             prompts = [self.prompts[i] for i in which]
             completions = self.tokenizer.batch_decode(self.completion_ids(rows), skip_special_tokens=True)
             columns = {name: [values[i] for i in which] for name, values in self.columns.items()}
-            raw = call_scorer(self.scorer, prompts, completions, columns)
+            try:
+                raw = call_scorer(self.scorer, prompts, completions, columns)
+            except (ValueError, TypeError) as err:
+                if str(err).startswith("reward function"):  # (call_scorer's own message: the columns it needs)
+                    raise
+                raise ValueError(_scorer_failed(self.scorer, err, completions)) from err
+            except Exception as err:  # the user's code failed: say where, with what, before a long traceback
+                raise ValueError(_scorer_failed(self.scorer, err, completions)) from err
         scores = check_scores(raw, len(rows), self.scorer)
         return clip_and_normalise(scores, self.score_clip, self.score_scale, self.score_bias)
+
+
+def _scorer_failed(scorer: Any, err: BaseException, completions: list[str]) -> str:
+    import traceback
+
+    name = getattr(scorer, "__name__", type(scorer).__name__)
+    frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    where = f" at {frame.filename}:{frame.lineno}" if frame else ""
+    return (f"scorer: {name} raised {type(err).__name__}: {err}{where}, scoring {len(completions)} completion(s) (the "
+            f"first: {completions[0][:60]!r}); a scorer must return one finite score per completion for any text, "
+            "an empty or unparsable completion included")
 
 
 class TextGenEnv(gym.Env):

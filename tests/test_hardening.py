@@ -108,3 +108,18 @@ def test_register_agent_checks_its_target_when_registered():
         register_agent("mine", "nomod:X")
     with pytest.raises(ValueError, match="expected 'module:Class'"):
         register_agent("mine", "no_colon")
+
+
+def _raising_scorer(prompts, completions):
+    return [1.0 / 0 for _ in completions]
+
+
+def test_a_scorer_that_raises_is_named_with_where_and_on_what(tmp_path, capsys):
+    from textrl.api import Trainer
+
+    trainer = Trainer("textrl/tiny-char-gpt2", reward_funcs=_raising_scorer, train_dataset=["a b", "c d"], quiet=True,
+                      args={"total_steps": 64, "num_envs": 4, "output_dir": str(tmp_path / "run"),
+                            "env_kwargs": {"max_new_tokens": 4}})
+    with pytest.raises(ValueError, match=r"scorer: _raising_scorer raised ZeroDivisionError: .*division by zero at .*"
+                                         r"test_hardening.py:\d+, scoring \d+ completion"):
+        trainer.train()
