@@ -123,3 +123,19 @@ def test_a_scorer_that_raises_is_named_with_where_and_on_what(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"scorer: _raising_scorer raised ZeroDivisionError: .*division by zero at .*"
                                          r"test_hardening.py:\d+, scoring \d+ completion"):
         trainer.train()
+
+
+class _NarrowEnv:  # a custom text env whose constructor takes fewer arguments than textrl passes
+    def __init__(self, num_envs, tokenizer):
+        pass
+
+
+def test_a_custom_env_that_cannot_take_the_run_arguments_says_what_it_must_accept(tmp_path, capsys):
+    import gymnasium as gym
+
+    gym.register("test_hardening/Narrow-v0", vector_entry_point=f"{__name__}:_NarrowEnv", kwargs={"model": "textrl/tiny-char-gpt2"})
+    assert main(["train", "--env", "test_hardening/Narrow-v0", "--num-envs", "4", "--total-steps", "64",
+                 "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "could not be called with what a text run passes it (num_envs, tokenizer, device" in err
+    assert "Give its __init__ a **kwargs" in err

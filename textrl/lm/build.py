@@ -168,7 +168,15 @@ def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str,
     elif hasattr(kwargs.get("scorer"), "resolve"):  # reward models in a list of rewards load here, on the device
         kwargs["scorer"].resolve(lambda item: reward_model_scorer(item, device))
     with unpartitioned_loading():  # scorer models are frozen and whole on every process, even under ZeRO-3
-        envs = gym.make_vec(cfg.env, num_envs=num_envs or cfg.num_envs, tokenizer=tokenizer, device=device, **kwargs)
+        try:
+            envs = gym.make_vec(cfg.env, num_envs=num_envs or cfg.num_envs, tokenizer=tokenizer, device=device, **kwargs)
+        except TypeError as err:
+            if "unexpected keyword argument" not in str(err) and "positional argument" not in str(err):
+                raise
+            passed = ", ".join(["num_envs", "tokenizer", "device", *kwargs])
+            raise TypeError(f"env: {cfg.env}'s vector_entry_point could not be called with what a text run passes it "
+                            f"({passed}): {err}. Give its __init__ a **kwargs and pass them on to TextGenVectorEnv "
+                            "(or subclass textrl.envs.MultiTurnEnv, which takes them all)") from None
     if not isinstance(envs.unwrapped, TextGenVectorEnv):
         raise TypeError(f"env: {cfg.env} is not a textrl text env (got {type(envs.unwrapped).__name__}); text runs "
                         "need a TextGenVectorEnv or a subclass of it (see textrl.envs)")
