@@ -273,3 +273,20 @@ def test_num_processes_flag_is_checked():
 
     assert main(["train", "--num-processes", "zero"]) == 2
     assert main(["train", "--num-processes", "0"]) == 2
+
+
+def test_multi_turn_env_on_two_processes_equals_one_process(tmp_path):
+    """A multi-turn game (GuessNumber: the env writes "Higher."/"Lower." between the agent's turns) split over two
+    processes, each stepping its rows of the batch, trains like one process over all of them."""
+    from test_tasks import _tiny_model_dir
+
+    model = _tiny_model_dir(tmp_path)
+    args = ["train", "--env", "textrl/GuessNumber-v0", "--model", str(model), "--num-envs", "4", "--total-steps", "640",
+            "--lora-r", "0", "--num-minibatches", "1", "--eval-generations", "1", "--device", "cpu",
+            "--env-kwargs", '{"eval_prompts": [{"prompt": "go", "secret": 3}, {"prompt": "go", "secret": 8}]}']
+    run_here([*args[1:], "--output-dir", str(tmp_path / "one")])
+    launch(torchrun(), [*args, "--output-dir", str(tmp_path / "two")])
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == 2 and all(m["env/turns"] >= 1 for m in one)
+    assert_in_step(tmp_path / "two", slice(None))
+    assert_same_metrics(one, two, rel=1e-4)
