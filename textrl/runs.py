@@ -83,8 +83,15 @@ def resolve_output_dir(cfg: TrainConfig, resume: bool = False) -> tuple[Path, bo
     :func:`~textrl.checkpoint.recover_checkpoint`); a run that stopped before its first checkpoint starts
     again from the beginning (its logs deleted, its config kept), and says so."""
     path = Path(cfg.output_dir if cfg.output_dir is not None else broadcast_object(default_output_dir(cfg)))
-    if is_main():
-        lock_run_dir(path)
+    problem = None
+    if is_main():  # (its refusal goes to every process, so none waits for a main process that stopped)
+        try:
+            lock_run_dir(path)
+        except ValueError as err:
+            problem = str(err)
+    problem = broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
     # decided by the main process (another must not look after the main one deleted the old files)
     held = broadcast_object([n for n in ("config.yaml", "metrics.jsonl", "checkpoint") if (path / n).exists()])
     if resume:
