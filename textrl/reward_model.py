@@ -41,6 +41,7 @@ from textrl.parallel.distributed import (
     world_size,
 )
 from textrl.parallel.learner import Learner
+from textrl.validate import finite_number, non_negative_int
 
 __all__ = ["RewardModelConfig", "PreferenceRow", "load_preferences", "train_reward_model", "TrainedRewardScorer",
            "bradley_terry_loss", "NORMALISATION_FILE"]
@@ -107,11 +108,8 @@ class RewardModelConfig:
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be >= 0, got {self.lora_r!r}")
         for name in ("margin", "weight_decay", "lora_alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(self.torch_threads, bool) or not isinstance(self.torch_threads, int) or self.torch_threads < 0:
-            raise ValueError(f"torch_threads must be an integer >= 0 (0: torch's default), got {self.torch_threads!r}")
+            finite_number(name, getattr(self, name), minimum=0, strict=False)
+        non_negative_int("torch_threads", self.torch_threads)  # (0: torch's default)
 
 
 @dataclass
