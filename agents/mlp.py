@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from textrl.lm.sampling import sample_from_logits
 from textrl.rollout import ActOutput
+from textrl.shard import Shard
 
 __all__ = ["MLPActorCritic"]
 
@@ -32,7 +34,14 @@ def _mlp(n_in: int, hidden: tuple[int, ...], n_out: int, out_gain: float) -> nn.
 
 
 class MLPActorCritic(nn.Module):
-    """Policy logits and V(s) of a flat observation; ``act`` and ``value`` are what the collector calls."""
+    """Policy logits and V(s) of a flat observation; ``act`` and ``value`` are what the collector calls.
+
+    ``shard``: the sub-envs this process steps, as rows of the global vector env (data-parallel runs set it).
+    Actions are drawn by inverse CDF from uniforms of the global batch (torch's global stream, seeded alike on
+    every process), each process keeping its rows, so a data-parallel run samples the one-process actions.
+    """
+
+    shard: Shard = Shard()
 
     def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: tuple[int, ...]):
         super().__init__()
@@ -58,7 +67,7 @@ class MLPActorCritic(nn.Module):
     def act(self, obs: torch.Tensor) -> ActOutput:
         logits, values = self(obs)  # (B, A), (B,)
         logp_all = torch.log_softmax(logits, dim=-1)
-        actions = torch.multinomial(logp_all.exp(), 1)  # (B, 1)
+        actions = sample_from_logits(logits, shard=self.shard).unsqueeze(-1)  # (B, 1)
         return ActOutput(actions.squeeze(-1), logp_all.gather(-1, actions).squeeze(-1), values)
 
     @torch.no_grad()

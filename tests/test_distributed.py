@@ -149,16 +149,33 @@ def test_ppo_learns_on_two_processes_with_minibatches(tmp_path):
 
 
 @pytest.mark.learning
+def test_classic_run_on_two_processes_equals_one_process(tmp_path):
+    """A sync vector env (Acrobot: sub-env i seeded seed + i) split over two processes, each drawing its
+    sub-envs' actions from the one-process action stream, with one minibatch per epoch: metric for metric and
+    weight for weight the one-process run."""
+    args = ["train", "--env", "Acrobot-v1", "--num-envs", "8", "--num-steps", "64", "--total-steps", "1536",
+            "--seed", "1", "--num-minibatches", "1", "--num-epochs", "2"]
+    launch([str(BIN / "textrl")], [*args, "--output-dir", str(tmp_path / "one")])
+    launch(torchrun(), [*args, "--output-dir", str(tmp_path / "two")])
+    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+    assert_in_step(tmp_path / "two", slice(None))
+    a, b = (load_file(str(tmp_path / d / "checkpoint" / "model.safetensors")) for d in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 def test_ppo_learns_cartpole_on_two_processes(tmp_path):
-    """The classic path: each process steps half of the 8 CartPole sub-envs (seeded seed + i globally), DDP
-    averages the MLP's gradients; the same 30k-step bar as one process."""
+    """The classic path with minibatches, on CartPole's native vector env (one generator for all sub-envs, so
+    the split cannot equal one process; the test above shows the split itself is exact). Runs are
+    deterministic for a seed (two runs give identical metrics), but at 30k steps the final mean of 20 episodes
+    ranged 156-500 over seeds 1-3 — the old bar of 200 sat at the edge of what a seed reaches. At 50k steps
+    seeds 1-3 all end at 500: the bar is 300."""
     out = tmp_path / "run"
-    launch([str(BIN / "textrl")], ["train", "--env", "CartPole-v1", "--total-steps", "30000", "--seed", "1",
+    launch([str(BIN / "textrl")], ["train", "--env", "CartPole-v1", "--total-steps", "50000", "--seed", "1",
                                     "--output-dir", str(out), "--num-processes", "2"])
     m = metrics(out)
     assert_in_step(out, slice(None))
     assert m[0]["env/episode_return_mean20"] < 60
-    assert m[-1]["env/episode_return_mean20"] >= 200, m[-1]["env/episode_return_mean20"]
+    assert m[-1]["env/episode_return_mean20"] >= 300, m[-1]["env/episode_return_mean20"]
 
 
 def test_reward_model_on_two_processes_equals_one_process(tmp_path):

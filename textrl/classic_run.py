@@ -1,8 +1,10 @@
 """A run on a classic Gymnasium env: a vector env of sub-envs, an MLP actor-critic, PPO.
 
 Data-parallel under ``accelerate launch``/``torchrun``: process r steps sub-envs r·n … r·n + n − 1 of the
-global vector env, seeded seed + i like Gymnasium's reset(seed) seeds sub-env i; DDP averages the
-gradients; metrics are gathered and the files written once.
+global vector env, seeded seed + i like Gymnasium's reset(seed) seeds sub-env i, and draws those sub-envs'
+actions from the one-process action stream; DDP averages the gradients; metrics are gathered and the files
+written once. With one minibatch per epoch the run equals the one-process run; with several, each process
+shuffles its own rows into them (see :mod:`textrl.parallel.learner`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from textrl.collector import Collector
 from textrl.config import TrainConfig, from_dict
 from textrl.env_state import env_state, load_env_state
 from textrl.imports import env_spec
-from textrl.parallel.distributed import gather_objects, make_accelerator, rank, world_size
+from textrl.parallel.distributed import gather_objects, make_accelerator, process_shard, rank, world_size
 from textrl.parallel.learner import Learner
 from textrl.rollout import Rollout
 from textrl.runs import Run, RunResult, resolve_output_dir, seed_everything, torch_device
@@ -80,9 +82,10 @@ class ClassicRun(Run):
         self.device = torch.device(device if accelerator is None or device == "cpu" else accelerator.device)
         self.output_dir, resume = resolve_output_dir(cfg, resume)
         self.envs = make_envs(cfg, local)
+        seed_everything(cfg.seed)  # again: setting up the process group may have drawn from the global stream
         self.agent, self.learner = self._build_agent(accelerator)
-        if world > 1:
-            seed_everything(cfg.seed + self.rank)  # independent action noise per process (weights are synchronised)
+        if world > 1:  # the one-process action draws: the global stream on every process, each keeping its rows
+            self.agent.policy.shard = process_shard(local)
         num_steps = self.agent.config.num_steps
         self.steps_per_update = cfg.num_envs * num_steps
         self.num_updates = math.ceil(cfg.total_steps / self.steps_per_update)
