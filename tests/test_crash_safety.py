@@ -40,6 +40,13 @@ def test_a_step_that_makes_weights_non_finite_is_undone_with_its_update(tmp_path
         assert torch.equal(v, opt_before[k]), k  # and Adam's moments and step count
     run.agent.config.learning_rate = 1e-3
     assert run.learner.update(run.agent, rollout, 1.0)["train/nan_undone"] == 0  # training goes on from there
+    # the copy's buffers are reused: the restored optimiser state must not be them (the next copy refills them)
+    opt_mid = {k: v.clone() for k, v in run.learner.optimizer.state_dict()["state"][0].items()}
+    assert any(not torch.equal(opt_mid[k], opt_before[k]) for k in opt_mid)
+    run.agent.config.learning_rate = 1e39
+    assert run.learner.update(run.agent, rollout, 1.0)["train/nan_undone"] == 1
+    for k, v in run.learner.optimizer.state_dict()["state"][0].items():
+        assert torch.equal(v, opt_mid[k]), k
     run.close()
 
 
@@ -60,6 +67,23 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with pytest.raises(FloatingPointError, match="1 weight tensor.*not finite \\(w\\).*not written"):
         save_checkpoint(tmp_path, state, {"update": 1, "global_step": 1})
     assert not (tmp_path / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("value_model", ["head", "policy"])
+def test_a_model_file_with_a_non_finite_weight_is_refused_naming_the_tensor(tmp_path, value_model):
+    from textrl.envs.toy import char_tokenizer, tiny_gpt2
+
+    tok, model = char_tokenizer(), tiny_gpt2(len(char_tokenizer()))
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[3, 5] = float("inf")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    cfg, _ = resolve_train_config(["--env", "textrl/TargetToken-v0", "--model", str(tmp_path / "model"),
+                                   "--value-model", value_model, "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=r"model: '.*model' holds non-finite weights \(transformer.h.0.mlp.c_fc"
+                                         r".weight: 1 of \d+ values are NaN or inf\).*checkpoint-<N>"):
+        make_run(cfg, quiet=True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("moment", ["new_complete_old_aside", "new_complete_no_old", "new_incomplete"])
@@ -168,7 +192,8 @@ def _metrics(run_dir):
 @pytest.mark.parametrize("flags", [
     ["--env", "CartPole-v1", "--num-envs", "4", "--num-steps", "32", "--total-steps", "1536"],
     ["--env", "textrl/TargetToken-v0", "--num-envs", "8", "--total-steps", "1024"],
-], ids=["cartpole", "text-ppo"])
+    ["--env", "textrl/TargetToken-v0", "--num-envs", "8", "--total-steps", "1024", "--agent", "grpo"],
+], ids=["cartpole", "text-ppo", "text-grpo"])
 def test_killed_at_random_moments_and_resumed_equals_the_uninterrupted_run(tmp_path, flags):
     """SIGKILL at random moments of the updates and checkpoint writes (each a random delay after the run logged
     an update, so every session makes progress whatever the machine's load), then --resume, up to four times;

@@ -23,7 +23,7 @@ from textrl.lm.policy import LMActorCritic, add_lora
 from textrl.parallel.deepspeed import unpartitioned_loading, zero3_loading
 from textrl.shard import Shard
 
-__all__ = ["policy_model_name", "build_policy", "build_critic", "build_text_env", "build_kl_env", "load_reward_model",
+__all__ = ["policy_model_name", "check_finite_weights", "build_policy", "build_critic", "build_text_env", "build_kl_env", "load_reward_model",
            "builds", "context_length_of",
            "reward_model_scorer"]
 
@@ -54,6 +54,17 @@ def build_critic(model: ModelConfig, policy_name: str, lm: torch.nn.Module) -> t
     return critic
 
 
+def check_finite_weights(module: torch.nn.Module, field: str, source: Any) -> None:
+    """Refuse a model with a NaN or inf weight before anything runs on it (it would train on NaN losses that
+    every step skips, or fail a health check with a misleading message)."""
+    for pname, p in module.named_parameters():
+        if p.is_floating_point() and p.numel() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise ValueError(f"{field}: {str(source)!r} holds non-finite weights ({pname}: {bad} of {p.numel()} "
+                             "values are NaN or inf); the file is damaged or was saved from a diverged run. "
+                             "Load a good copy (an earlier checkpoint-<N>/ of the run, or the base model)")
+
+
 def build_policy(cfg: TrainConfig, device: torch.device | str, value_head: bool = True, lm: Any = None,
                  tokenizer: Any = None):
     """``(tokenizer, policy, reference)`` of a text run: the policy model (LoRA adapters if ``model.lora_r``,
@@ -73,7 +84,10 @@ def build_policy(cfg: TrainConfig, device: torch.device | str, value_head: bool 
     if lm is not None and any(p.is_floating_point() and p.dtype != torch.float32 for p in lm.parameters()):
         lm = lm.float()  # trained in fp32 like a model loaded by name (bf16 weights round small updates away)
     lm = disable_dropout(lm) if lm is not None else load_causal_lm(name, quantization=model.quantization, **placed)
+    check_finite_weights(lm, "model", name)
     critic = build_critic(model, name, lm) if value_head else None
+    if critic is not None and critic is not lm:
+        check_finite_weights(critic, "value_model", model.value_model or name)
     reference = None
     if model.lora_r > 0:
         for p in lm.parameters():

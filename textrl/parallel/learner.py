@@ -68,6 +68,7 @@ class Learner:
             self.model, self.optimizer = accelerator.prepare(policy, optimizer)
         self.reduce = Reducer()
         self._good: tuple[list[torch.Tensor], dict[str, Any]] | None = None  # see remember()
+        self._buffers: dict[Any, torch.Tensor] = {}  # remember()'s CPU buffers, reused
         self.undone = False  # the last apply() undid its step (and everything since remember())
 
     @classmethod
@@ -205,15 +206,23 @@ class Learner:
 
     def remember(self) -> None:
         """Copy the trained weights and the optimiser state to the CPU: :meth:`apply` goes back to this copy
-        when a step makes a weight non-finite. (Not under DeepSpeed, whose engine steps inside backward and
-        partitions its state; its checkpoints are still refused when non-finite.)"""
+        when a step makes a weight non-finite. The CPU buffers are allocated once (pinned on CUDA) and
+        refilled each update with asynchronous copies, queued before the update's steps on the same stream.
+        (Not under DeepSpeed, whose engine steps inside backward and partitions its state; its checkpoints
+        are still refused when non-finite.)"""
         if self.deepspeed:
             return
-        cpu = lambda x: x.detach().to("cpu", copy=True) if torch.is_tensor(x) else copy.deepcopy(x)  # noqa: E731
         state = self.optimizer.state_dict()
-        optimizer = {"state": {k: {n: cpu(v) for n, v in st.items()} for k, st in state["state"].items()},
+        optimizer = {"state": {k: {n: self._stash((k, n), v) if torch.is_tensor(v) else copy.deepcopy(v)
+                                   for n, v in st.items()} for k, st in state["state"].items()},
                      "param_groups": copy.deepcopy(state["param_groups"])}
-        self._good = ([cpu(p) for p in self.params], optimizer)
+        self._good = ([self._stash(i, p) for i, p in enumerate(self.params)], optimizer)
+
+    def _stash(self, key: Any, t: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        return buf.copy_(t.detach(), non_blocking=t.is_cuda)
 
     def restore(self) -> None:
         """Back to :meth:`remember`'s copy: weights and optimiser state (its tensors return to their
@@ -222,7 +231,10 @@ class Learner:
         with torch.no_grad():
             for p, saved in zip(self.params, weights, strict=True):
                 p.copy_(saved)
-        self.optimizer.load_state_dict(optimizer)
+        # clones: on the CPU load_state_dict would keep the buffers themselves, which remember() refills
+        state = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in st.items()}
+                 for k, st in optimizer["state"].items()}
+        self.optimizer.load_state_dict({"state": state, "param_groups": copy.deepcopy(optimizer["param_groups"])})
         self.optimizer.zero_grad(set_to_none=True)
 
     # --- weights and state ----------------------------------------------------------------------
