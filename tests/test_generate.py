@@ -96,3 +96,28 @@ def test_sampling_stream_checkpoints_and_a_state_from_another_device_type_is_ref
     assert torch.equal(draw(gen), first)  # the saved stream continues exactly
     with pytest.raises(ValueError, match="another device type"):
         gen.load_rng_state(torch.zeros(16, dtype=torch.uint8))  # a CUDA (Philox) generator's 16-byte state
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_gpt2(V), tiny_llama], ids=["gpt2", "llama"])
+def test_repeated_prompts_are_encoded_once_and_decode_as_if_each_had_its_own(build):
+    """k completions per prompt (rows 0, 2, 3 share one prompt, rows 1, 4 another): the prefill encodes the
+    2 distinct prompts and shares their cache; every later step's log-probs equal an unshared cache's."""
+    model = build()
+    prompts = [[5, 6, 7], [8, 9], [5, 6, 7], [5, 6, 7], [8, 9]]
+    ids = torch.tensor([[0] * (3 - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (3 - len(p)) + [1] * len(p) for p in prompts])
+    shared, alone = CachedForward(model), CachedForward(model, share_prefixes=False)
+    shared.prefill(ids, mask)
+    alone.prefill(ids, mask)
+    assert (shared.prefill_rows, alone.prefill_rows) == (2, 5)
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):  # the rows diverge from their first token; row 3 ends after step 2
+        torch.testing.assert_close(torch.log_softmax(shared.next_logits, -1),
+                                   torch.log_softmax(alone.next_logits, -1), atol=1e-5, rtol=0)
+        tokens = torch.randint(3, V, (5, 1), generator=g)
+        live = torch.tensor([[True], [True], [True], [step < 2], [True]])
+        shared.extend(tokens, live)
+        alone.extend(tokens, live)
+    distinct = CachedForward(model)
+    distinct.prefill(ids[:2], mask[:2])
+    assert distinct.prefill_rows == 2  # no repeats: nothing to share

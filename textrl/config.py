@@ -118,6 +118,10 @@ class SamplingConfig:
     """Nucleus sampling threshold (1 = off)."""
     min_new_tokens: int = 0
     """Forbid the stop token for the first this many tokens of a completion (as generate's min_new_tokens)."""
+    decoder: str = "auto"
+    """How rollouts advance the policy: "dynamic" (a growing KV cache, one eager forward per token), "static"
+    (a preallocated cache), "compiled" (the static cache with a torch.compile'd decode step; CUDA graphs on
+    CUDA), "auto" = compiled on CUDA, dynamic elsewhere. All give the same tokens and log-probs."""
 
     flat: ClassVar[dict[str, str]] = {}
 
@@ -127,6 +131,8 @@ class SamplingConfig:
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
         non_negative_int("min_new_tokens", self.min_new_tokens)
+        if self.decoder not in ("auto", "dynamic", "static", "compiled"):
+            raise ValueError(f"decoder must be one of auto, dynamic, static, compiled, got {self.decoder!r}")
 
 
 @records_given

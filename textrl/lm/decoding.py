@@ -18,7 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from textrl.logprobs import token_logprobs
 
-__all__ = ["CachedForward", "positions_from_mask", "sequence_logprobs"]
+__all__ = ["CachedForward", "distinct_rows", "positions_from_mask", "sequence_logprobs"]
 
 
 #: the forward keyword that takes a KV cache: ``cache`` in current transformers (``past_key_values`` is
@@ -36,6 +36,20 @@ def cache_kwarg(model: Any) -> str:
     return next((name for name in ("cache", "past_key_values") if name in params), CACHE_KWARG)
 
 
+def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(distinct, inverse)``: the first row of each distinct (ids, mask) row, in order of first appearance,
+    and for every row the index of its distinct row; ``(None, None)`` when no row repeats another."""
+    key = torch.cat([ids, mask], dim=-1)
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if uniq.shape[0] == key.shape[0]:
+        return None, None
+    rows = torch.arange(key.shape[0], device=key.device)
+    first = torch.full((uniq.shape[0],), key.shape[0], device=key.device).scatter_reduce(0, inverse, rows, "amin")
+    order = torch.argsort(first)  # distinct rows in order of first appearance
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=key.device))
+    return first[order], rank[inverse]
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding: the i-th real token of a row gets position i. ``[B, L]``."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -49,29 +63,39 @@ class CachedForward:
     temperature-scaled) predicts each row's next token.
     """
 
-    def __init__(self, model: torch.nn.Module):
-        self.model, self.cache_kwarg = model, cache_kwarg(model)
+    def __init__(self, model: torch.nn.Module, share_prefixes: bool = True):
+        self.model, self.cache_kwarg, self.share_prefixes = model, cache_kwarg(model), share_prefixes
+        self.prefill_rows = 0  # rows the last prefill encoded (fewer than the batch when prefixes repeat)
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (B, C) cache-layout attention mask
         self.next_logits: torch.Tensor | None = None  # (B, V)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Encode ``[B, L]`` left-padded prefixes; returns the next-token logits ``[B, V]``."""
+        """Encode ``[B, L]`` left-padded prefixes; returns the next-token logits ``[B, V]``. Rows that repeat
+        another row's prefix (k completions per prompt) are encoded once and their cache shared: the
+        distinct prefixes go through the model, then the cache and logits are gathered back to ``B`` rows."""
         used = attention_mask.bool().any(0).nonzero()
         if used.numel() == 0:
             raise ValueError("prefill: every row is empty (attention_mask is all 0)")
         start, end = int(used[0]), int(used[-1]) + 1  # drop columns that are padding in every row
         ids, mask = input_ids[:, start:end], attention_mask[:, start:end].long()
+        distinct, inverse = distinct_rows(ids * mask, mask) if self.share_prefixes else (None, None)
+        if distinct is not None:
+            ids, mask = ids[distinct], mask[distinct]
         self.cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
                          use_cache=True, **{self.cache_kwarg: self.cache})
         self.cache = getattr(out, self.cache_kwarg, None) or self.cache  # (updated in place; some models return a new one)
-        self.mask = mask
         # Each row's next token is predicted at its own last real column (rows reset by mask may end earlier).
-        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (B,)
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (b,)
         rows = torch.arange(mask.shape[0], device=mask.device)
-        self.next_logits = out.logits[rows, last].float()  # (B, V)
+        self.next_logits = out.logits[rows, last].float()  # (b, V)
+        if distinct is not None:  # back to one row per completion
+            self.cache.batch_select_indices(inverse)
+            self.next_logits, mask = self.next_logits[inverse], mask[inverse]
+        self.mask = mask
+        self.prefill_rows = int(rows.numel())
         return self.next_logits
 
     @torch.no_grad()

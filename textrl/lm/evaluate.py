@@ -6,6 +6,7 @@ prompt-to-prompt spread of the score cancels in the difference (:func:`paired_ga
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,8 @@ def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, prompts:
     world, me = world_size(), rank()
     bar = tqdm(total=len(rows), desc="held-out evaluation", unit="answer", leave=False,
                disable=None if progress else True)  # (None: off when stderr is not a terminal)
+    # a compiled step would be compiled again for each chunk's batch: evaluation decodes eagerly
+    eval_sampling = dataclasses.replace(sampling, decoder="static" if sampling.decoder == "static" else "dynamic")
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
         lo, hi = me * len(part) // world, (me + 1) * len(part) // world  # this process's rows of the chunk
@@ -125,7 +128,7 @@ def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, prompts:
         if hi > lo:
             kl_env = build_kl_env(env.with_prompts(part, num_envs=hi - lo, shard=shard), reference, kl,
                                   sampling.temperature, in_reward=False)  # the KL is measured, not paid
-            generator = HFGenerator.from_config(policy, sampling, rng, shard, stop_ids=env.stop_token_ids)
+            generator = HFGenerator.from_config(policy, eval_sampling, rng, shard, stop_ids=env.stop_token_ids)
             ro = collect_tokens(kl_env, generator, seed=seed)
             episode = [dict(zip(ro.episode_stats, row, strict=True))
                       for row in zip(*(v.tolist() for v in ro.episode_stats.values()), strict=True)] \

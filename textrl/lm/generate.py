@@ -17,9 +17,24 @@ import torch
 
 from textrl.lm.decoding import CachedForward
 from textrl.lm.sampling import TokenSampler
+from textrl.lm.static import StaticForward
 from textrl.shard import Shard
 
-__all__ = ["Generator", "HFGenerator"]
+__all__ = ["Generator", "HFGenerator", "DECODERS", "resolve_decoder"]
+
+#: how the generator advances the model (``sampling.decoder``): "dynamic" = a growing KV cache, one eager
+#: forward per step (the reference implementation); "static" = a preallocated cache, eager; "compiled" = the
+#: static cache with a compiled decode step (CUDA graphs on CUDA); "auto" = compiled on CUDA, dynamic elsewhere
+DECODERS = ("auto", "dynamic", "static", "compiled")
+
+
+def resolve_decoder(decoder: str, device: torch.device | str) -> str:
+    """``decoder`` with "auto" resolved for ``device``."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {list(DECODERS)}, got {decoder!r}")
+    if decoder == "auto":
+        return "compiled" if torch.device(device).type == "cuda" else "dynamic"
+    return decoder
 
 
 class Generator(Protocol):
@@ -48,14 +63,21 @@ class HFGenerator:
     The log-prob returned with each token is that of the full temperature-scaled distribution (what the update
     recomputes); with top-k/top-p/min_new_tokens the sampling distribution is truncated, which makes the
     samples slightly off-policy — the same convention as TRL.
+
+    ``decoder`` (see :data:`DECODERS`): "static" and "compiled" advance the model in a preallocated cache
+    (:class:`~textrl.lm.static.StaticForward`, tested against the dynamic one); repeated prompts are prefilled
+    once with any decoder.
     """
 
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  rng: torch.Generator | None = None, shard: Shard | None = None, min_new_tokens: int = 0,
-                 stop_ids: tuple[int, ...] = ()):
+                 stop_ids: tuple[int, ...] = (), decoder: str = "dynamic"):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        self.forward = CachedForward(model)
+        device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
+        self.decoder = resolve_decoder(decoder, device)
+        self.forward = CachedForward(model) if self.decoder == "dynamic" else \
+            StaticForward(model, compile=self.decoder == "compiled")
         self.sampler = TokenSampler(temperature, top_k, top_p, rng, shard, min_new_tokens, stop_ids)
         self.rows = 0
 
@@ -64,7 +86,7 @@ class HFGenerator:
                     shard: Shard | None = None, stop_ids: tuple[int, ...] = ()) -> HFGenerator:
         """From a :class:`~textrl.config.SamplingConfig`."""
         return cls(model, sampling.temperature, sampling.top_k, sampling.top_p, rng, shard,
-                   sampling.min_new_tokens, stop_ids)
+                   sampling.min_new_tokens, stop_ids, sampling.decoder)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.rows = input_ids.shape[0]

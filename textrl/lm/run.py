@@ -9,6 +9,7 @@ optimiser, KL controller, the CPU random streams, the env's and the generator's)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -131,7 +132,7 @@ class LMRun(Run):
                                postfix_keys={"reward/score_mean": "score", "policy/kl_ref": "kl",
                                              "losses/policy": "pg"})
         self.comparable_weights = not is_zero3(accelerator)
-        self.tokens_seen, self.warn_streak, self.before = 0.0, 0, None
+        self.tokens_seen, self.warn_streak, self.before, self.fallback_told = 0.0, 0, None, False
 
     def _build(self, accelerator: Any, model: Any = None, tokenizer: Any = None) -> None:
         """Agent config → (fail early) → policy and reference → env → agent and learner → KL wrapper."""
@@ -173,7 +174,11 @@ class LMRun(Run):
         self.kl_env = build_kl_env(self.envs, self.reference, cfg.kl, cfg.sampling.temperature,
                                    in_reward=cls.kl_in == "reward")
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)  # the sampling stream
-        self.generator = HFGenerator.from_config(self.policy.lm, cfg.sampling, self.rng, self.shard,
+        sampling = cfg.sampling
+        if sampling.decoder == "auto" and (is_zero3(accelerator) or cfg.model.quantization):
+            # ZeRO-3 gathers the weights around each rollout and bitsandbytes' kernels do not compile: no graphs
+            sampling = dataclasses.replace(sampling, decoder="dynamic")
+        self.generator = HFGenerator.from_config(self.policy.lm, sampling, self.rng, self.shard,
                                                  stop_ids=self.base.stop_token_ids)
 
     def _resume(self) -> None:
@@ -228,7 +233,8 @@ class LMRun(Run):
         if getattr(self.base, "pad_note", None):
             msg(f"note: {self.base.pad_note}")
         msg(f"health: PAD={self.base.pad_token_id} != EOS={self.base.eos_token_id}; dropout off; "
-            f"reference = {'policy with LoRA adapters off' if self.policy.is_lora else 'frozen copy'}")
+            f"reference = {'policy with LoRA adapters off' if self.policy.is_lora else 'frozen copy'}; "
+            f"decoder = {self.generator.decoder}")
         if self.world > 1:
             msg(f"data-parallel: {self.world} processes × {self.local_envs} rows = num_envs {self.cfg.num_envs} "
                 f"({self.learner.accelerator.distributed_type.value}: gradients averaged across the processes)")
@@ -260,7 +266,14 @@ class LMRun(Run):
         # Rollouts stay in fp32: bf16 noise on the logits biases the sampled tokens' log π − log π_ref upwards
         # (tokens whose logit was rounded up get sampled more), inflating the KL penalty.
         with self.learner.full_weights():
-            return collect_tokens(self.kl_env, self.generator)
+            rollout = collect_tokens(self.kl_env, self.generator)
+        fallback = getattr(self.generator.forward, "fallback", None)
+        if fallback and not self.fallback_told:
+            self.fallback_told = True
+            self.tracker.message(f"warning: decoder: the compiled decode step failed ({fallback}); rollouts go on "
+                                 "with the eager static-cache step (the same tokens, slower). Set sampling.decoder: "
+                                 "static to skip compiling")
+        return rollout
 
     def update(self, batch: TokenRollout, progress_remaining: float) -> dict[str, float]:
         # the update's old log-probs and new ones come from the same (bf16 or fp32) path

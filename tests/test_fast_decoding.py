@@ -1,0 +1,111 @@
+"""The fast decoders (issue 16) against the reference one: a static KV cache, eager or with a compiled decode
+step, and prompts shared by k completions prefilled once — the same tokens and log-probs (to 1e-5) as the
+dynamic cache, over ragged extends, ended rows, several batches, single- and multi-turn envs."""
+
+import pytest
+import torch
+from helpers import rollout
+from test_generate import V, tiny_llama
+from test_multi_turn import PROMPTS, Echo, chat_tokenizer
+from textrl.envs.toy import target_token_env, tiny_gpt2
+
+import textrl.lm.static as static_module
+from textrl.config import SamplingConfig
+from textrl.lm.decoding import CachedForward
+from textrl.lm.generate import HFGenerator, resolve_decoder
+from textrl.lm.static import BUCKET, StaticForward
+
+
+def batch(width: int = 16):
+    """5 left-padded prompts in a buffer of ``width`` columns; rows 0 and 2, and 1 and 4, repeat a prompt."""
+    prompts = [[5, 6, 7], [8, 9], [5, 6, 7], [10, 11, 12, 13], [8, 9]]
+    ids, mask = torch.zeros(5, width, dtype=torch.long), torch.zeros(5, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 4 - len(p):4], mask[i, 4 - len(p):4] = torch.tensor(p), 1
+    return ids, mask
+
+
+def assert_same_decoding(reference, fast, episodes: int = 2) -> None:
+    """Drive both forwards through the same episodes: one column per step, a ragged 2-column extend with a
+    masked slot, row 3 ending early; the next-token log-probs agree at every step."""
+    g = torch.Generator().manual_seed(0)
+    ids, mask = batch()
+    for _ in range(episodes):  # the second episode reuses (resets) the static cache
+        reference.prefill(ids, mask)
+        fast.prefill(ids, mask)
+        for step in range(9):
+            torch.testing.assert_close(torch.log_softmax(fast.next_logits, -1),
+                                       torch.log_softmax(reference.next_logits, -1), atol=1e-5, rtol=0)
+            n = 2 if step == 3 else 1
+            tokens = torch.randint(3, V, (5, n), generator=g)
+            live = torch.ones(5, n, dtype=torch.bool)
+            live[3] = step < 2
+            live[1, 0] = n == 1
+            reference.extend(tokens, live)
+            fast.extend(tokens, live)
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_gpt2(V), tiny_llama], ids=["gpt2", "llama"])
+def test_static_cache_decodes_as_the_dynamic_one(build):
+    model = build()
+    fast = StaticForward(model)
+    assert_same_decoding(CachedForward(model, share_prefixes=False), fast)
+    assert fast.prefill_rows == 3 and fast.capacity == BUCKET  # 3 distinct prompts; 16 columns -> one bucket
+
+
+def test_compiled_decode_step_decodes_as_the_dynamic_one():
+    """torch.compile on the CPU (inductor): the same function CUDA captures in graphs."""
+    model = tiny_llama()
+    fast = StaticForward(model, compile=True)
+    assert_same_decoding(CachedForward(model), fast)
+    assert fast.fallback is None  # the compiled step ran, not the eager fallback
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_step(monkeypatch):
+    def broken(fn, **kwargs):
+        def run(*a):
+            fn(*a)  # a failure after part of the step ran: the cache's write position must be undone
+            raise RuntimeError("compiler exploded\nsecond line")
+        return run
+
+    monkeypatch.setattr(static_module.torch, "compile", broken)
+    model = tiny_llama()
+    fast = StaticForward(model, compile=True)
+    assert_same_decoding(CachedForward(model), fast)
+    assert fast.fallback == "RuntimeError: compiler exploded"
+
+
+def test_a_static_cache_too_narrow_for_the_env_is_refused_naming_the_fix():
+    fast = StaticForward(tiny_gpt2(V))
+    ids, mask = batch(width=4)
+    fast.prefill(ids, mask)
+    for _ in range(BUCKET - 4):
+        fast.extend(torch.ones(5, 1, dtype=torch.long), torch.ones(5, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"static cache holds 64 columns and 65 are needed.*decoder: dynamic"):
+        fast.extend(torch.ones(5, 1, dtype=torch.long), torch.ones(5, 1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("env", ["grpo-groups", "multi-turn"])
+def test_a_rollout_with_the_static_decoder_equals_the_dynamic_one(env):
+    """Through collect_tokens: k=4 completions per prompt (prefills shared), and a multi-turn env whose
+    replies extend the cache between the agent's turns."""
+    if env == "grpo-groups":
+        make = lambda: target_token_env(8, num_generations=4, max_new_tokens=12)  # noqa: E731
+        model = tiny_gpt2(len(make().unwrapped.tokenizer))
+    else:
+        make = lambda: Echo(4, chat_tokenizer(), PROMPTS, max_turn_tokens=4, max_new_tokens=48)  # noqa: E731
+        model = tiny_gpt2(len(chat_tokenizer()))
+    runs = [rollout(make(), model, seed=0, rng=torch.Generator().manual_seed(1), decoder=d)
+            for d in ("dynamic", "static")]
+    a, b = runs
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.action_mask, b.action_mask)
+    torch.testing.assert_close(b.logprobs, a.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.rewards, a.rewards, atol=1e-6, rtol=0)
+
+
+def test_decoder_choice():
+    assert resolve_decoder("auto", "cpu") == "dynamic" and resolve_decoder("auto", "cuda:0") == "compiled"
+    assert isinstance(HFGenerator(tiny_gpt2(V), decoder="static").forward, StaticForward)
+    assert isinstance(HFGenerator(tiny_gpt2(V)).forward, CachedForward)
+    with pytest.raises(ValueError, match="decoder must be one of auto, dynamic, static, compiled, got 'fast'"):
+        SamplingConfig(decoder="fast")

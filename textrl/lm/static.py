@@ -1,0 +1,158 @@
+"""A causal LM advanced in a preallocated (static) KV cache, with an optionally compiled decode step.
+
+:class:`StaticForward` has :class:`~textrl.lm.decoding.CachedForward`'s interface and layout (one cache
+column per step for every row, masked slots for rows without a token there, a cache-layout attention mask,
+positions that skip the masked columns), so the two give the same tokens and log-probs; it is tested against
+it. What differs is where the keys and values live: one transformers ``StaticCache`` of ``B`` rows ×
+``capacity`` columns, allocated for the first batch and reset (not reallocated) for each later one, so the
+one-column decode step has the same shapes and tensor addresses at every call. ``compile=True`` compiles that
+step with ``torch.compile`` (``mode="reduce-overhead"`` on CUDA: CUDA-graph capture; the default mode
+elsewhere); prefill and multi-column extends run eagerly. Recompiles are bounded: ``capacity`` is the env's
+buffer width rounded up to a multiple of :data:`BUCKET`, and a batch of another size or width gets its own
+cache (and compile) once.
+
+Repeated prompts (k completions per prompt) are prefilled once: the distinct prefixes go through the model
+with a dynamic cache whose rows are then written to every row of the static one that shares them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from textrl.lm.decoding import cache_kwarg, distinct_rows, positions_from_mask
+from textrl.logprobs import token_logprobs
+
+__all__ = ["StaticForward", "BUCKET"]
+
+#: cache widths are rounded up to a multiple of this, so a run's batches share one compiled step
+BUCKET = 64
+
+
+class StaticForward:
+    """Next-token logits of a causal LM, advanced column by column in a static KV cache.
+
+    Args:
+        model: a Hugging Face causal LM whose attention supports ``StaticCache`` (Llama, Qwen2, GPT-2, ... —
+            what ``generate(cache_implementation="static")`` needs).
+        compile: compile the one-column decode step (``torch.compile``; CUDA graphs on CUDA).
+        share_prefixes: prefill repeated prompts once (see the module docstring).
+    """
+
+    def __init__(self, model: torch.nn.Module, compile: bool = False, share_prefixes: bool = True):
+        self.model, self.cache_kwarg, self.share_prefixes = model, cache_kwarg(model), share_prefixes
+        self.compile = compile
+        self.cache: StaticCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, capacity) cache-layout attention mask, 0 beyond `used`
+        self.used = 0  # columns written so far
+        self.next_logits: torch.Tensor | None = None  # (B, V)
+        self.prefill_rows = 0
+        self._step = None  # the (compiled) one-column step of the current cache
+        self.fallback: str | None = None  # why the compiled step gave way to the eager one (None: it did not)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def _cache_for(self, rows: int, width: int, device: torch.device) -> None:
+        """A static cache of ``rows`` × ``width`` columns (bucketed): the current one, reset, when it fits."""
+        capacity = -(-width // BUCKET) * BUCKET
+        if self.cache is not None and self.mask.shape[0] == rows and self.capacity >= capacity:
+            self.cache.reset()
+            self.mask.zero_()
+            return
+        config = getattr(self.model, "config", None)
+        if config is None:
+            raise TypeError(f"decoder: a static cache needs a Hugging Face model with a .config; "
+                            f"{type(self.model).__name__} has none. Use sampling.decoder: dynamic")
+        self.cache = StaticCache(config=config, max_cache_len=capacity)
+        self.mask = torch.zeros(rows, capacity, dtype=torch.long, device=device)
+        self._step = self._compiled_step() if self.compile else self._forward
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encode ``[B, L]`` left-padded prefixes in a cache wide enough for the ``L`` columns (the env's whole
+        buffer: prompt and response columns); returns the next-token logits ``[B, V]``."""
+        used = attention_mask.bool().any(0).nonzero()
+        if used.numel() == 0:
+            raise ValueError("prefill: every row is empty (attention_mask is all 0)")
+        start, end = int(used[0]), int(used[-1]) + 1  # drop columns that are padding in every row
+        ids, mask = input_ids[:, start:end], attention_mask[:, start:end].long()
+        B, n = mask.shape
+        self._cache_for(B, input_ids.shape[1] - start, mask.device)
+        distinct, inverse = distinct_rows(ids * mask, mask) if self.share_prefixes else (None, None)
+        rows = distinct if distinct is not None else torch.arange(B, device=mask.device)
+        scratch = DynamicCache()
+        out = self.model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions_from_mask(mask[rows]),
+                         use_cache=True, **{self.cache_kwarg: scratch})
+        scratch = getattr(out, self.cache_kwarg, None) or scratch
+        expand = inverse if inverse is not None else slice(None)
+        for layer, done in zip(self.cache.layers, scratch.layers, strict=True):
+            layer.update(done.keys[expand], done.values[expand])
+        self.mask[:, :n] = mask
+        self.used = n
+        last = n - 1 - mask.flip(-1).argmax(-1)  # (B,)
+        logits = out.logits[:, -n:][expand] if inverse is not None else out.logits
+        self.next_logits = logits[torch.arange(B, device=mask.device), last].float()
+        self.prefill_rows = int(rows.numel())
+        return self.next_logits
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Append ``[B, n]`` columns, as :meth:`CachedForward.extend` does (masked slots for rows without a
+        token there); one column goes through the (compiled) decode step."""
+        assert self.mask is not None, "prefill first"
+        mask = mask.to(self.mask.device).long()  # (B, n)
+        n = mask.shape[1]
+        if self.used + n > self.capacity:
+            raise ValueError(f"decoder: the static cache holds {self.capacity} columns and {self.used + n} are "
+                             "needed (the env wrote more columns than its buffer width); use sampling.decoder: "
+                             "dynamic for this env")
+        positions = self.mask.sum(-1, keepdim=True) - 1 + mask.cumsum(-1)  # (B, n): masked slots repeat the last
+        self.mask[:, self.used:self.used + n] = mask
+        self.used += n
+        if n == 1:
+            new = self._step(tokens, self.mask, positions)
+        else:
+            new = self._forward(tokens, self.mask, positions, n)
+        self.next_logits = torch.where(mask.bool().any(-1, keepdim=True), new, self.next_logits)
+        return self.next_logits
+
+    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 n: int = 1) -> torch.Tensor:
+        """Logits after each row's last real new column (the last column when none is real), ``[B, V]``."""
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_kwarg: self.cache})
+        new = self.mask[:, self.used - n:self.used]
+        last = n - 1 - new.flip(-1).argmax(-1)
+        return out.logits[torch.arange(tokens.shape[0], device=tokens.device), last].float()
+
+    def _compiled_step(self) -> Any:
+        mode = "reduce-overhead" if self.mask.device.type == "cuda" else None
+        step = torch.compile(self._one_column, mode=mode, dynamic=False, fullgraph=False)
+
+        def run(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            written = [layer.cumulative_length.clone() for layer in self.cache.layers]
+            try:  # CUDA graphs reuse their output buffers at the next replay: keep a copy
+                return step(tokens, mask, positions).clone()
+            except Exception as err:  # noqa: BLE001 - any compiler failure: the eager step computes the same
+                if self.fallback is not None:
+                    raise
+                self.fallback = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                for layer, n in zip(self.cache.layers, written, strict=True):
+                    layer.cumulative_length.copy_(n)  # undo a partial write before the eager step redoes it
+                self._step = self._forward
+                return self._forward(tokens, mask, positions)
+        return run
+
+    def _one_column(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_kwarg: self.cache})
+        return out.logits[:, -1].float()
+
+    def logprobs_of(self, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """log p(token) under the current next-token distribution at ``temperature``, ``[B]``."""
+        assert self.next_logits is not None, "prefill first"
+        return token_logprobs(self.next_logits, tokens, temperature)
