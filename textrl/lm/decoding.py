@@ -18,7 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from textrl.logprobs import token_logprobs
 
-__all__ = ["CachedForward", "distinct_rows", "positions_from_mask", "sequence_logprobs"]
+__all__ = ["CachedForward", "distinct_rows", "last_logits", "positions_from_mask", "sequence_logprobs"]
 
 
 #: the forward keyword that takes a KV cache: ``cache`` in current transformers (``past_key_values`` is
@@ -48,6 +48,30 @@ def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor |
     order = torch.argsort(first)  # distinct rows in order of first appearance
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=key.device))
     return first[order], rank[inverse]
+
+
+def last_logits(model: Any, cache_kwarg_name: str, cache: Any, ids: torch.Tensor,
+                mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """A prefill forward over ``ids``/``mask`` ``[b, n]`` into ``cache``; returns ``(output, logits [b, V])``, each
+    row's next-token logits (predicted at its last real column, float32). When every row ends at the last
+    column (left padding: the usual case) only that column's logits are computed (``logits_to_keep=1``), not
+    ``n × V`` of them (a model that ignores the keyword returns them all; the last column is still right)."""
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    keep = {"logits_to_keep": 1} if bool(mask[:, -1].all()) and _takes(model, "logits_to_keep") else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
+                **{cache_kwarg_name: cache}, **keep)
+    if keep:
+        return out, out.logits[:, -1].float()
+    last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (b,) rows reset by mask may end earlier
+    return out, out.logits[rows, last].float()
+
+
+def _takes(model: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(getattr(model, "forward", model)).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -84,18 +108,14 @@ class CachedForward:
         if distinct is not None:
             ids, mask = ids[distinct], mask[distinct]
         self.cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                         use_cache=True, **{self.cache_kwarg: self.cache})
+        out, self.next_logits = last_logits(self.model, self.cache_kwarg, self.cache, ids, mask)  # (b, V)
         self.cache = getattr(out, self.cache_kwarg, None) or self.cache  # (updated in place; some models return a new one)
-        # Each row's next token is predicted at its own last real column (rows reset by mask may end earlier).
-        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (b,)
-        rows = torch.arange(mask.shape[0], device=mask.device)
-        self.next_logits = out.logits[rows, last].float()  # (b, V)
+        rows = mask.shape[0]
         if distinct is not None:  # back to one row per completion
             self.cache.batch_select_indices(inverse)
             self.next_logits, mask = self.next_logits[inverse], mask[inverse]
         self.mask = mask
-        self.prefill_rows = int(rows.numel())
+        self.prefill_rows = rows
         return self.next_logits
 
     @torch.no_grad()

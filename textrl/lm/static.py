@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StaticCache
 
-from textrl.lm.decoding import cache_kwarg, distinct_rows, positions_from_mask
+from textrl.lm.decoding import cache_kwarg, distinct_rows, last_logits
 from textrl.logprobs import token_logprobs
 
 __all__ = ["StaticForward", "BUCKET"]
@@ -85,17 +85,14 @@ class StaticForward:
         distinct, inverse = distinct_rows(ids * mask, mask) if self.share_prefixes else (None, None)
         rows = distinct if distinct is not None else torch.arange(B, device=mask.device)
         scratch = DynamicCache()
-        out = self.model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions_from_mask(mask[rows]),
-                         use_cache=True, **{self.cache_kwarg: scratch})
+        out, logits = last_logits(self.model, self.cache_kwarg, scratch, ids[rows], mask[rows])  # (b, V)
         scratch = getattr(out, self.cache_kwarg, None) or scratch
         expand = inverse if inverse is not None else slice(None)
         for layer, done in zip(self.cache.layers, scratch.layers, strict=True):
             layer.update(done.keys[expand], done.values[expand])
         self.mask[:, :n] = mask
         self.used = n
-        last = n - 1 - mask.flip(-1).argmax(-1)  # (B,)
-        logits = out.logits[:, -n:][expand] if inverse is not None else out.logits
-        self.next_logits = logits[torch.arange(B, device=mask.device), last].float()
+        self.next_logits = logits[expand]
         self.prefill_rows = int(rows.numel())
         return self.next_logits
 
