@@ -143,8 +143,9 @@ def main() -> None:
                 for run, t in times.items():
                     ratio = f"{base / t:.2f}×" if base else ""
                     print(f"| {label} | {B} | {n} | {run} | {t:.2f} | {B * n / t:.0f} | {ratio} |", flush=True)
-        ts, tu = prefill_ratio(policy, tok, max(args.batch), 8, max(args.reps, 3), device)
-        print(f"\nprefill of {max(args.batch)} rows = 8 completions × {max(args.batch) // 8} prompts ({label}): "
+        rows = max(*args.batch, 8)
+        ts, tu = prefill_ratio(policy, tok, rows, 8, max(args.reps, 3), device)
+        print(f"\nprefill of {rows} rows = 8 completions × {rows // 8} prompts ({label}): "
               f"shared {ts * 1e3:.1f} ms, unshared {tu * 1e3:.1f} ms, ratio {ts / tu:.2f} (1/8 = 0.125)\n", flush=True)
         del policy, ref
         if device.type == "cuda":

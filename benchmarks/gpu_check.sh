@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh prepare      # here, where PyPI is reachable: fills .gpu/ (git-ignored)
 #   bash benchmarks/gpu_check.sh run [OUT [STEP ...]]  # on the GPU machine, from the repo root, .gpu/ beside it
+#   bash benchmarks/gpu_check.sh --dry-run [OUT]       # every step here on the CPU, tiny sizes (tests/test_gpu_check.py)
 #
 # prepare: downloads the wheels the GPU image may lack (Python 3.12, manylinux x86-64, no dependencies
 #   fetched: the list below names each one), and writes the configs and tokenizers of SmolLM2-135M-Instruct
@@ -34,23 +35,24 @@ GPU_DIR=.gpu
 WHEELS=(gymnasium==1.4.0 farama-notifications==0.0.4 transformers==5.24.0 trl==1.12.0 datasets==5.2.0
         dill==0.4.1 multiprocess==0.70.19)
 
-prepare() {
-  set -e
-  grep -qxF "/$GPU_DIR/" .git/info/exclude 2>/dev/null || echo "/$GPU_DIR/" >> .git/info/exclude
-  mkdir -p "$GPU_DIR/whl"
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform any -d "$GPU_DIR/whl" "${WHEELS[@]}"
-  local py="${PYTHON:-.venv/bin/python}"
-  "$py" - "$GPU_DIR" <<'EOF'
+shapes() {  # shapes PYTHON: configs and tokenizers of the checked shapes under $GPU_DIR (no weights)
+  "$1" - "$GPU_DIR" <<'EOF'
 import json, shutil, sys
 from pathlib import Path
 from textrl.lm.models import resolve_model_path
 
 src, out = Path(resolve_model_path("smollm2-135m-instruct")), Path(sys.argv[1])
+qwen = dict(vocab_size=151936, tie_word_embeddings=True, attention_bias=True,
+            rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"})  # Qwen2's (Llama layout + qkv bias)
 for name, change in {"smollm2-135m": {}, "smollm2-1.7b": dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-        num_key_value_heads=32, head_dim=64, rope_parameters={"rope_theta": 130000.0, "rope_type": "default"})}.items():
+        num_key_value_heads=32, head_dim=64, rope_parameters={"rope_theta": 130000.0, "rope_type": "default"}),
+        "qwen2-0.5b-shape": dict(qwen, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                 num_attention_heads=14, num_key_value_heads=2, head_dim=64),
+        "qwen2-1.5b-shape": dict(qwen, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                 num_attention_heads=12, num_key_value_heads=2, head_dim=128),
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16)}.items():  # the dry run's
     dst = out / name
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -61,6 +63,16 @@ for name, change in {"smollm2-135m": {}, "smollm2-1.7b": dict(
     (dst / "config.json").write_text(json.dumps(config, indent=2))
 print("shapes:", ", ".join(sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "whl")))
 EOF
+}
+
+prepare() {
+  set -e
+  grep -qxF "/$GPU_DIR/" .git/info/exclude 2>/dev/null || echo "/$GPU_DIR/" >> .git/info/exclude
+  mkdir -p "$GPU_DIR/whl"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$GPU_DIR/whl" "${WHEELS[@]}"
+  shapes "${PYTHON:-.venv/bin/python}"
   du -sh "$GPU_DIR"
 }
 
@@ -69,7 +81,7 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to OUT/NAME.lo
   [[ " $STEPS " == *" $name "* ]] || return 0
   local start=$SECONDS log="$OUT/$name.log"
   [[ $name == train_* ]] && log="$OUT/train.log"  # one file for the train runs: 8 files come back at most
-  [[ $name == multi_turn ]] && log="$OUT/rollout.log"
+  [[ $name == multi_turn || $name == decoders ]] && log="$OUT/rollout.log"
   echo "== $name (limit ${limit}s)" | tee -a "$log"
   timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
@@ -81,7 +93,7 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to OUT/NAME.lo
 run() {
   OUT="${1:-${OUT:-gpu_check_out}}"
   shift || true
-  STEPS="${*:-tests multi_turn rollout train_lora}"
+  STEPS="${*:-tests decoders train_lora}"
   local runs=/tmp/gpu_check_runs  # run directories stay on the machine; OUT gets 8 small files
   mkdir -p "$OUT"; rm -rf "$runs"
   figures() {  # the figures of run $1 (also of a run stopped at its limit) go into steps.md at once
@@ -92,13 +104,16 @@ run() {
   # GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1: a dry run of every step on a machine without a GPU (CI-sized)
   local py=python3 shape135="$GPU_DIR/smollm2-135m" shape17="$GPU_DIR/smollm2-1.7b" dev="${GPU_CHECK_DEVICE:-cuda}"
   local rows=64 tokens=64 lengths=(${GPU_CHECK_LENGTHS:-128 256}) tests=(tests) dtype=bf16 xdist=(-n 12) small_env=""
-  local turn=(--turns 4 --turn-tokens 16)
+  local turn=(--turns 4 --turn-tokens 16) qwen05="$GPU_DIR/qwen2-0.5b-shape" qwen15="$GPU_DIR/qwen2-1.5b-shape"
+  local decoders=(--batch 64 256 --lengths 256 --models "random:$qwen05" "random:$qwen15")
   if [[ -n "${GPU_CHECK_SMALL:-}" ]]; then
-    rows=4; tokens=8; lengths=(8); tests=(tests/test_rollout.py tests/test_tasks.py); shape17="$shape135"; dtype=fp32
+    decoders=(--batch 4 --lengths 8 --models "random:$GPU_DIR/tiny" --decoders dynamic static --baselines generate)
+    shape135="$GPU_DIR/tiny"
+    rows=4; tokens=8; lengths=(8); tests=(tests/test_generate.py); shape17="$shape135"; dtype=fp32; xdist=()
     turn=(--turns 2 --turn-tokens 4)
     small_env=", eval_prompts: ['Say hi.', 'Name a colour.']"
   fi
-  [[ -x .venv/bin/python && -n "${GPU_CHECK_SMALL:-}" ]] && py=.venv/bin/python
+  [[ -n "${GPU_CHECK_SMALL:-}" ]] && py="${PYTHON:-.venv/bin/python}"
   echo "| step | exit code | seconds |" > "$OUT/steps.md"; echo "|---|---|---|" >> "$OUT/steps.md"
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -115,7 +130,7 @@ print('GPU:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else No
   cat "$OUT/env.log"
 
   $py -c "import xdist" 2>/dev/null || xdist=()
-  TEXTRL_TEST_SMOLLM2_TOKENIZER="$shape135" step tests 300 $py -m pytest -v --tb=short --maxfail=20 -p no:cacheprovider -W ignore "${xdist[@]}" --durations=15 \
+  TEXTRL_TEST_SMOLLM2_TOKENIZER="$shape135" step tests 240 $py -m pytest -v --tb=short --maxfail=20 -p no:cacheprovider -W ignore "${xdist[@]}" --durations=15 \
     --ignore=tests/test_distributed.py --ignore=tests/test_golden.py \
     --deselect tests/test_scorers_models.py::test_smollm2_offline_cached_logprobs_match_parallel_forward \
     --deselect tests/test_scorers_models.py::test_hf_reward_model_scorer_has_its_own_tokenizer_and_is_batch_invariant \
@@ -127,6 +142,9 @@ print('GPU:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else No
 
   step multi_turn 75 $py benchmarks/multi_turn_rollout.py --device "$dev" --dtype $dtype --batch $rows \
     "${turn[@]}" --reps 2 --model "random:$shape135"
+
+  step decoders 240 $py benchmarks/fast_rollouts.py --device "$dev" --dtype $dtype --reps 1 --tokenizer "$shape135" \
+    "${decoders[@]}"
 
   step rollout 100 $py benchmarks/rollout_vs_generate.py --device "$dev" --dtype $dtype --batch $rows \
     --lengths "${lengths[@]}" --reps 1 --reference-pass sequence --models "random:$shape135" "random:$shape17"
@@ -173,7 +191,7 @@ EOF
     if [[ -f "$OUT/tests.log" ]]; then
       echo "## Tests on CUDA"; echo '```'; grep -E "^(FAILED|ERROR) |\] (FAILED|ERROR) |^[0-9]+ (passed|failed)|(passed|failed).* in [0-9.]+s" "$OUT/tests.log"; echo '```'
     fi
-    [[ -f "$OUT/rollout.log" ]] && { echo "## Rollout vs generate ($dtype, batch $rows)"; grep "^|" "$OUT/rollout.log"; echo; }
+    [[ -f "$OUT/rollout.log" ]] && { echo "## Rollouts: textrl's decoders and generate ($dtype)"; grep -E "^\||^prefill|fell back" "$OUT/rollout.log"; echo; }
     [[ -f "$OUT/rollout.log" ]] && { echo "## Multi-turn vs single-turn rollout ($dtype, batch $rows)"
       grep -E "^(model|\(a\)|\(b\))" "$OUT/rollout.log"; echo; }
     echo "## textrl train on $dev (random-weight SmolLM2 shapes, $rows rows x $tokens tokens; lora: r16, fp32;"
@@ -185,8 +203,17 @@ EOF
   cat "$OUT/summary.md"
 }
 
+dry_run() {  # every step on this machine's CPU with tiny sizes and the shapes in a temporary folder (a test runs it)
+  GPU_DIR="$(mktemp -d)"
+  shapes "${PYTHON:-.venv/bin/python}" > /dev/null
+  GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 run "${1:-${OUT:-gpu_check_out}}" tests decoders multi_turn rollout \
+    train_lora train_full train_lora_1.7b train_multi_turn ${GPU_CHECK_DRY_EXTRA:-}
+  rm -rf "$GPU_DIR"
+}
+
 case "$mode" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh {prepare|run [OUT]}" >&2; exit 2 ;;
+  --dry-run|dry-run) shift; dry_run "$@" ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh {prepare|run [OUT [STEP ...]]|--dry-run [OUT]}" >&2; exit 2 ;;
 esac
