@@ -61,6 +61,9 @@ def killed_run(cmd: list[str], run: Path, kills: int, rng: random.Random, env: d
                 landed += 1
         if proc.wait() == 0:
             return landed
+        if proc.returncode == 2 and "stopped during start-up" in log.read_text():
+            args = [*cmd[4:], "--output-dir", str(run)]  # killed before its config was written: as the error says
+            continue
         if proc.returncode != -9:
             raise RuntimeError(f"the run failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
         args = ["--resume", str(run)]

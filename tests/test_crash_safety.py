@@ -149,6 +149,14 @@ def test_resuming_a_run_that_stopped_before_its_first_checkpoint_starts_it_again
     assert result.global_step == 512 and steps_logged(tmp_path) == [256, 512]  # the old lines are gone
 
 
+def test_resuming_a_run_killed_before_it_wrote_its_config_says_to_start_it_again(tmp_path):
+    (tmp_path / ".textrl.lock").touch()  # what a kill during start-up leaves
+    with pytest.raises(FileNotFoundError, match="stopped during start-up, before writing it.*without --resume"):
+        resolve_train_config(["--resume", str(tmp_path)])
+    train(cfg_for(tmp_path, "--total-steps", "256"), quiet=True)  # the original command reuses the directory
+    assert steps_logged(tmp_path) == [256]
+
+
 def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time\n"

@@ -55,7 +55,16 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> RunRes
 
 
 def config_from_run_dir(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config a run saved in its directory (what ``--resume`` continues)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
+        from textrl.runs import LOCK_FILE
+
+        folder = Path(run_dir)
+        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
+            raise FileNotFoundError(
+                f"resume: {str(run_dir)!r} holds no config.yaml: the run in it stopped during start-up, before "
+                "writing it (nothing was trained or saved). Start it again with its original command, without "
+                "--resume (the directory is reused)")
         raise FileNotFoundError(f"resume: {str(run_dir)!r} has no config.yaml; is it a textrl run directory?")
     return yaml.safe_load(path.read_text())
