@@ -20,27 +20,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
+from rollout_vs_generate import PROMPTS, scorer, time_it  # (this folder: the same prompts, scorer and clock)
 from textrl.envs import KLPenalty, TextGenVectorEnv
 
 from textrl.lm.collect import collect_tokens
 from textrl.lm.decoding import CachedForward, sequence_logprobs
 from textrl.lm.generate import HFGenerator
 from textrl.lm.models import load_causal_lm, load_tokenizer
-
-PROMPTS = [
-    "The weather today is", "Once upon a time, a small robot", "The best way to learn a language is",
-    "In the morning I like to", "Here is a short poem about rivers:", "My favourite book is",
-    "Scientists recently discovered that", "The recipe starts with", "A good friend is someone who",
-    "The city at night looks", "To fix a flat tyre, first", "The history of tea begins",
-]
-
-
-def scorer(prompts, completions):
-    return torch.tensor([len(set(c.split())) / 10.0 for c in completions])
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype):
@@ -51,19 +39,6 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
         return load_causal_lm("smollm2-135m-instruct").eval().to(device, dtype)
     with device:  # random weights of a real shape, initialised on the device
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name[7:]), dtype=dtype).eval()
-
-
-def time_it(fn, reps: int, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()  # warm-up (and compile)
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def rollout_fn(policy, ref, tok, pad_id, B: int, n: int, decoder: str, device):
