@@ -18,7 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from textrl.logprobs import token_logprobs
 
-__all__ = ["CachedForward", "distinct_rows", "last_logits", "positions_from_mask", "sequence_logprobs"]
+__all__ = ["CachedForward", "distinct_rows", "last_logits", "trim_padding", "positions_from_mask", "sequence_logprobs"]
 
 
 #: the forward keyword that takes a KV cache: ``cache`` in current transformers (``past_key_values`` is
@@ -34,6 +34,16 @@ def cache_kwarg(model: Any) -> str:
     except (TypeError, ValueError):
         return CACHE_KWARG
     return next((name for name in ("cache", "past_key_values") if name in params), CACHE_KWARG)
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(start, ids, mask)``: the columns from the first to the last that is real in some row (the others are
+    padding in every row, so a prefill skips them); ``start`` is the first kept column."""
+    used = attention_mask.bool().any(0).nonzero()
+    if used.numel() == 0:
+        raise ValueError("prefill: every row is empty (attention_mask is all 0)")
+    start, end = int(used[0]), int(used[-1]) + 1
+    return start, input_ids[:, start:end], attention_mask[:, start:end].long()
 
 
 def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -99,11 +109,7 @@ class CachedForward:
         """Encode ``[B, L]`` left-padded prefixes; returns the next-token logits ``[B, V]``. Rows that repeat
         another row's prefix (k completions per prompt) are encoded once and their cache shared: the
         distinct prefixes go through the model, then the cache and logits are gathered back to ``B`` rows."""
-        used = attention_mask.bool().any(0).nonzero()
-        if used.numel() == 0:
-            raise ValueError("prefill: every row is empty (attention_mask is all 0)")
-        start, end = int(used[0]), int(used[-1]) + 1  # drop columns that are padding in every row
-        ids, mask = input_ids[:, start:end], attention_mask[:, start:end].long()
+        _, ids, mask = trim_padding(input_ids, attention_mask)
         distinct, inverse = distinct_rows(ids * mask, mask) if self.share_prefixes else (None, None)
         if distinct is not None:
             ids, mask = ids[distinct], mask[distinct]

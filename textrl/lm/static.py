@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StaticCache
 
-from textrl.lm.decoding import cache_kwarg, distinct_rows, last_logits
+from textrl.lm.decoding import cache_kwarg, distinct_rows, last_logits, trim_padding
 from textrl.logprobs import token_logprobs
 
 __all__ = ["StaticForward", "BUCKET"]
@@ -75,11 +75,7 @@ class StaticForward:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encode ``[B, L]`` left-padded prefixes in a cache wide enough for the ``L`` columns (the env's whole
         buffer: prompt and response columns); returns the next-token logits ``[B, V]``."""
-        used = attention_mask.bool().any(0).nonzero()
-        if used.numel() == 0:
-            raise ValueError("prefill: every row is empty (attention_mask is all 0)")
-        start, end = int(used[0]), int(used[-1]) + 1  # drop columns that are padding in every row
-        ids, mask = input_ids[:, start:end], attention_mask[:, start:end].long()
+        start, ids, mask = trim_padding(input_ids, attention_mask)
         B, n = mask.shape
         self._cache_for(B, input_ids.shape[1] - start, mask.device)
         distinct, inverse = distinct_rows(ids * mask, mask) if self.share_prefixes else (None, None)
