@@ -26,13 +26,18 @@ __all__ = ["CachedForward", "distinct_rows", "last_logits", "trim_padding", "pos
 CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def _forward_params(model: Any) -> Any:
+    """The parameters of ``model``'s forward (None when its signature cannot be read)."""
+    try:
+        return inspect.signature(getattr(model, "forward", model)).parameters
+    except (TypeError, ValueError):
+        return None
+
+
 def cache_kwarg(model: Any) -> str:
     """The KV-cache keyword ``model``'s forward names (a custom model may take only ``past_key_values``);
     :data:`CACHE_KWARG` for forwards that take ``**kwargs`` only (peft wrappers pass them through)."""
-    try:
-        params = inspect.signature(getattr(model, "forward", model)).parameters
-    except (TypeError, ValueError):
-        return CACHE_KWARG
+    params = _forward_params(model) or {}
     return next((name for name in ("cache", "past_key_values") if name in params), CACHE_KWARG)
 
 
@@ -77,10 +82,7 @@ def last_logits(model: Any, cache_kwarg_name: str, cache: Any, ids: torch.Tensor
 
 
 def _takes(model: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(getattr(model, "forward", model)).parameters
-    except (TypeError, ValueError):
-        return False
+    params = _forward_params(model) or {}
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
