@@ -13,17 +13,25 @@
     compiles its forward where it supports that) + the same reference forward.
 Every row generates exactly N tokens (EOS suppressed on both sides); all share the same scorer. Then the
 prefill of B rows that are k = 8 completions of B/8 prompts, shared (each prompt encoded once) and
-unshared: the ratio of their times. Prints markdown tables.
+unshared: the ratio of their times.
+
+Variable lengths (``--variable N``, default 128; 0 skips): the default task's prompts (Cheerful-v0, chat
+template) at its temperature 0.7, EOS allowed, at most N new tokens: rows end at different steps. Useful
+tokens/s (the completion tokens up to and including EOS, over the time) of the textrl dynamic decoder (rows
+that ended leave the KV cache), the same decoder keeping every row to the end (as ``generate`` does), and
+``generate`` (stops when every row has ended) + the reference forward. Prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import time
 
 import torch
 from rollout_vs_generate import PROMPTS, scorer, time_it  # (this folder: the same prompts, scorer and clock)
 from textrl.envs import KLPenalty, TextGenVectorEnv
+from textrl.envs.cheerful import cheerful_env
 
 from textrl.lm.collect import collect_tokens
 from textrl.lm.decoding import CachedForward, sequence_logprobs
@@ -69,6 +77,55 @@ def generate_fn(policy, ref, tok, pad_id, B: int, n: int, device, static: bool):
     return run
 
 
+class KeepRows(HFGenerator):
+    """The dynamic decoder without retiring rows that ended: every row is computed until the last one ends."""
+
+    def retire(self, ended):
+        pass
+
+
+def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, reps: int, device) -> dict[str, tuple[float, int]]:
+    """{run: (seconds, useful tokens)} summed over ``reps`` rollouts after a warm-up, each run on the same
+    prompts (the env's first ``B``, chat-templated)."""
+    env = KLPenalty(cheerful_env(B, tok, max_new_tokens=n, scorer=scorer, pad_token_id=pad_id, device=device,
+                                 ), ref, reference_pass="sequence")
+    eos = env.unwrapped.eos_token_id
+    obs, info = env.reset(seed=0)  # the prompts collect_tokens(env, seed=0) answers, left-padded to column P
+    start, P = int(obs["attention_mask"].any(0).nonzero()[0]), int(info["response_start"][0])
+    enc = {"input_ids": obs["input_ids"][:, start:P], "attention_mask": obs["attention_mask"][:, start:P]}
+    prompts = [""] * B  # (the benchmark's scorer reads the completions only)
+
+    @torch.no_grad()
+    def generate() -> int:
+        out = policy.generate(**enc, do_sample=True, temperature=0.7, top_k=0, max_new_tokens=n, eos_token_id=eos,
+                              pad_token_id=pad_id)
+        P = enc["input_ids"].shape[1]
+        new = out[:, P:]
+        after_eos = (new == eos).long().cumsum(1) - (new == eos).long()  # tokens past each row's first EOS
+        real = (after_eos == 0).long()
+        sequence_logprobs(ref, out, torch.cat([enc["attention_mask"], real], dim=1), P)
+        scorer(prompts, tok.batch_decode(new * real + pad_id * (1 - real), skip_special_tokens=True))
+        return int(real.sum())
+
+    runs = {"generate": generate}
+    for label, cls in (("textrl dynamic", HFGenerator), ("textrl dynamic, every row kept", KeepRows)):
+        gen = cls(policy, temperature=0.7, rng=torch.Generator(device=device).manual_seed(0), stop_ids=(eos,))
+        runs[label] = lambda gen=gen: int(collect_tokens(env, gen, seed=0).action_mask.sum())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results = {}
+    for label, fn in runs.items():
+        fn()  # warm-up
+        seconds, tokens = 0.0, 0
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            tokens += fn()
+            sync()
+            seconds += time.perf_counter() - t0
+        results[label] = (seconds, tokens)
+    return results
+
+
 def prefill_ratio(policy, tok, B: int, k: int, reps: int, device) -> tuple[float, float]:
     prompts = [PROMPTS[i // k % len(PROMPTS)] for i in range(B)]  # B/k prompts, each k times in a row
     enc = tok(prompts, return_tensors="pt", padding=True).to(device)
@@ -79,14 +136,27 @@ def prefill_ratio(policy, tok, B: int, k: int, reps: int, device) -> tuple[float
     return ts, tu
 
 
+def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
+    print(f"\nvariable lengths ({label}, Cheerful-v0 prompts, temperature 0.7, at most {args.variable} new tokens, "
+          f"{args.reps} rollouts each):\n")
+    print("| batch | run | seconds | useful tokens | useful tokens/s | vs generate |")
+    print("|---|---|---|---|---|---|")
+    for B in args.batch:
+        results = variable_lengths(policy, ref, tok, pad_id, B, args.variable, args.reps, device)
+        base = results["generate"][1] / results["generate"][0]
+        for run, (t, n) in results.items():
+            print(f"| {B} | {run} | {t:.2f} | {n} | {n / t:.0f} | {n / t / base:.2f}× |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[128])
     parser.add_argument("--batch", nargs="+", type=int, default=[32])
-    parser.add_argument("--decoders", nargs="+", default=["dynamic", "static", "compiled"])
-    parser.add_argument("--baselines", nargs="+", default=["generate", "generate-static"])
+    parser.add_argument("--decoders", nargs="*", default=["dynamic", "static", "compiled"])
+    parser.add_argument("--baselines", nargs="*", default=["generate", "generate-static"])
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--variable", type=int, default=128, help="max new tokens of the variable-length runs (0: skip)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="name or path (the prompts' ids)")
@@ -118,6 +188,8 @@ def main() -> None:
                 for run, t in times.items():
                     ratio = f"{base / t:.2f}×" if base else ""
                     print(f"| {label} | {B} | {n} | {run} | {t:.2f} | {B * n / t:.0f} | {ratio} |", flush=True)
+        if args.variable:
+            print_variable(policy, ref, tok, pad_id, args, label, device)
         rows = max(*args.batch, 8)
         ts, tu = prefill_ratio(policy, tok, rows, 8, max(args.reps, 3), device)
         print(f"\nprefill of {rows} rows = 8 completions × {rows // 8} prompts ({label}): "

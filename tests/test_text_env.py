@@ -89,7 +89,12 @@ def test_reference_runs_one_token_per_step(tok, models):
     ro = text_rollout(env, policy, seed=0)
     steps = int(ro.action_mask.any(0).sum())
     assert shapes[0][1] > 1  # one prefill over the prompts
-    assert shapes[1:] == [(6, 1)] * (steps - 1)  # then one token per row per step, none after the last
+    assert len(shapes) - 1 == steps - 1 and {w for _, w in shapes[1:]} == {1}  # then one token per step, none after
+    rows = [b for b, _ in shapes[1:]]
+    lengths = ro.action_mask.sum(1)
+    live = [int((lengths > t + 1).sum()) for t in range(steps - 1)]  # rows generating after step t's extend
+    assert all(n <= b <= 6 for n, b in zip(live, rows, strict=True)) and rows == sorted(rows, reverse=True)
+    assert rows[-1] < 6 and lengths.min() < steps  # rows that ended left the cache
 
 
 def test_kl_is_zero_when_policy_is_reference_and_rewards_are_score_at_last_token(tok, models):

@@ -34,7 +34,8 @@ def collect_tokens(envs: gym.vector.VectorEnv, generator: Generator, seed: int |
     ``finish`` (rows of one process may end before another's). Each step's token goes to the response column
     the env reports (``info["column"]``; rows of a multi-turn env are at different columns); a token the env
     writes itself (``info["env_token"]``) extends the generator's KV cache in place of the agent's: nothing is
-    re-encoded, and every step is one forward of one column per row."""
+    re-encoded, and every step is one forward of one column per live row (rows that ended are handed to the
+    generator's optional ``retire``)."""
     obs, info = envs.reset(seed=seed)
     B, L = obs["input_ids"].shape
     P, prompt_index = int(info["response_start"][0]), info["prompt_index"].clone()
@@ -46,6 +47,7 @@ def collect_tokens(envs: gym.vector.VectorEnv, generator: Generator, seed: int |
     scores, done = torch.zeros(B, **f32), torch.zeros(B, dtype=torch.bool, device=dev)
     stat_names = tuple(getattr(envs.unwrapped, "episode_stat_names", ()))
     stats = {k: torch.zeros(B, **f32) for k in stat_names}
+    retire = getattr(generator, "retire", None)
     for t in range(T):  # every step fills at least one response column of each live row
         tokens, logprob = generator.sample()  # (B,), (B,)
         obs, reward, term, trunc, info = envs.step({"token": tokens, "logprob": logprob})
@@ -64,6 +66,8 @@ def collect_tokens(envs: gym.vector.VectorEnv, generator: Generator, seed: int |
         done |= term | trunc
         if done.all():
             break
+        if retire is not None:
+            retire(done)  # the generator may stop computing the rows that ended
         new, new_mask = context_column(tokens, info)  # ended rows get a masked slot
         generator.extend(new, new_mask)
     generator.finish()

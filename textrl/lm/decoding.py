@@ -18,7 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from textrl.logprobs import token_logprobs
 
-__all__ = ["CachedForward", "distinct_rows", "last_logits", "trim_padding", "positions_from_mask", "sequence_logprobs"]
+__all__ = ["CachedForward", "distinct_rows", "last_logits", "logits_after_last", "trim_padding", "positions_from_mask", "sequence_logprobs"]
 
 
 #: the forward keyword that takes a KV cache: ``cache`` in current transformers (``past_key_values`` is
@@ -81,6 +81,14 @@ def last_logits(model: Any, cache_kwarg_name: str, cache: Any, ids: torch.Tensor
     return out, out.logits[rows, last].float()
 
 
+def logits_after_last(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The logits ``[b, V]`` (float32) predicted after each row's last real column of an extend's ``mask``
+    ``[b, n]`` (its last column when none is real): what an extend by ragged columns hands the sampler."""
+    n = mask.shape[1]
+    last = n - 1 - mask.flip(-1).argmax(-1)  # (b,)
+    return logits[torch.arange(mask.shape[0], device=mask.device), last].float()
+
+
 def _takes(model: Any, name: str) -> bool:
     params = _forward_params(model) or {}
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -97,6 +105,11 @@ class CachedForward:
     ``model`` is a Hugging Face causal LM (anything accepting ``input_ids, attention_mask, position_ids,
     a KV cache (``cache`` or ``past_key_values``, updated in place), use_cache`` and returning ``.logits``). ``next_logits`` ``[B, V]`` (float32, not
     temperature-scaled) predicts each row's next token.
+
+    Rows that have ended for good are dropped from the computation with :meth:`retire`: the cache keeps only
+    the live rows, so a batch whose completions have different lengths costs the rows still generating, not
+    the longest row times the batch (``generate`` and a fixed-shape cache pay for every row until the last
+    ends). The retired rows' ``next_logits`` stay as they were; extends ignore their columns.
     """
 
     def __init__(self, model: torch.nn.Module, share_prefixes: bool = True):
@@ -105,6 +118,7 @@ class CachedForward:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (B, C) cache-layout attention mask
         self.next_logits: torch.Tensor | None = None  # (B, V)
+        self.rows: torch.Tensor | None = None  # the batch rows held in the cache, in cache order (None: all)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -122,9 +136,22 @@ class CachedForward:
         if distinct is not None:  # back to one row per completion
             self.cache.batch_select_indices(inverse)
             self.next_logits, mask = self.next_logits[inverse], mask[inverse]
-        self.mask = mask
+        self.mask, self.rows = mask, None
         self.prefill_rows = rows
         return self.next_logits
+
+    def retire(self, ended: torch.Tensor) -> None:
+        """Rows ``ended`` ``[B]`` (bool) get no more columns until the next prefill: drop them from the cache.
+        The cache is compacted once an eighth of its rows (at least one) has ended, so a batch whose rows end
+        one by one is copied a logarithmic number of times, not once per row."""
+        assert self.mask is not None, "prefill first"
+        rows = self.rows if self.rows is not None else torch.arange(ended.shape[0], device=self.mask.device)
+        keep = (~ended.to(rows.device)[rows]).nonzero().squeeze(1)  # positions in the cache of the live rows
+        held = rows.shape[0]
+        if keep.numel() == 0 or held - keep.numel() < max(1, held // 8):
+            return
+        self.cache.batch_select_indices(keep)
+        self.mask, self.rows = self.mask[keep], rows[keep]
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -133,16 +160,20 @@ class CachedForward:
         last one; rows without keep theirs. Returns the next-token logits ``[B, V]``."""
         assert self.mask is not None, "prefill first"
         mask = mask.to(self.mask.device).long()  # (B, n)
-        positions = self.mask.sum(-1, keepdim=True) - 1 + mask.cumsum(-1)  # (B, n): masked slots repeat the last
-        self.mask = torch.cat([self.mask, mask], dim=-1)  # (B, C + n)
+        if self.rows is not None:  # only the rows still in the cache (see retire)
+            tokens, mask = tokens[self.rows.to(tokens.device)], mask[self.rows]
+        positions = self.mask.sum(-1, keepdim=True) - 1 + mask.cumsum(-1)  # (b, n): masked slots repeat the last
+        self.mask = torch.cat([self.mask, mask], dim=-1)  # (b, C + n)
         out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
                          use_cache=True, **{self.cache_kwarg: self.cache})
         self.cache = getattr(out, self.cache_kwarg, None) or self.cache  # (updated in place; some models return a new one)
-        n = mask.shape[1]
-        last = n - 1 - mask.flip(-1).argmax(-1)  # (B,) each row's last real new column
-        rows = torch.arange(mask.shape[0], device=mask.device)
-        new = out.logits[rows, last].float()  # (B, V)
-        self.next_logits = torch.where(mask.bool().any(-1, keepdim=True), new, self.next_logits)
+        new = logits_after_last(out.logits, mask)  # (b, V)
+        if self.rows is None:
+            self.next_logits = torch.where(mask.bool().any(-1, keepdim=True), new, self.next_logits)
+        else:  # a new tensor, not written in place: a caller may still hold the last one
+            held = self.next_logits[self.rows]
+            held = torch.where(mask.bool().any(-1, keepdim=True), new, held)
+            self.next_logits = self.next_logits.index_copy(0, self.rows, held)
         return self.next_logits
 
     def logprobs_of(self, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

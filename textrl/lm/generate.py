@@ -47,6 +47,10 @@ class Generator(Protocol):
     def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
         """Append columns ``[B, n]`` to every row's context (``mask`` False: nothing for that row there)."""
 
+    def retire(self, ended: torch.Tensor) -> None:
+        """Rows ``ended`` ``[B]`` (bool) get no more columns until the next prefill: the generator may stop
+        computing them (their later samples are ignored). Optional: collection calls it where it exists."""
+
     def finish(self) -> None:
         """The episode batch is over (keeps data-parallel processes' random streams in step)."""
 
@@ -66,7 +70,9 @@ class HFGenerator:
 
     ``decoder`` (see :data:`DECODERS`): "static" and "compiled" advance the model in a preallocated cache
     (:class:`~textrl.lm.static.StaticForward`, tested against the dynamic one); repeated prompts are prefilled
-    once with any decoder.
+    once with any decoder. The dynamic decoder drops rows that have ended from its cache (:meth:`retire`), so
+    completions of different lengths cost the rows still generating; the static ones keep their fixed shapes
+    (what a captured CUDA graph needs).
     """
 
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -99,6 +105,9 @@ class HFGenerator:
 
     def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
         self.forward.extend(tokens, mask)
+
+    def retire(self, ended: torch.Tensor) -> None:
+        self.forward.retire(ended)
 
     def finish(self) -> None:
         self.sampler.sync(self.rows, self.forward.next_logits.device)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StaticCache
 
-from textrl.lm.decoding import cache_kwarg, distinct_rows, last_logits, trim_padding
+from textrl.lm.decoding import cache_kwarg, distinct_rows, last_logits, logits_after_last, trim_padding
 from textrl.logprobs import token_logprobs
 
 __all__ = ["StaticForward", "BUCKET"]
@@ -113,14 +113,16 @@ class StaticForward:
         self.next_logits = torch.where(mask.bool().any(-1, keepdim=True), new, self.next_logits)
         return self.next_logits
 
+    def retire(self, ended: torch.Tensor) -> None:
+        """Keeps every row: the cache's shapes are fixed (what a compiled or graph-captured step needs); the
+        ended rows' columns are masked slots."""
+
     def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  n: int = 1) -> torch.Tensor:
         """Logits after each row's last real new column (the last column when none is real), ``[B, V]``."""
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                          **{self.cache_kwarg: self.cache})
-        new = self.mask[:, self.used - n:self.used]
-        last = n - 1 - new.flip(-1).argmax(-1)
-        return out.logits[torch.arange(tokens.shape[0], device=tokens.device), last].float()
+        return logits_after_last(out.logits, self.mask[:, self.used - n:self.used])
 
     def _compiled_step(self) -> Any:
         mode = "reduce-overhead" if self.mask.device.type == "cuda" else None
