@@ -105,9 +105,11 @@ run() {
   local py=python3 shape135="$GPU_DIR/smollm2-135m" shape17="$GPU_DIR/smollm2-1.7b" dev="${GPU_CHECK_DEVICE:-cuda}"
   local rows=64 tokens=64 lengths=(${GPU_CHECK_LENGTHS:-128 256}) tests=(tests) dtype=bf16 xdist=(-n 12) small_env=""
   local turn=(--turns 4 --turn-tokens 16) qwen05="$GPU_DIR/qwen2-0.5b-shape" qwen15="$GPU_DIR/qwen2-1.5b-shape"
-  local decoders=(--batch 64 256 --lengths 256 --models "random:$qwen05" "random:$qwen15")
+  # (--variable 0: random weights almost never sample EOS, so their lengths do not vary)
+  local decoders=(--batch 64 256 --lengths 256 --variable 0 --models "random:$qwen05" "random:$qwen15")
   if [[ -n "${GPU_CHECK_SMALL:-}" ]]; then
-    decoders=(--batch 4 --lengths 8 --models "random:$GPU_DIR/tiny" --decoders dynamic static --baselines generate)
+    decoders=(--batch 4 --lengths 8 --variable 8 --models "random:$GPU_DIR/tiny" --decoders dynamic static
+              --baselines generate)
     shape135="$GPU_DIR/tiny"
     rows=4; tokens=8; lengths=(8); tests=(tests/test_generate.py); shape17="$shape135"; dtype=fp32; xdist=()
     turn=(--turns 2 --turn-tokens 4)

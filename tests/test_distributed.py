@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 from textrl.envs.toy import char_tokenizer, target_token_env
 
+from textrl.cli import main as cli_main
 from textrl.cli import resolve_train_config
+from textrl.lm.evaluate import summary_line
 from textrl.lm.sampling import sample_from_logits
 from textrl.shard import Shard
 from textrl.train import train
@@ -45,9 +47,10 @@ def launch(prefix: list[str], args: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def run_here(args: list[str]) -> None:
+def run_here(args: list[str]):
+    """The one-process reference run, in this process (no interpreter start-up: the launches below pay it)."""
     cfg, resume = resolve_train_config(args)
-    train(cfg, resume=resume, quiet=True)
+    return train(cfg, resume=resume, quiet=True)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -125,12 +128,11 @@ def test_evaluation_split_unevenly_across_processes_equals_one_process(tmp_path,
     config.write_text(yaml.safe_dump({"env": "textrl/TargetToken-v0", "num_envs": 8, "total_steps": 128,
                                       "eval_generations": 1, "env_kwargs": {"eval_prompts": eval_prompts},
                                       "ppo": {"num_minibatches": 1}}))
-    runs = {}
-    for n in (1, 2):
-        out = launch([str(BIN / "textrl")], ["train", str(config), "--output-dir", str(tmp_path / str(n)),
-                                              "--num-processes", str(n)])
-        runs[n] = [x for x in out.stderr.splitlines() if x.startswith("held-out reward:")]
-    assert len(runs[1]) == 1 and runs[1] == runs[2]
+    one = run_here([str(config), "--output-dir", str(tmp_path / "1")])
+    out = launch([str(BIN / "textrl")], ["train", str(config), "--output-dir", str(tmp_path / "2"),
+                                          "--num-processes", "2"])
+    two = [x for x in out.stderr.splitlines() if x.startswith("held-out reward:")]
+    assert two == [summary_line(one.before, one.after).splitlines()[0]]
     assert (tmp_path / "2" / "samples.md").read_text() == (tmp_path / "1" / "samples.md").read_text()
 
 
@@ -155,7 +157,7 @@ def test_classic_run_on_two_processes_equals_one_process(tmp_path):
     weight for weight the one-process run."""
     args = ["train", "--env", "Acrobot-v1", "--num-envs", "8", "--num-steps", "64", "--total-steps", "1536",
             "--seed", "1", "--num-minibatches", "1", "--num-epochs", "2"]
-    launch([str(BIN / "textrl")], [*args, "--output-dir", str(tmp_path / "one")])
+    run_here([*args[1:], "--output-dir", str(tmp_path / "one")])
     launch(torchrun(), [*args, "--output-dir", str(tmp_path / "two")])
     assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
     assert_in_step(tmp_path / "two", slice(None))
@@ -183,7 +185,7 @@ def test_reward_model_on_two_processes_equals_one_process(tmp_path):
 
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(SUBJECTS[:16]))
     args = ["train-rm", "--data", str(data), "--num-epochs", "2", "--batch-size", "16"]
-    launch([str(BIN / "textrl")], [*args, "--output-dir", str(tmp_path / "one")])
+    assert cli_main([*args, "--output-dir", str(tmp_path / "one")]) == 0  # one process: here
     launch(torchrun(), [*args, "--output-dir", str(tmp_path / "two")])
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert a[-1]["eval/pairwise_accuracy"] > a[0]["train/accuracy"] or a[-1]["eval/pairwise_accuracy"] == 1.0
@@ -232,7 +234,7 @@ def test_reward_model_under_deepspeed_zero3_equals_one_process(tmp_path):
 
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(SUBJECTS[:16]))
     args = ["train-rm", "--data", str(data), "--num-epochs", "2", "--batch-size", "16"]
-    launch([str(BIN / "textrl")], [*args, "--output-dir", str(tmp_path / "one")])
+    assert cli_main([*args, "--output-dir", str(tmp_path / "one")]) == 0  # one process: here
     launch(deepspeed_launch(3), [*args, "--output-dir", str(tmp_path / "ds")])
     assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "ds"), rel=1e-4)
     # the gathered ZeRO-3 checkpoint loads as a scorer that scores like the one-process model

@@ -21,6 +21,7 @@ def test_the_gpu_check_dry_run_runs_every_step_and_writes_its_summary(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     for run in ("| generate |", "| textrl dynamic |", "| textrl static |"):  # the decoders' table
         assert run in summary, summary
+    assert "| 4 | textrl dynamic, every row kept |" in summary  # the variable-length table
     assert "prefill of 8 rows" in summary and "passed" in summary  # the shared-prefix ratio; the tests ran
     figures = (tmp_path / "figures.md").read_text().splitlines()
     assert len(figures) == 4 and all(line.startswith("| ") for line in figures), figures  # the 4 train runs
