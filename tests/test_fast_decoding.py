@@ -11,9 +11,10 @@ from textrl.envs.toy import target_token_env, tiny_gpt2
 
 import textrl.lm.static as static_module
 from textrl.config import SamplingConfig
-from textrl.lm.decoding import CachedForward
+from textrl.lm.decoding import CachedForward, positions_from_mask, sequence_logprobs
 from textrl.lm.generate import HFGenerator, resolve_decoder
 from textrl.lm.static import BUCKET, StaticForward
+from textrl.logprobs import token_logprobs
 
 
 def batch(width: int = 16):
@@ -123,3 +124,27 @@ def test_decoder_choice():
     assert isinstance(HFGenerator(tiny_gpt2(V)).forward, CachedForward)
     with pytest.raises(ValueError, match="decoder must be one of auto, dynamic, static, compiled, got 'fast'"):
         SamplingConfig(decoder="fast")
+
+
+def test_the_sequence_pass_groups_rows_by_length_and_skips_their_padding():
+    """sequence_logprobs sorts rows by their last real column and runs each chunk over its own columns: the
+    log-probs equal a full-width forward of each row alone (0 after a row's end: no token there), and the chunk of short rows
+    is narrower than the buffer."""
+    model = tiny_llama()
+    ids, mask = batch(width=16)  # prompts end at column 3; the responses start at column 4
+    g = torch.Generator().manual_seed(0)
+    lengths = [2, 12, 5, 12, 3]
+    for r, n in enumerate(lengths):
+        ids[r, 4:4 + n], mask[r, 4:4 + n] = torch.randint(3, V, (n,), generator=g), 1
+    widths = []
+    hook = model.register_forward_hook(lambda m, a, kw, out: widths.append(kw["input_ids"].shape), with_kwargs=True)
+    got = sequence_logprobs(model, ids, mask, 4, temperature=0.9, chunk_rows=2)
+    hook.remove()
+    for r, n in enumerate(lengths):
+        logits = model(input_ids=ids[r:r + 1], attention_mask=mask[r:r + 1],
+                       position_ids=positions_from_mask(mask[r:r + 1])).logits[0, 3:15]
+        alone = token_logprobs(logits, ids[r, 4:], 0.9)
+        torch.testing.assert_close(got[r, :n], alone[:n], atol=1e-5, rtol=0)
+        assert torch.all(got[r, n:] == 0)
+    # chunks: rows 0 and 4 (ending at columns 5 and 6, prompts from column 1), rows 2 and 1, row 3 (from column 0)
+    assert widths == [(2, 6), (2, 15), (1, 16)], widths

@@ -194,15 +194,30 @@ def sequence_logprobs(
     """One parallel forward over full sequences: log p(x_t | x_<t) for every response position.
 
     ``input_ids`` ``[B, L]`` holds left-padded prompts in columns ``< response_start`` and the response
-    after; returns ``[B, L - response_start]``. This is the sequence-level path (what TRL does after
-    ``generate``; the KL wrapper's reference pass) and what the KV-cached path is tested against.
+    after; returns ``[B, L - response_start]`` (float32; 0 where ``attention_mask`` is 0). This is the
+    sequence-level path (what TRL does after ``generate``; the KL wrapper's reference pass) and what the
+    KV-cached path is tested against. The rows go through the model in chunks of ``chunk_rows`` (bounding the
+    ``[rows, T, V]`` logits) grouped by length: sorted by their last real column, each chunk over its own
+    columns only (from its first real column to its last), so short completions do not pay for the longest.
     """
-    out = []
-    T = input_ids.shape[1] - response_start
-    for i in range(0, input_ids.shape[0], chunk_rows):  # bounds the [rows, T, V] logits
-        ids, mask = input_ids[i : i + chunk_rows], attention_mask[i : i + chunk_rows].long()
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+    B, L = input_ids.shape
+    mask = attention_mask.long()
+    cols = torch.arange(L, device=mask.device)
+    last = torch.where(mask.bool(), cols, -1).max(1).values  # (B,) each row's last real column
+    order = torch.argsort(last, stable=True)
+    ends = last[order].tolist()  # (one host copy)
+    out = torch.zeros(B, L - response_start, dtype=torch.float32, device=input_ids.device)
+    for i in range(0, B, chunk_rows):
+        rows = order[i : i + chunk_rows]
+        end = max(ends[min(i + chunk_rows, B) - 1] + 1, response_start)  # the chunk's last real column + 1
+        T = end - response_start
+        if T == 0:
+            continue
+        start, ids, m = trim_padding(input_ids[rows, :end], mask[rows, :end])
+        start = min(start, response_start - 1)  # (the column before the response predicts its first token)
+        ids, m = input_ids[rows, start:end], mask[rows, start:end]
+        logits = model(input_ids=ids, attention_mask=m, position_ids=positions_from_mask(m),
                        logits_to_keep=T + 1).logits
         logits = logits[:, -(T + 1) : -1]  # (b, T, V): position t predicts column response_start + t
-        out.append(token_logprobs(logits, ids[:, response_start:], temperature))
-    return torch.cat(out)
+        out[rows, :T] = token_logprobs(logits, ids[:, response_start - start:], temperature).float()
+    return torch.where(mask[:, response_start:].bool(), out, 0.0)  # no log-prob where there is no token
