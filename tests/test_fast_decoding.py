@@ -148,3 +148,39 @@ def test_the_sequence_pass_groups_rows_by_length_and_skips_their_padding():
         assert torch.all(got[r, n:] == 0)
     # chunks: rows 0 and 4 (ending at columns 5 and 6, prompts from column 1), rows 2 and 1, row 3 (from column 0)
     assert widths == [(2, 6), (2, 15), (1, 16)], widths
+
+
+def test_a_row_admitted_mid_decode_decodes_as_if_prefilled_alone_and_the_others_as_before():
+    """Continuous batching's cache step: row 3 ends and is retired, then starts again on a new (longer)
+    prompt while the other rows keep decoding. Its next-token log-probs equal a cache prefilled with that
+    prompt alone and extended with the same tokens; the other rows' equal a cache that never admitted it."""
+    model = tiny_llama()
+    ids, mask = batch()
+    g = torch.Generator().manual_seed(0)
+    pool, others, alone = CachedForward(model), CachedForward(model), CachedForward(model)
+    for forward in (pool, others):
+        forward.prefill(ids, mask)
+    close = lambda a, b: torch.testing.assert_close(torch.log_softmax(a, -1), torch.log_softmax(b, -1),  # noqa: E731
+                                                    atol=1e-5, rtol=0)
+    ended = torch.arange(5) == 3
+    prompt = torch.tensor([[9, 8, 7, 6, 5, 4, 3]])  # wider than the cache's 5 columns at the admission
+    for step in range(8):
+        tokens = torch.randint(3, V, (5, 1), generator=g)
+        live = torch.ones(5, 1, dtype=torch.bool)
+        live[3] = step < 1  # row 3: one token, then ended (masked slots) until step 4
+        if step == 4:
+            pool.retire(ended)
+            with pytest.raises(ValueError, match=r"rows \[0\] are still in the cache"):
+                pool.admit(torch.tensor([0]), prompt, torch.ones_like(prompt))
+            pool.admit(torch.tensor([3]), prompt, torch.ones_like(prompt))
+            alone.prefill(prompt, torch.ones_like(prompt))
+        if step >= 4:
+            live[3] = True
+            close(pool.next_logits[3:4], alone.next_logits)
+            alone.extend(tokens[3:4], live[3:4])
+        for r in (0, 1, 2, 4):
+            close(pool.next_logits[r:r + 1], others.next_logits[r:r + 1])
+        pool.extend(tokens, live)
+        others.extend(tokens, live if step < 4 else live & (torch.arange(5) != 3)[:, None])
+    close(pool.next_logits[3:4], alone.next_logits)
+    assert sorted(pool.rows.tolist()) == [0, 1, 2, 3, 4]

@@ -109,7 +109,8 @@ class CachedForward:
     Rows that have ended for good are dropped from the computation with :meth:`retire`: the cache keeps only
     the live rows, so a batch whose completions have different lengths costs the rows still generating, not
     the longest row times the batch (``generate`` and a fixed-shape cache pay for every row until the last
-    ends). The retired rows' ``next_logits`` stay as they were; extends ignore their columns.
+    ends). The retired rows' ``next_logits`` stay as they were; extends ignore their columns. :meth:`admit`
+    starts retired rows again on new prompts while the others keep decoding (continuous batching).
     """
 
     def __init__(self, model: torch.nn.Module, share_prefixes: bool = True):
@@ -152,6 +153,32 @@ class CachedForward:
             return
         self.cache.batch_select_indices(keep)
         self.mask, self.rows = self.mask[keep], rows[keep]
+
+    @torch.no_grad()
+    def admit(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Start batch rows ``rows`` ``[k]`` (not in the cache: retired, or never prefilled) on new left-padded
+        prefixes ``[k, L]`` while the other rows keep decoding — the cache side of continuous batching. The
+        new rows are prefilled on their own (repeated prefixes once) and joined to the cache, the narrower side
+        left-padded with masked columns; returns the next-token logits ``[B, V]``."""
+        assert self.mask is not None, "prefill first"
+        rows = torch.as_tensor(rows, device=self.mask.device).long()
+        held = self.rows if self.rows is not None else torch.arange(self.next_logits.shape[0], device=rows.device)
+        if torch.isin(rows, held).any():
+            raise ValueError(f"admit: rows {rows[torch.isin(rows, held)].tolist()} are still in the cache; "
+                             "retire them (their episodes ended) before starting them again")
+        new = CachedForward(self.model, self.share_prefixes)
+        logits = new.prefill(input_ids, attention_mask)
+        width = max(self.mask.shape[1], new.mask.shape[1])
+        pad = lambda x: torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0))  # noqa: E731 - [b, h, c, d]
+        for mine, theirs in zip(self.cache.layers, new.cache.layers, strict=True):
+            mine.keys = torch.cat([pad(mine.keys), pad(theirs.keys)])
+            mine.values = torch.cat([pad(mine.values), pad(theirs.values)])
+        left = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
+        self.mask = torch.cat([left(self.mask), left(new.mask)])
+        self.rows = torch.cat([held, rows])
+        self.next_logits = self.next_logits.index_copy(0, rows, logits.to(self.next_logits.dtype))
+        self.prefill_rows = new.prefill_rows
+        return self.next_logits
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
