@@ -19,7 +19,9 @@ Variable lengths (``--variable N``, default 128; 0 skips): the default task's pr
 template) at its temperature 0.7, EOS allowed, at most N new tokens: rows end at different steps. Useful
 tokens/s (the completion tokens up to and including EOS, over the time) of the textrl dynamic decoder (rows
 that ended leave the KV cache), the same decoder keeping every row to the end (as ``generate`` does), and
-``generate`` (stops when every row has ended) + the reference forward. Prints markdown tables.
+``generate`` (stops when every row has ended) + the reference forward. ``--episodes N`` (a multiple of the
+batch B): N completions, in N/B batches for those runs, and through B slots with continuous batching
+(``collect_episodes``: a slot whose episode ended starts the next prompt at once). Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from rollout_vs_generate import PROMPTS, scorer, time_it  # (this folder: the sa
 from textrl.envs import KLPenalty, TextGenVectorEnv
 from textrl.envs.cheerful import cheerful_env
 
-from textrl.lm.collect import collect_tokens
+from textrl.lm.collect import collect_episodes, collect_tokens
 from textrl.lm.decoding import CachedForward, sequence_logprobs
 from textrl.lm.generate import HFGenerator
 from textrl.lm.models import load_causal_lm, load_tokenizer
@@ -84,46 +86,63 @@ class KeepRows(HFGenerator):
         pass
 
 
-def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, reps: int, device) -> dict[str, tuple[float, int]]:
-    """{run: (seconds, useful tokens)} summed over ``reps`` rollouts after a warm-up, each run on the same
-    prompts (the env's first ``B``, chat-templated)."""
-    env = KLPenalty(cheerful_env(B, tok, max_new_tokens=n, scorer=scorer, pad_token_id=pad_id, device=device,
-                                 ), ref, reference_pass="sequence")
+def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, reps: int,
+                     device) -> dict[str, tuple[float, int]]:
+    """{run: (seconds, useful tokens)} of ``episodes`` completions, summed over ``reps`` after a warm-up: in
+    batches of ``B`` rows (the env's draws from seed 0 on), and, when ``episodes > B``, through B slots with
+    continuous batching (``collect_episodes``)."""
+    env = KLPenalty(cheerful_env(B, tok, max_new_tokens=n, scorer=scorer, pad_token_id=pad_id, device=device),
+                    ref, reference_pass="sequence")
     eos = env.unwrapped.eos_token_id
-    obs, info = env.reset(seed=0)  # the prompts collect_tokens(env, seed=0) answers, left-padded to column P
-    start, P = int(obs["attention_mask"].any(0).nonzero()[0]), int(info["response_start"][0])
-    enc = {"input_ids": obs["input_ids"][:, start:P], "attention_mask": obs["attention_mask"][:, start:P]}
+    encs = []  # the prompts collect_tokens answers from seed 0 on, left-padded to column P
+    for i in range(episodes // B):
+        obs, info = env.reset(seed=0 if i == 0 else None)
+        start, P = int(obs["attention_mask"].any(0).nonzero()[0]), int(info["response_start"][0])
+        encs.append({"input_ids": obs["input_ids"][:, start:P], "attention_mask": obs["attention_mask"][:, start:P]})
     prompts = [""] * B  # (the benchmark's scorer reads the completions only)
 
     @torch.no_grad()
     def generate() -> int:
-        out = policy.generate(**enc, do_sample=True, temperature=0.7, top_k=0, max_new_tokens=n, eos_token_id=eos,
-                              pad_token_id=pad_id)
-        P = enc["input_ids"].shape[1]
-        new = out[:, P:]
-        after_eos = (new == eos).long().cumsum(1) - (new == eos).long()  # tokens past each row's first EOS
-        real = (after_eos == 0).long()
-        sequence_logprobs(ref, out, torch.cat([enc["attention_mask"], real], dim=1), P)
-        scorer(prompts, tok.batch_decode(new * real + pad_id * (1 - real), skip_special_tokens=True))
-        return int(real.sum())
+        useful = 0
+        for enc in encs:
+            out = policy.generate(**enc, do_sample=True, temperature=0.7, top_k=0, max_new_tokens=n,
+                                  eos_token_id=eos, pad_token_id=pad_id)
+            P = enc["input_ids"].shape[1]
+            new = out[:, P:]
+            after_eos = (new == eos).long().cumsum(1) - (new == eos).long()  # tokens past each row's first EOS
+            real = (after_eos == 0).long()
+            sequence_logprobs(ref, out, torch.cat([enc["attention_mask"], real], dim=1), P)
+            scorer(prompts, tok.batch_decode(new * real + pad_id * (1 - real), skip_special_tokens=True))
+            useful += int(real.sum())
+        return useful
+
+    def batches(gen) -> int:
+        return sum(int(collect_tokens(env, gen, seed=0 if i == 0 else None).action_mask.sum())
+                   for i in range(episodes // B))
 
     runs = {"generate": generate}
-    for label, cls in (("textrl dynamic", HFGenerator), ("textrl dynamic, every row kept", KeepRows)):
+    labels = {"textrl dynamic": HFGenerator, "textrl dynamic, every row kept": KeepRows}
+    if episodes > B:
+        labels[f"textrl continuous ({B} slots)"] = HFGenerator
+    for label, cls in labels.items():
         gen = cls(policy, temperature=0.7, rng=torch.Generator(device=device).manual_seed(0), stop_ids=(eos,))
-        runs[label] = lambda gen=gen: int(collect_tokens(env, gen, seed=0).action_mask.sum())
+        runs[label] = (lambda gen=gen: batches(gen)) if "continuous" not in label else \
+            (lambda gen=gen: int(collect_episodes(env, gen, episodes, seed=0).action_mask.sum()))
+    return {label: timed(fn, reps, device) for label, fn in runs.items()}
+
+
+def timed(fn, reps: int, device) -> tuple[float, int]:
+    """(seconds, useful tokens) of ``reps`` calls of ``fn`` after a warm-up."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    results = {}
-    for label, fn in runs.items():
-        fn()  # warm-up
-        seconds, tokens = 0.0, 0
-        for _ in range(reps):
-            sync()
-            t0 = time.perf_counter()
-            tokens += fn()
-            sync()
-            seconds += time.perf_counter() - t0
-        results[label] = (seconds, tokens)
-    return results
+    fn()  # warm-up
+    seconds, tokens = 0.0, 0
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        tokens += fn()
+        sync()
+        seconds += time.perf_counter() - t0
+    return seconds, tokens
 
 
 def prefill_ratio(policy, tok, B: int, k: int, reps: int, device) -> tuple[float, float]:
@@ -139,13 +158,14 @@ def prefill_ratio(policy, tok, B: int, k: int, reps: int, device) -> tuple[float
 def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
     print(f"\nvariable lengths ({label}, Cheerful-v0 prompts, temperature 0.7, at most {args.variable} new tokens, "
           f"{args.reps} rollouts each):\n")
-    print("| batch | run | seconds | useful tokens | useful tokens/s | vs generate |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | episodes | run | seconds | useful tokens | useful tokens/s | vs generate |")
+    print("|---|---|---|---|---|---|---|")
     for B in args.batch:
-        results = variable_lengths(policy, ref, tok, pad_id, B, args.variable, args.reps, device)
+        episodes = max(args.episodes, B)
+        results = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps, device)
         base = results["generate"][1] / results["generate"][0]
         for run, (t, n) in results.items():
-            print(f"| {B} | {run} | {t:.2f} | {n} | {n / t:.0f} | {n / t / base:.2f}× |", flush=True)
+            print(f"| {B} | {episodes} | {run} | {t:.2f} | {n} | {n / t:.0f} | {n / t / base:.2f}× |", flush=True)
 
 
 def main() -> None:
@@ -157,6 +177,9 @@ def main() -> None:
     parser.add_argument("--baselines", nargs="*", default=["generate", "generate-static"])
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--variable", type=int, default=128, help="max new tokens of the variable-length runs (0: skip)")
+    parser.add_argument("--episodes", type=int, default=0,
+                        help="completions of the variable-length runs (a multiple of the batch; more than the "
+                             "batch adds continuous batching through batch slots)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="name or path (the prompts' ids)")

@@ -150,7 +150,8 @@ def test_the_sequence_pass_groups_rows_by_length_and_skips_their_padding():
     assert widths == [(2, 6), (2, 15), (1, 16)], widths
 
 
-def test_a_row_admitted_mid_decode_decodes_as_if_prefilled_alone_and_the_others_as_before():
+@pytest.mark.parametrize("retire_first", [True, False])
+def test_a_row_admitted_mid_decode_decodes_as_if_prefilled_alone_and_the_others_as_before(retire_first):
     """Continuous batching's cache step: row 3 ends and is retired, then starts again on a new (longer)
     prompt while the other rows keep decoding. Its next-token log-probs equal a cache prefilled with that
     prompt alone and extended with the same tokens; the other rows' equal a cache that never admitted it."""
@@ -169,9 +170,8 @@ def test_a_row_admitted_mid_decode_decodes_as_if_prefilled_alone_and_the_others_
         live = torch.ones(5, 1, dtype=torch.bool)
         live[3] = step < 1  # row 3: one token, then ended (masked slots) until step 4
         if step == 4:
-            pool.retire(ended)
-            with pytest.raises(ValueError, match=r"rows \[0\] are still in the cache"):
-                pool.admit(torch.tensor([0]), prompt, torch.ones_like(prompt))
+            if retire_first:
+                pool.retire(ended)  # (without it, admit drops the row's old part itself)
             pool.admit(torch.tensor([3]), prompt, torch.ones_like(prompt))
             alone.prefill(prompt, torch.ones_like(prompt))
         if step >= 4:
@@ -184,3 +184,18 @@ def test_a_row_admitted_mid_decode_decodes_as_if_prefilled_alone_and_the_others_
         others.extend(tokens, live if step < 4 else live & (torch.arange(5) != 3)[:, None])
     close(pool.next_logits[3:4], alone.next_logits)
     assert sorted(pool.rows.tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_admitting_every_row_at_once_is_a_fresh_prefill():
+    model = tiny_llama()
+    ids, mask = batch()
+    pool, fresh = CachedForward(model), CachedForward(model)
+    pool.prefill(ids, mask)
+    pool.extend(torch.full((5, 1), 7), torch.ones(5, 1, dtype=torch.bool))
+    again = ids.flip(0), mask.flip(0)  # other prompts for every row
+    pool.admit(torch.arange(5), *again)
+    fresh.prefill(*again)
+    tokens = torch.randint(3, V, (5, 1), generator=torch.Generator().manual_seed(0))
+    for forward in (pool, fresh):
+        forward.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
+    torch.testing.assert_close(pool.next_logits, fresh.next_logits, atol=1e-5, rtol=0)

@@ -21,8 +21,49 @@ import torch
 
 from textrl.lm.generate import Generator
 from textrl.rollout import TokenRollout
+from textrl.shard import Shard
 
-__all__ = ["collect_tokens", "context_column", "episode_end_hooks"]
+__all__ = ["collect_tokens", "collect_episodes", "context_column", "episode_end_hooks"]
+
+
+class _Columns:
+    """What a collection records per row and response column ``[rows, T]`` (written at the column the env
+    reports for each step), per row (score, the env's episode counts), and how it becomes a rollout."""
+
+    def __init__(self, rows: int, T: int, stat_names: tuple[str, ...], device: torch.device):
+        f32 = dict(dtype=torch.float32, device=device)
+        self.values = {k: torch.zeros(rows, T, **f32) for k in ("logprobs", "ref_logprobs", "rewards", "kl")}
+        self.values.update({k: torch.zeros(rows, T, dtype=torch.bool, device=device)
+                            for k in ("action_mask", "terminated", "truncated")})
+        self.scores, self.stat_names = torch.zeros(rows, **f32), stat_names
+        self.stats = {k: torch.zeros(rows, **f32) for k in stat_names}
+
+    def record(self, t: int, tokens, logprob, reward, term, trunc, info: dict) -> None:
+        valid = info["valid"]
+        col = (info["column"] if "column" in info else torch.full_like(tokens, t)).unsqueeze(1)  # (B, 1)
+        values = {"logprobs": logprob, "rewards": reward.float(), "action_mask": valid, "terminated": term,
+                  "truncated": trunc}
+        if "ref_logprob" in info:
+            values.update(ref_logprobs=info["ref_logprob"], kl=info["kl"])
+        for k, v in values.items():  # column col of each live row (ended rows write their own value back)
+            buf = self.values[k]
+            buf.scatter_(1, col, torch.where(valid, v.to(buf.dtype), buf.gather(1, col).squeeze(1)).unsqueeze(1))
+        self.scores += torch.where(info["_score"], info["score"], 0.0)
+        for k in self.stat_names:
+            self.stats[k] += torch.where(info["_" + k], info[k], 0).float()
+
+    def move(self, rows: torch.Tensor, to: _Columns, to_rows: torch.Tensor) -> None:
+        """Copy ``rows`` into ``to``'s ``to_rows`` and clear them here (a slot's finished episode)."""
+        for mine, theirs in ((self.values, to.values), (self.stats, to.stats), ({"s": self.scores}, {"s": to.scores})):
+            for k, buf in mine.items():
+                theirs[k][to_rows] = buf[rows]
+                buf[rows] = 0
+
+    def rollout(self, input_ids, attention_mask, P: int, prompt_index) -> TokenRollout:
+        v = self.values
+        return TokenRollout(input_ids, attention_mask, P, v["action_mask"], v["logprobs"], v["ref_logprobs"],
+                            v["rewards"], self.scores, v["kl"], v["terminated"], v["truncated"], prompt_index,
+                            self.stats)
 
 
 @torch.no_grad()
@@ -39,30 +80,14 @@ def collect_tokens(envs: gym.vector.VectorEnv, generator: Generator, seed: int |
     obs, info = envs.reset(seed=seed)
     B, L = obs["input_ids"].shape
     P, prompt_index = int(info["response_start"][0]), info["prompt_index"].clone()
-    T, dev = L - P, obs["input_ids"].device
     generator.prefill(obs["input_ids"], obs["attention_mask"])
-    f32 = dict(dtype=torch.float32, device=dev)
-    out = {k: torch.zeros(B, T, **f32) for k in ("logprobs", "ref_logprobs", "rewards", "kl")}
-    flags = {k: torch.zeros(B, T, dtype=torch.bool, device=dev) for k in ("action_mask", "terminated", "truncated")}
-    scores, done = torch.zeros(B, **f32), torch.zeros(B, dtype=torch.bool, device=dev)
-    stat_names = tuple(getattr(envs.unwrapped, "episode_stat_names", ()))
-    stats = {k: torch.zeros(B, **f32) for k in stat_names}
+    cols = _Columns(B, L - P, tuple(getattr(envs.unwrapped, "episode_stat_names", ())), obs["input_ids"].device)
+    done = torch.zeros(B, dtype=torch.bool, device=obs["input_ids"].device)
     retire = getattr(generator, "retire", None)
-    for t in range(T):  # every step fills at least one response column of each live row
+    for t in range(L - P):  # every step fills at least one response column of each live row
         tokens, logprob = generator.sample()  # (B,), (B,)
         obs, reward, term, trunc, info = envs.step({"token": tokens, "logprob": logprob})
-        valid = info["valid"]
-        col = (info["column"] if "column" in info else torch.full_like(tokens, t)).unsqueeze(1)  # (B, 1)
-        values = {"logprobs": logprob, "rewards": reward.float(), "action_mask": valid, "terminated": term,
-                  "truncated": trunc}
-        if "ref_logprob" in info:
-            values.update(ref_logprobs=info["ref_logprob"], kl=info["kl"])
-        for k, v in values.items():  # column col of each live row (ended rows write their own value back)
-            buf = out.get(k, flags.get(k))
-            buf.scatter_(1, col, torch.where(valid, v.to(buf.dtype), buf.gather(1, col).squeeze(1)).unsqueeze(1))
-        scores += torch.where(info["_score"], info["score"], 0.0)
-        for k in stat_names:
-            stats[k] += torch.where(info["_" + k], info[k], 0).float()
+        cols.record(t, tokens, logprob, reward, term, trunc, info)
         done |= term | trunc
         if done.all():
             break
@@ -71,12 +96,85 @@ def collect_tokens(envs: gym.vector.VectorEnv, generator: Generator, seed: int |
         new, new_mask = context_column(tokens, info)  # ended rows get a masked slot
         generator.extend(new, new_mask)
     generator.finish()
-    ro = TokenRollout(obs["input_ids"], obs["attention_mask"], P, flags["action_mask"], out["logprobs"],
-                      out["ref_logprobs"], out["rewards"], scores, out["kl"], flags["terminated"],
-                      flags["truncated"], prompt_index, stats)
+    ro = cols.rollout(obs["input_ids"], obs["attention_mask"], P, prompt_index)
     for hook in episode_end_hooks(envs):
         ro = hook(ro)
     return ro
+
+
+@torch.no_grad()
+def collect_episodes(envs: gym.vector.VectorEnv, generator: Generator, episodes: int,
+                     seed: int | None = None) -> TokenRollout:
+    """Continuous batching: ``episodes`` completions from an env whose B rows are slots. When a slot's episode
+    ends, it is written out as a row of the batch and the slot starts the next prompt (``reset`` with a
+    ``reset_mask``; with k completions per prompt, once all k rows of its group have ended): its prompt is
+    prefilled on its own and joined to the generator's cache (``admit``) while the other slots keep decoding,
+    so a short completion frees its slot instead of waiting for the longest one. ``episodes == B`` is
+    :func:`collect_tokens`. The batch's rows are the episodes in the order they started. Needs a generator
+    with ``retire`` and ``admit`` (``HFGenerator`` with the dynamic decoder) and one process (a sharded
+    sampler's stream cannot follow slots that restart at different steps on different processes)."""
+    B, k = envs.num_envs, int(getattr(envs.unwrapped, "num_generations", 1))
+    if episodes < B or episodes % k:
+        raise ValueError(f"episodes must be >= the env's {B} rows and a multiple of num_generations={k}, got "
+                         f"{episodes}")
+    if episodes == B:
+        return collect_tokens(envs, generator, seed)
+    if getattr(generator, "admit", None) is None:
+        raise TypeError(f"continuous batching needs a generator with admit(); {type(generator).__name__} has none "
+                        "(HFGenerator with sampling.decoder: dynamic has it)")
+    obs, info = envs.reset(seed=seed)
+    L, dev = obs["input_ids"].shape[1], obs["input_ids"].device
+    P = int(info["response_start"][0])
+    if getattr(getattr(generator, "sampler", None), "shard", Shard()).sharded:
+        raise ValueError("continuous batching runs on one process: a data-parallel sampler's stream cannot follow "
+                         "rows that restart at different steps on different processes")
+    names = tuple(getattr(envs.unwrapped, "episode_stat_names", ()))
+    slots, out = _Columns(B, L - P, names, dev), _Columns(episodes, L - P, names, dev)
+    ids, mask = (torch.zeros(episodes, L, dtype=obs[x].dtype, device=dev) for x in ("input_ids", "attention_mask"))
+    prompt_index = torch.zeros(episodes, dtype=torch.long, device=dev)
+    slot_prompt, episode_of = info["prompt_index"].clone(), torch.arange(B, device=dev)
+    generator.prefill(obs["input_ids"], obs["attention_mask"])
+    done, started, finished, t = torch.zeros(B, dtype=torch.bool, device=dev), B, 0, 0
+    while True:
+        tokens, logprob = generator.sample()
+        obs, reward, term, trunc, info = envs.step({"token": tokens, "logprob": logprob})
+        if "column" not in info:
+            raise ValueError("continuous batching needs the env to say where each token went (info['column'])")
+        slots.record(t, tokens, logprob, reward, term, trunc, info)
+        t, ended = t + 1, (term | trunc) & ~done
+        done |= ended
+        if ended.any():  # write the finished episodes out
+            rows = ended.nonzero().squeeze(1)
+            ids[episode_of[rows]], mask[episode_of[rows]] = obs["input_ids"][rows], obs["attention_mask"][rows]
+            prompt_index[episode_of[rows]] = slot_prompt[rows]
+            slots.move(rows, out, episode_of[rows])
+            finished += rows.numel()
+        if finished == episodes:
+            break
+        generator.retire(done)
+        new, new_mask = context_column(tokens, info)
+        refill = _free_groups(done, k, episodes - started)
+        if refill.any():
+            fresh, fresh_info = envs.reset(options={"reset_mask": refill})
+            rows = refill.nonzero().squeeze(1)
+            generator.admit(rows, fresh["input_ids"][rows], fresh["attention_mask"][rows])
+            slot_prompt[rows] = fresh_info["prompt_index"][rows]
+            episode_of[rows] = started + torch.arange(rows.numel(), device=dev)
+            started, done = started + rows.numel(), done & ~refill
+            new_mask = new_mask & ~refill.unsqueeze(1)  # (a restarted row's context is its new prompt)
+        generator.extend(new, new_mask)
+    generator.finish()
+    ro = out.rollout(ids, mask, P, prompt_index)
+    for hook in episode_end_hooks(envs):
+        ro = hook(ro)
+    return ro
+
+
+def _free_groups(done: torch.Tensor, k: int, pending: int) -> torch.Tensor:
+    """``[B]`` bool: the slots of the first whole groups of k that have all ended, at most ``pending`` slots."""
+    whole = done.view(-1, k).all(1)  # (B / k,)
+    whole &= whole.cumsum(0) <= pending // k
+    return whole.repeat_interleave(k)
 
 
 def context_column(tokens: torch.Tensor, info: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -156,18 +156,24 @@ class CachedForward:
 
     @torch.no_grad()
     def admit(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Start batch rows ``rows`` ``[k]`` (not in the cache: retired, or never prefilled) on new left-padded
-        prefixes ``[k, L]`` while the other rows keep decoding — the cache side of continuous batching. The
-        new rows are prefilled on their own (repeated prefixes once) and joined to the cache, the narrower side
-        left-padded with masked columns; returns the next-token logits ``[B, V]``."""
+        """Start batch rows ``rows`` ``[k]`` on new left-padded prefixes ``[k, L]`` while the other rows keep
+        decoding — the cache side of continuous batching. Whatever the cache still holds of those rows (an
+        ended episode not yet retired) is dropped; the new rows are prefilled on their own (repeated prefixes
+        once) and joined to the cache, the narrower side left-padded with masked columns. Returns the
+        next-token logits ``[B, V]``."""
         assert self.mask is not None, "prefill first"
         rows = torch.as_tensor(rows, device=self.mask.device).long()
         held = self.rows if self.rows is not None else torch.arange(self.next_logits.shape[0], device=rows.device)
-        if torch.isin(rows, held).any():
-            raise ValueError(f"admit: rows {rows[torch.isin(rows, held)].tolist()} are still in the cache; "
-                             "retire them (their episodes ended) before starting them again")
         new = CachedForward(self.model, self.share_prefixes)
         logits = new.prefill(input_ids, attention_mask)
+        stay = ~torch.isin(held, rows)  # rows still cached from their last episode restart: drop their old part
+        if not stay.any():
+            self.cache, self.mask, self.rows = new.cache, new.mask, rows
+            self.next_logits = self.next_logits.index_copy(0, rows, logits.to(self.next_logits.dtype))
+            return self.next_logits
+        if not stay.all():
+            self.cache.batch_select_indices(stay.nonzero().squeeze(1))
+            self.mask, held = self.mask[stay], held[stay]
         width = max(self.mask.shape[1], new.mask.shape[1])
         pad = lambda x: torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0))  # noqa: E731 - [b, h, c, d]
         for mine, theirs in zip(self.cache.layers, new.cache.layers, strict=True):

@@ -51,6 +51,10 @@ class Generator(Protocol):
         """Rows ``ended`` ``[B]`` (bool) get no more columns until the next prefill: the generator may stop
         computing them (their later samples are ignored). Optional: collection calls it where it exists."""
 
+    def admit(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Start retired rows ``rows`` ``[k]`` on new left-padded prompts ``[k, L]`` while the other rows keep
+        going. Optional: only continuous batching (:func:`~textrl.lm.collect.collect_episodes`) needs it."""
+
     def finish(self) -> None:
         """The episode batch is over (keeps data-parallel processes' random streams in step)."""
 
@@ -86,6 +90,8 @@ class HFGenerator:
             StaticForward(model, compile=self.decoder == "compiled")
         self.sampler = TokenSampler(temperature, top_k, top_p, rng, shard, min_new_tokens, stop_ids)
         self.rows = 0
+        if not hasattr(self.forward, "admit"):  # a static cache's shapes are fixed: no continuous batching
+            self.admit = None
 
     @classmethod
     def from_config(cls, model: torch.nn.Module, sampling, rng: torch.Generator | None = None,
@@ -108,6 +114,12 @@ class HFGenerator:
 
     def retire(self, ended: torch.Tensor) -> None:
         self.forward.retire(ended)
+
+    def admit(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Start retired rows ``rows`` on new prompts ``[k, L]`` while the others keep decoding (continuous
+        batching; the dynamic decoder only)."""
+        self.forward.admit(rows, input_ids, attention_mask)
+        self.sampler.restart(rows, self.rows)
 
     def finish(self) -> None:
         self.sampler.sync(self.rows, self.forward.next_logits.device)

@@ -60,17 +60,31 @@ class TokenSampler:
         self.rng, self.shard = rng, shard or Shard()
         self.min_new_tokens, self.stop_ids = min_new_tokens, list(stop_ids)
         self.rounds = 0  # draws since the last sync
+        self.row_rounds: torch.Tensor | None = None  # (B,) draws of each row's episode, once rows restart
         self._stop: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row of the raw next-token ``logits`` ``[B, V]``."""
         z = tempered(logits, self.temperature)
-        if self.rounds < self.min_new_tokens and self.stop_ids:
+        if self.min_new_tokens and self.stop_ids:
             if self._stop is None or self._stop.device != z.device:  # built once: no host copy per token
                 self._stop = torch.tensor(self.stop_ids, device=z.device)
-            z = z.index_fill(1, self._stop, float("-inf"))
+            if self.row_rounds is None and self.rounds < self.min_new_tokens:
+                z = z.index_fill(1, self._stop, float("-inf"))
+            elif self.row_rounds is not None:
+                early = (self.row_rounds < self.min_new_tokens).unsqueeze(1)  # (B, 1)
+                z = torch.where(early, z.index_fill(1, self._stop, float("-inf")), z)
         self.rounds += 1
+        if self.row_rounds is not None:
+            self.row_rounds += 1
         return sample_from_logits(z, self.top_k, self.top_p, self.rng, self.shard)
+
+    def restart(self, rows: torch.Tensor, batch: int) -> None:
+        """Rows ``rows`` of the ``batch`` start new episodes (continuous batching): their next draw is their
+        episode's first (``min_new_tokens`` counts per row from here). ``sync`` goes back to one count."""
+        if self.row_rounds is None:
+            self.row_rounds = torch.full((batch,), self.rounds, dtype=torch.long, device=rows.device)
+        self.row_rounds[rows] = 0
 
     def sync(self, rows: int, device: torch.device | str) -> None:
         """After an episode: draw the rounds the longest shard drew beyond this one's (one collective), so every
@@ -79,4 +93,4 @@ class TokenSampler:
             longest = int(all_max(torch.tensor(self.rounds, device=device)))
             for _ in range(longest - self.rounds):
                 _uniforms(rows, self.shard, device, self.rng)
-        self.rounds = 0
+        self.rounds, self.row_rounds = 0, None
