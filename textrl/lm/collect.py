@@ -122,12 +122,12 @@ def collect_episodes(envs: gym.vector.VectorEnv, generator: Generator, episodes:
     if getattr(generator, "admit", None) is None:
         raise TypeError(f"continuous batching needs a generator with admit(); {type(generator).__name__} has none "
                         "(HFGenerator with sampling.decoder: dynamic has it)")
-    obs, info = envs.reset(seed=seed)
-    L, dev = obs["input_ids"].shape[1], obs["input_ids"].device
-    P = int(info["response_start"][0])
     if getattr(getattr(generator, "sampler", None), "shard", Shard()).sharded:
         raise ValueError("continuous batching runs on one process: a data-parallel sampler's stream cannot follow "
                          "rows that restart at different steps on different processes")
+    obs, info = envs.reset(seed=seed)
+    L, dev = obs["input_ids"].shape[1], obs["input_ids"].device
+    P = int(info["response_start"][0])
     names = tuple(getattr(envs.unwrapped, "episode_stat_names", ()))
     slots, out = _Columns(B, L - P, names, dev), _Columns(episodes, L - P, names, dev)
     ids, mask = (torch.zeros(episodes, L, dtype=obs[x].dtype, device=dev) for x in ("input_ids", "attention_mask"))

@@ -167,21 +167,19 @@ class CachedForward:
         new = CachedForward(self.model, self.share_prefixes)
         logits = new.prefill(input_ids, attention_mask)
         stay = ~torch.isin(held, rows)  # rows still cached from their last episode restart: drop their old part
-        if not stay.any():
+        if not stay.any():  # every cached row restarts: the new cache is the cache
             self.cache, self.mask, self.rows = new.cache, new.mask, rows
-            self.next_logits = self.next_logits.index_copy(0, rows, logits.to(self.next_logits.dtype))
-            return self.next_logits
-        if not stay.all():
-            self.cache.batch_select_indices(stay.nonzero().squeeze(1))
-            self.mask, held = self.mask[stay], held[stay]
-        width = max(self.mask.shape[1], new.mask.shape[1])
-        pad = lambda x: torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0))  # noqa: E731 - [b, h, c, d]
-        for mine, theirs in zip(self.cache.layers, new.cache.layers, strict=True):
-            mine.keys = torch.cat([pad(mine.keys), pad(theirs.keys)])
-            mine.values = torch.cat([pad(mine.values), pad(theirs.values)])
-        left = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
-        self.mask = torch.cat([left(self.mask), left(new.mask)])
-        self.rows = torch.cat([held, rows])
+        else:
+            if not stay.all():
+                self.cache.batch_select_indices(stay.nonzero().squeeze(1))
+                self.mask, held = self.mask[stay], held[stay]
+            width = max(self.mask.shape[1], new.mask.shape[1])
+            pad = lambda x: torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0))  # noqa: E731 - [b, h, c, d]
+            for mine, theirs in zip(self.cache.layers, new.cache.layers, strict=True):
+                mine.keys = torch.cat([pad(mine.keys), pad(theirs.keys)])
+                mine.values = torch.cat([pad(mine.values), pad(theirs.values)])
+            left = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
+            self.mask, self.rows = torch.cat([left(self.mask), left(new.mask)]), torch.cat([held, rows])
         self.next_logits = self.next_logits.index_copy(0, rows, logits.to(self.next_logits.dtype))
         self.prefill_rows = new.prefill_rows
         return self.next_logits
@@ -246,8 +244,8 @@ def sequence_logprobs(
         T = end - response_start
         if T == 0:
             continue
-        start, ids, m = trim_padding(input_ids[rows, :end], mask[rows, :end])
-        start = min(start, response_start - 1)  # (the column before the response predicts its first token)
+        # from the chunk's first real column (the column before the response predicts its first token)
+        start = min(trim_padding(input_ids[rows, :end], mask[rows, :end])[0], response_start - 1)
         ids, m = input_ids[rows, start:end], mask[rows, start:end]
         logits = model(input_ids=ids, attention_mask=m, position_ids=positions_from_mask(m),
                        logits_to_keep=T + 1).logits
