@@ -86,8 +86,11 @@ class KeepRows(HFGenerator):
         pass
 
 
-def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, reps: int,
-                     device) -> dict[str, tuple[float, int]]:
+VARIABLE_RUNS = ("generate", "dynamic", "kept", "continuous")
+
+
+def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, reps: int, device,
+                     only: tuple[str, ...] = VARIABLE_RUNS, warmup: bool = True) -> dict[str, tuple[float, int]]:
     """{run: (seconds, useful tokens)} of ``episodes`` completions, summed over ``reps`` after a warm-up: in
     batches of ``B`` rows (the env's draws from seed 0 on), and, when ``episodes > B``, through B slots with
     continuous batching (``collect_episodes``)."""
@@ -120,21 +123,24 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
         return sum(int(collect_tokens(env, gen, seed=0 if i == 0 else None).action_mask.sum())
                    for i in range(episodes // B))
 
-    runs = {"generate": generate}
-    labels = {"textrl dynamic": HFGenerator, "textrl dynamic, every row kept": KeepRows}
+    runs = {"generate": generate} if "generate" in only else {}
+    labels = {"dynamic": ("textrl dynamic", HFGenerator), "kept": ("textrl dynamic, every row kept", KeepRows)}
     if episodes > B:
-        labels[f"textrl continuous ({B} slots)"] = HFGenerator
-    for label, cls in labels.items():
+        labels["continuous"] = (f"textrl continuous ({B} slots)", HFGenerator)
+    for key, (label, cls) in labels.items():
+        if key not in only:
+            continue
         gen = cls(policy, temperature=0.7, rng=torch.Generator(device=device).manual_seed(0), stop_ids=(eos,))
-        runs[label] = (lambda gen=gen: batches(gen)) if "continuous" not in label else \
+        runs[label] = (lambda gen=gen: batches(gen)) if key != "continuous" else \
             (lambda gen=gen: int(collect_episodes(env, gen, episodes, seed=0).action_mask.sum()))
-    return {label: timed(fn, reps, device) for label, fn in runs.items()}
+    return {label: timed(fn, reps, device, warmup) for label, fn in runs.items()}
 
 
-def timed(fn, reps: int, device) -> tuple[float, int]:
-    """(seconds, useful tokens) of ``reps`` calls of ``fn`` after a warm-up."""
+def timed(fn, reps: int, device, warmup: bool = True) -> tuple[float, int]:
+    """(seconds, useful tokens) of ``reps`` calls of ``fn`` (after a warm-up call unless ``warmup`` is False)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()  # warm-up
+    if warmup:
+        fn()
     seconds, tokens = 0.0, 0
     for _ in range(reps):
         sync()
@@ -162,10 +168,12 @@ def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
     print("|---|---|---|---|---|---|---|")
     for B in args.batch:
         episodes = max(args.episodes, B)
-        results = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps, device)
-        base = results["generate"][1] / results["generate"][0]
+        results = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps, device,
+                                   tuple(args.variable_runs), not args.no_warmup)
+        base = results["generate"][1] / results["generate"][0] if "generate" in results else None
         for run, (t, n) in results.items():
-            print(f"| {B} | {episodes} | {run} | {t:.2f} | {n} | {n / t:.0f} | {n / t / base:.2f}× |", flush=True)
+            ratio = f"{n / t / base:.2f}×" if base else ""
+            print(f"| {B} | {episodes} | {run} | {t:.2f} | {n} | {n / t:.0f} | {ratio} |", flush=True)
 
 
 def main() -> None:
@@ -180,6 +188,9 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=0,
                         help="completions of the variable-length runs (a multiple of the batch; more than the "
                              "batch adds continuous batching through batch slots)")
+    parser.add_argument("--variable-runs", nargs="+", default=list(VARIABLE_RUNS), choices=VARIABLE_RUNS,
+                        help="which variable-length runs to time")
+    parser.add_argument("--no-warmup", action="store_true", help="variable-length runs: no untimed warm-up call")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="name or path (the prompts' ids)")

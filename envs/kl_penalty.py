@@ -9,7 +9,8 @@ That log-prob must be of the temperature-scaled distribution that was sampled, w
 Two ways to compute the reference (``reference_pass``), giving equal batches (tested to 1e-5):
 
 - ``"per_token"``: the reference steps with the env in its own KV cache (a prefill at reset, then one
-  batched forward of one token per step), and every ``step`` already returns the penalised reward with
+  batched forward of one token per step; a reset by ``reset_mask`` prefills the restarted rows alone and joins
+  them to that cache), and every ``step`` already returns the penalised reward with
   ``info`` keys ``kl`` (the per-token estimate, 0 on invalid rows), ``kl_penalty`` (β·kl), ``ref_logprob``
   and ``kl_coef`` (β) — what a user stepping the env by hand sees.
 - ``"sequence"`` (what ``textrl train`` uses): ``step`` returns the task reward only and adds nothing to
@@ -93,9 +94,14 @@ class KLPenalty(gym.vector.VectorWrapper):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
-        # Any reset (full or by mask) re-encodes the current buffers: rows still generating keep their prefix.
         if self.reference_pass == "per_token":
-            self.ref.prefill(obs["input_ids"], obs["attention_mask"])
+            reset = options.get("reset_mask") if options else None
+            if reset is None or self.ref.mask is None or bool(torch.as_tensor(reset).all()):
+                self.ref.prefill(obs["input_ids"], obs["attention_mask"])
+            else:  # rows restarted by mask join the cache; the others keep theirs (continuous batching)
+                rows = torch.as_tensor(reset, device=obs["input_ids"].device).nonzero().squeeze(1)
+                if rows.numel():
+                    self.ref.admit(rows, obs["input_ids"][rows], obs["attention_mask"][rows])
             self._ended = self._ended_after_reset(options, obs["input_ids"].shape[0], obs["input_ids"].device)
         return obs, info
 

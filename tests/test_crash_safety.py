@@ -187,6 +187,13 @@ def test_a_resume_with_settings_that_cannot_change_is_refused_before_anything_lo
         cfg, _ = resolve_train_config(["--resume", str(tmp_path), "--total-steps", "1024", *flags])
         with pytest.raises(ValueError, match="resume: .*cannot change on resume: " + named.replace("(", r"\(").replace(")", r"\)")):
             train(cfg, resume=True, quiet=True)
+    # a run written before a field existed (here sampling.slots) resumes when the field keeps its default
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "  slots: 0\n" in saved
+    (tmp_path / "config.yaml").write_text(saved.replace("  slots: 0\n", ""))
+    cfg, _ = resolve_train_config(["--resume", str(tmp_path), "--total-steps", "1024", "--slots", "4"])
+    with pytest.raises(ValueError, match=r"sampling.slots: '\(unset\)' \(the run\) -> 4 \(given\)"):
+        train(cfg, resume=True, quiet=True)
     cfg, _ = resolve_train_config(["--resume", str(tmp_path), "--total-steps", "1024", "--learning-rate", "5e-4",
                                    "--checkpoint-every", "1"])
     assert train(cfg, resume=True, quiet=True).global_step == 1024  # these may change

@@ -122,6 +122,11 @@ class SamplingConfig:
     """How rollouts advance the policy: "dynamic" (a growing KV cache, one eager forward per token), "static"
     (a preallocated cache), "compiled" (the static cache with a torch.compile'd decode step; CUDA graphs on
     CUDA), "auto" = compiled on CUDA, dynamic elsewhere. All give the same tokens and log-probs."""
+    slots: int = 0
+    """Continuous batching: the rollout's num_envs completions run through this many env rows, a row whose
+    completion ended starting the next prompt (so short completions stop waiting for the longest). 0 = off
+    (num_envs rows, all reset together). A multiple of num_generations, at most num_envs; the dynamic decoder
+    and one process."""
 
     flat: ClassVar[dict[str, str]] = {}
 
@@ -133,6 +138,11 @@ class SamplingConfig:
         non_negative_int("min_new_tokens", self.min_new_tokens)
         if self.decoder not in ("auto", "dynamic", "static", "compiled"):
             raise ValueError(f"decoder must be one of auto, dynamic, static, compiled, got {self.decoder!r}")
+        non_negative_int("slots", self.slots)
+        if self.slots and self.decoder in ("static", "compiled"):
+            raise ValueError(f"slots={self.slots} (continuous batching) restarts rows in a growing KV cache; "
+                             f"decoder={self.decoder!r} has a fixed-shape one: set decoder: dynamic (or auto), or "
+                             "slots: 0")
 
 
 @records_given
@@ -229,7 +239,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Text runs: the policy model, LoRA, quantisation, critic and reward model (see ModelConfig)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    """Text runs: temperature, top-k, top-p, min_new_tokens (see SamplingConfig)."""
+    """Text runs: temperature, top-k, top-p, min_new_tokens, decoder, slots (see SamplingConfig)."""
     kl: KLConfig = field(default_factory=KLConfig)
     """Text runs: β and the KL estimator (see KLConfig)."""
     eval: EvalConfig = field(default_factory=EvalConfig)

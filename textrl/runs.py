@@ -150,7 +150,9 @@ def check_resume_settings(cfg: TrainConfig, path: Path) -> None:
     if not given.get("agent_config"):
         given.pop("agent_config", None)  # the Python API's default: the run's own agent config
     old, new, unset = _flat(saved), _flat(given), "(unset)"
-    keys = [k for k in dict.fromkeys([*new, *old]) if k in new or not k.startswith("agent_config.")]
+    defaults = _flat(to_dict(TrainConfig()))  # a field the run's textrl did not have yet behaved as its default
+    keys = [k for k in dict.fromkeys([*new, *old]) if (k in new or not k.startswith("agent_config."))
+            and not (k not in old and k in defaults and new.get(k) == defaults[k])]
     differ = [f"{key}: {old.get(key, unset)!r} (the run) -> {new.get(key, unset)!r} (given)" for key in keys
               if key not in RESUME_MAY_CHANGE and new.get(key, unset) != old.get(key, unset)
               and not (_opaque(new.get(key)) or _opaque(old.get(key)))]

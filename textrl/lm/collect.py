@@ -109,7 +109,9 @@ def collect_episodes(envs: gym.vector.VectorEnv, generator: Generator, episodes:
     ends, it is written out as a row of the batch and the slot starts the next prompt (``reset`` with a
     ``reset_mask``; with k completions per prompt, once all k rows of its group have ended): its prompt is
     prefilled on its own and joined to the generator's cache (``admit``) while the other slots keep decoding,
-    so a short completion frees its slot instead of waiting for the longest one. ``episodes == B`` is
+    so a short completion frees its slot instead of waiting for the longest one. Freed slots are admitted
+    together once an eighth of the slots (at least one group) is free, or every episode left can start: each
+    admit copies the whole cache, so one per ended row would cost more than the steps it saves. ``episodes == B`` is
     :func:`collect_tokens`. The batch's rows are the episodes in the order they started. Needs a generator
     with ``retire`` and ``admit`` (``HFGenerator`` with the dynamic decoder) and one process (a sharded
     sampler's stream cannot follow slots that restart at different steps on different processes)."""
@@ -135,6 +137,7 @@ def collect_episodes(envs: gym.vector.VectorEnv, generator: Generator, episodes:
     slot_prompt, episode_of = info["prompt_index"].clone(), torch.arange(B, device=dev)
     generator.prefill(obs["input_ids"], obs["attention_mask"])
     done, started, finished, t = torch.zeros(B, dtype=torch.bool, device=dev), B, 0, 0
+    wait = max(k, B // 8 // k * k)  # free slots that make an admit worth its cache copy
     while True:
         tokens, logprob = generator.sample()
         obs, reward, term, trunc, info = envs.step({"token": tokens, "logprob": logprob})
@@ -154,7 +157,8 @@ def collect_episodes(envs: gym.vector.VectorEnv, generator: Generator, episodes:
         generator.retire(done)
         new, new_mask = context_column(tokens, info)
         refill = _free_groups(done, k, episodes - started)
-        if refill.any():
+        free = int(refill.sum())
+        if free and free >= min(wait, episodes - started):
             fresh, fresh_info = envs.reset(options={"reset_mask": refill})
             rows = refill.nonzero().squeeze(1)
             generator.admit(rows, fresh["input_ids"][rows], fresh["attention_mask"][rows])

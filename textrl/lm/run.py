@@ -30,7 +30,7 @@ from textrl.lm.build import (
     load_reward_model,
     policy_model_name,
 )
-from textrl.lm.collect import collect_tokens
+from textrl.lm.collect import collect_episodes, collect_tokens
 from textrl.lm.evaluate import EvalResult, evaluate_heldout, summary_line
 from textrl.lm.generate import HFGenerator
 from textrl.lm.models import check_model_source, quiet_saving
@@ -73,6 +73,22 @@ def rows_per_process(num_envs: int, world: int, agent_cfg: Any) -> int:
         raise ValueError(f"with {world} processes each process holds num_envs / {world} = {local} rows, and: {err}. "
                          "Raise num_envs or run fewer processes") from None
     return local
+
+
+def env_rows(cfg: TrainConfig, world: int, k: int) -> int:
+    """The env's rows on this process: ``sampling.slots`` with continuous batching, else its share of the batch."""
+    slots = cfg.sampling.slots
+    if not slots:
+        return cfg.num_envs // world
+    if world > 1:
+        raise ValueError(f"sampling.slots={slots} (continuous batching) runs on one process, and this run has "
+                         f"{world}: a data-parallel sampler's stream cannot follow rows that restart at different "
+                         "steps on different processes. Set slots: 0, or run one process")
+    if slots > cfg.num_envs or slots % k:
+        raise ValueError(f"sampling.slots must be at most num_envs={cfg.num_envs} and a multiple of num_generations="
+                         f"{k} (groups restart together), got {slots}: choose from "
+                         f"{[i for i in range(k, cfg.num_envs + 1, k) if cfg.num_envs % i == 0]}")
+    return slots
 
 
 def rollout_stats(ro: TokenRollout, reduce: Reducer) -> dict[str, float]:
@@ -149,6 +165,8 @@ class LMRun(Run):
                 "pushes in another direction (tests/test_losses.py enumerates it). Use --kl-estimator k1 (k2 and k3 "
                 "suit a KL loss term: --agent grpo)")
         self.local_envs = rows_per_process(cfg.num_envs, self.world, agent_cfg)  # before loading any model
+        k = cls.completions_per_prompt(agent_cfg)
+        rows = env_rows(cfg, self.world, k or 1)  # (the env's rows: the batch's, or continuous batching's slots)
         sources = {"model": policy_model_name(cfg) if model is None else None, "reward_model": cfg.model.reward_model,
                    "value_model": cfg.model.value_model if cfg.model.value_model not in ("head", "policy") else None}
         for field, name in sources.items():
@@ -162,9 +180,8 @@ class LMRun(Run):
         self.tokenizer, self.policy, self.reference = build_policy(cfg, self.device, cls.has_critic, model, tokenizer)
         scorer = load_reward_model(cfg.model.reward_model, self.device) if cfg.model.reward_model else None
         self.shard = process_shard(self.local_envs)
-        k = cls.completions_per_prompt(agent_cfg)
         eos = getattr(getattr(self.policy.lm, "generation_config", None), "eos_token_id", None)
-        self.envs = build_text_env(cfg, self.tokenizer, self.device, self.local_envs, self.shard, k, scorer,
+        self.envs = build_text_env(cfg, self.tokenizer, self.device, rows, self.shard, k, scorer,
                                    generation_eos_ids=[eos] if isinstance(eos, int) else list(eos or ()),
                                    context_length=context_length_of(getattr(self.policy.lm, "config", None)))
         self.base = self.envs.unwrapped
@@ -175,8 +192,9 @@ class LMRun(Run):
                                    in_reward=cls.kl_in == "reward")
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)  # the sampling stream
         sampling = cfg.sampling
-        if sampling.decoder == "auto" and (is_zero3(accelerator) or cfg.model.quantization):
-            # ZeRO-3 gathers the weights around each rollout and bitsandbytes' kernels do not compile: no graphs
+        if sampling.decoder == "auto" and (is_zero3(accelerator) or cfg.model.quantization or sampling.slots):
+            # ZeRO-3 gathers the weights around each rollout and bitsandbytes' kernels do not compile: no graphs;
+            # continuous batching restarts rows in a growing cache
             sampling = dataclasses.replace(sampling, decoder="dynamic")
         self.generator = HFGenerator.from_config(self.policy.lm, sampling, self.rng, self.shard,
                                                  stop_ids=self.base.stop_token_ids)
@@ -235,6 +253,8 @@ class LMRun(Run):
         msg(f"health: PAD={self.base.pad_token_id} != EOS={self.base.eos_token_id}; dropout off; "
             f"reference = {'policy with LoRA adapters off' if self.policy.is_lora else 'frozen copy'}; "
             f"decoder = {self.generator.decoder}")
+        if self.cfg.sampling.slots:
+            msg(f"continuous batching: {self.cfg.num_envs} completions per rollout through {self.base.num_envs} rows")
         if self.world > 1:
             msg(f"data-parallel: {self.world} processes × {self.local_envs} rows = num_envs {self.cfg.num_envs} "
                 f"({self.learner.accelerator.distributed_type.value}: gradients averaged across the processes)")
@@ -266,7 +286,8 @@ class LMRun(Run):
         # Rollouts stay in fp32: bf16 noise on the logits biases the sampled tokens' log π − log π_ref upwards
         # (tokens whose logit was rounded up get sampled more), inflating the KL penalty.
         with self.learner.full_weights():
-            rollout = collect_tokens(self.kl_env, self.generator)
+            rollout = collect_episodes(self.kl_env, self.generator, self.local_envs) if self.cfg.sampling.slots \
+                else collect_tokens(self.kl_env, self.generator)
         fallback = getattr(self.generator.forward, "fallback", None)
         if fallback and not self.fallback_told:
             self.fallback_told = True
