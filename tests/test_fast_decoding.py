@@ -199,3 +199,24 @@ def test_admitting_every_row_at_once_is_a_fresh_prefill():
     for forward in (pool, fresh):
         forward.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
     torch.testing.assert_close(pool.next_logits, fresh.next_logits, atol=1e-5, rtol=0)
+
+
+def test_columns_that_no_held_row_attends_to_leave_the_cache():
+    """When the row with the longest context is retired, the leading columns only it attended to are dropped
+    (continuous batching would otherwise widen the cache by every episode it ever held); the others decode
+    as before."""
+    model = tiny_llama()
+    ids, mask = batch(4)  # row 3 has the only 4-token prompt: column 0 is its alone
+    pool, kept = CachedForward(model), CachedForward(model)
+    for forward in (pool, kept):
+        forward.prefill(ids, mask)
+    assert pool.mask.shape[1] == 4
+    pool.retire(torch.arange(5) == 3)
+    assert pool.mask.shape[1] == 3 and all(layer.keys.shape[-2] == 3 for layer in pool.cache.layers)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tokens = torch.randint(3, V, (5, 1), generator=g)
+        live = (torch.arange(5) != 3)[:, None]
+        for forward in (pool, kept):
+            forward.extend(tokens, live)
+        torch.testing.assert_close(pool.next_logits[live[:, 0]], kept.next_logits[live[:, 0]], atol=1e-5, rtol=0)

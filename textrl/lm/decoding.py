@@ -153,6 +153,18 @@ class CachedForward:
             return
         self.cache.batch_select_indices(keep)
         self.mask, self.rows = self.mask[keep], rows[keep]
+        self._drop_empty_columns()
+
+    def _drop_empty_columns(self) -> None:
+        """Drop the cache's leading columns that no held row attends to (the columns of rows that left: with
+        continuous batching the cache would otherwise widen by every step of every episode it ever held).
+        Positions come from the mask's counts, so the held rows' tokens are unchanged."""
+        start = int(self.mask.bool().any(0).int().argmax())
+        if start == 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+        self.mask = self.mask[:, start:]
 
     @torch.no_grad()
     def admit(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -180,6 +192,7 @@ class CachedForward:
                 mine.values = torch.cat([pad(mine.values), pad(theirs.values)])
             left = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
             self.mask, self.rows = torch.cat([left(self.mask), left(new.mask)]), torch.cat([held, rows])
+            self._drop_empty_columns()
         self.next_logits = self.next_logits.index_copy(0, rows, logits.to(self.next_logits.dtype))
         self.prefill_rows = new.prefill_rows
         return self.next_logits
