@@ -202,21 +202,21 @@ def test_admitting_every_row_at_once_is_a_fresh_prefill():
 
 
 def test_columns_that_no_held_row_attends_to_leave_the_cache():
-    """When the row with the longest context is retired, the leading columns only it attended to are dropped
-    (continuous batching would otherwise widen the cache by every episode it ever held); the others decode
-    as before."""
+    """When the row with the longest context leaves and a shorter prompt takes its place, the leading columns
+    only the old row attended to are dropped (continuous batching would otherwise widen the cache by every
+    episode it ever held); the other rows decode as before."""
     model = tiny_llama()
     ids, mask = batch(4)  # row 3 has the only 4-token prompt: column 0 is its alone
     pool, kept = CachedForward(model), CachedForward(model)
     for forward in (pool, kept):
         forward.prefill(ids, mask)
     assert pool.mask.shape[1] == 4
-    pool.retire(torch.arange(5) == 3)
+    pool.admit(torch.tensor([3]), torch.tensor([[4, 5]]), torch.ones(1, 2, dtype=torch.long))
     assert pool.mask.shape[1] == 3 and all(layer.keys.shape[-2] == 3 for layer in pool.cache.layers)
     g = torch.Generator().manual_seed(0)
+    others = (torch.arange(5) != 3)[:, None]
     for _ in range(3):
         tokens = torch.randint(3, V, (5, 1), generator=g)
-        live = (torch.arange(5) != 3)[:, None]
-        for forward in (pool, kept):
-            forward.extend(tokens, live)
-        torch.testing.assert_close(pool.next_logits[live[:, 0]], kept.next_logits[live[:, 0]], atol=1e-5, rtol=0)
+        pool.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
+        kept.extend(tokens, others)
+        torch.testing.assert_close(pool.next_logits[others[:, 0]], kept.next_logits[others[:, 0]], atol=1e-5, rtol=0)

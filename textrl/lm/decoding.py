@@ -153,11 +153,10 @@ class CachedForward:
             return
         self.cache.batch_select_indices(keep)
         self.mask, self.rows = self.mask[keep], rows[keep]
-        self._drop_empty_columns()
 
     def _drop_empty_columns(self) -> None:
-        """Drop the cache's leading columns that no held row attends to (the columns of rows that left: with
-        continuous batching the cache would otherwise widen by every step of every episode it ever held).
+        """Drop the cache's leading columns that no held row attends to (the columns of rows that left), at each
+        admit: with continuous batching the cache would otherwise widen by every step of every episode it held.
         Positions come from the mask's counts, so the held rows' tokens are unchanged."""
         start = int(self.mask.bool().any(0).int().argmax())
         if start == 0:
