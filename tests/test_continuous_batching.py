@@ -166,3 +166,19 @@ def test_bad_slots_are_refused_before_any_model_loads():
     with pytest.raises(ValueError, match="runs on one process, and this run has 2"):
         env_rows(cfg, 2, 1)
     assert env_rows(cfg, 1, 2) == 6 and env_rows(toy_run("unused")[0], 2, 1) == 8
+
+
+def test_a_group_agent_trains_through_slots_with_its_groups_intact(tmp_path):
+    """GRPO (4 completions per prompt) through 8 rows: groups restart together, so every batch reaches the
+    agent grouped by prompt (its prepare refuses anything else) with num_envs rows."""
+    from textrl.train import make_run
+
+    cfg, _ = toy_run(tmp_path, "--agent", "grpo", "--slots", "8", "--total-steps", "256")
+    run = make_run(cfg, quiet=True)
+    assert run.base.num_envs == 8 and run.generator.decoder == "dynamic"
+    batch = run.collect()
+    assert batch.input_ids.shape[0] == 16
+    groups = batch.prompt_index.view(4, 4)
+    assert torch.equal(groups, groups[:, :1].expand(4, 4))
+    stats = run.update(batch, 1.0)
+    assert "losses/policy" in stats
