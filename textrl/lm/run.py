@@ -86,8 +86,7 @@ def env_rows(cfg: TrainConfig, world: int, k: int) -> int:
                          "steps on different processes. Set slots: 0, or run one process")
     if slots > cfg.num_envs or slots % k:
         raise ValueError(f"sampling.slots must be at most num_envs={cfg.num_envs} and a multiple of num_generations="
-                         f"{k} (groups restart together), got {slots}: choose from "
-                         f"{[i for i in range(k, cfg.num_envs + 1, k) if cfg.num_envs % i == 0]}")
+                         f"{k} (groups restart together), got {slots}: e.g. slots: {max(k, cfg.num_envs // 2 // k * k)}")
     return slots
 
 
