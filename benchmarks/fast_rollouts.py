@@ -91,7 +91,9 @@ VARIABLE_RUNS = ("generate", "dynamic", "kept", "continuous")
 
 def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, reps: int, device,
                      only: tuple[str, ...] = VARIABLE_RUNS, warmup: bool = True) -> dict[str, tuple[float, int]]:
-    """{run: (seconds, useful tokens)} of ``episodes`` completions, summed over ``reps`` after a warm-up: in
+    """{run: (seconds, useful tokens)} of ``episodes`` completions, summed over ``reps`` (after a warm-up call
+    unless ``warmup`` is False; without one the first run timed, ``generate``, also pays the process's first
+    forwards): in
     batches of ``B`` rows (the env's draws from seed 0 on), and, when ``episodes > B``, through B slots with
     continuous batching (``collect_episodes``)."""
     env = KLPenalty(cheerful_env(B, tok, max_new_tokens=n, scorer=scorer, pad_token_id=pad_id, device=device),
@@ -127,6 +129,8 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
     labels = {"dynamic": ("textrl dynamic", HFGenerator), "kept": ("textrl dynamic, every row kept", KeepRows)}
     if episodes > B:
         labels["continuous"] = (f"textrl continuous ({B} slots)", HFGenerator)
+    elif "continuous" in only:
+        print(f"(no continuous-batching run: --episodes {episodes} is not more than the batch {B})")
     for key, (label, cls) in labels.items():
         if key not in only:
             continue

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh prepare      # here, where PyPI is reachable: fills .gpu/ (git-ignored)
 #   bash benchmarks/gpu_check.sh run [OUT [STEP ...]]  # on the GPU machine, from the repo root, .gpu/ beside it
-#   bash benchmarks/gpu_check.sh --dry-run [OUT]       # every step here on the CPU, tiny sizes (tests/test_gpu_check.py)
+#   bash benchmarks/gpu_check.sh --dry-run [OUT]       # the steps here on the CPU, tiny sizes (tests/test_gpu_check.py)
 #
 # prepare: downloads the wheels the GPU image may lack (Python 3.12, manylinux x86-64, no dependencies
 #   fetched: the list below names each one), and writes the configs and tokenizers of SmolLM2-135M-Instruct
@@ -101,7 +101,7 @@ run() {
   }
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
   export PIP_DISABLE_PIP_VERSION_CHECK=1 TRANSFORMERS_VERBOSITY=error
-  # GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1: a dry run of every step on a machine without a GPU (CI-sized)
+  # GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1: a dry run of the steps on a machine without a GPU (CI-sized)
   local py=python3 shape135="$GPU_DIR/smollm2-135m" shape17="$GPU_DIR/smollm2-1.7b" dev="${GPU_CHECK_DEVICE:-cuda}"
   local rows=64 tokens=64 lengths=(${GPU_CHECK_LENGTHS:-128 256}) tests=(tests) dtype=bf16 xdist=(-n 12) small_env=""
   local turn=(--turns 4 --turn-tokens 16) qwen05="$GPU_DIR/qwen2-0.5b-shape" qwen15="$GPU_DIR/qwen2-1.5b-shape"
@@ -206,10 +206,11 @@ EOF
   cat "$OUT/summary.md"
 }
 
-dry_run() {  # every step on this machine's CPU with tiny sizes and the shapes in a temporary folder (a test runs it)
+dry_run() {  # the steps on this machine's CPU, tiny sizes, the shapes in a temporary folder (a test runs it): all but
+  # ppo_vs_trl (trl is not a dependency here) and train_lora_1.7b (the dry run's shapes are one tiny model, so it
+  # would repeat train_lora)
   GPU_DIR="$(mktemp -d)"
   shapes "${PYTHON:-.venv/bin/python}" > /dev/null
-  # (train_lora_1.7b is train_lora here: the dry run's shapes are one tiny model)
   GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 run "${1:-${OUT:-gpu_check_out}}" tests decoders multi_turn rollout \
     train_lora train_full train_multi_turn ${GPU_CHECK_DRY_EXTRA:-}
   rm -rf "$GPU_DIR"

@@ -166,6 +166,23 @@ def test_bad_slots_are_refused_before_any_model_loads():
     with pytest.raises(ValueError, match="runs on one process, and this run has 2"):
         env_rows(cfg, 2, 1)
     assert env_rows(cfg, 1, 2) == 6 and env_rows(toy_run("unused")[0], 2, 1) == 8
+    cfg, _ = toy_run("unused", "--slots", "8", "--num-envs", "10", "--env-kwargs", "{num_generations: 4}")
+    with pytest.raises(ValueError, match="num_envs=10 must be a multiple of num_generations=4"):
+        env_rows(cfg, 1, 4)
+
+
+def test_a_refused_slots_setting_deletes_nothing_with_overwrite(tmp_path):
+    """The batch layout is checked before the run directory is touched: --overwrite of a finished run with a
+    bad slots value leaves the run as it was. An agent without groups that asks the env for them
+    (env_kwargs.num_generations) is checked too."""
+    from textrl.train import train
+
+    train(toy_run(tmp_path, "--total-steps", "256")[0], quiet=True)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    cfg, _ = toy_run(tmp_path, "--overwrite", "--slots", "6", "--env-kwargs", "{num_generations: 4}")
+    with pytest.raises(ValueError, match="a multiple of num_generations=4 .*got 6"):
+        train(cfg, quiet=True)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
 def test_a_group_agent_trains_through_slots_with_its_groups_intact(tmp_path):

@@ -1,4 +1,5 @@
-"""The GPU check's dry run: every step of benchmarks/gpu_check.sh on this machine's CPU with tiny sizes, so
+"""The GPU check's dry run: the steps of benchmarks/gpu_check.sh on this machine's CPU with tiny sizes (all but
+ppo_vs_trl, which needs trl, and train_lora_1.7b, the same command as train_lora at the dry run's one tiny shape), so
 the script is known to work before a GPU is lent (its real run cannot be tested here)."""
 
 import os
@@ -11,7 +12,7 @@ STEPS = {"tests", "decoders", "multi_turn", "rollout", "train_lora", "train_full
          "train_multi_turn"}
 
 
-def test_the_gpu_check_dry_run_runs_every_step_and_writes_its_summary(tmp_path):
+def test_the_gpu_check_dry_run_runs_its_steps_and_writes_its_summary(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)

@@ -84,6 +84,9 @@ def env_rows(cfg: TrainConfig, world: int, k: int) -> int:
         raise ValueError(f"sampling.slots={slots} (continuous batching) runs on one process, and this run has "
                          f"{world}: a data-parallel sampler's stream cannot follow rows that restart at different "
                          "steps on different processes. Set slots: 0, or run one process")
+    if cfg.num_envs % k:
+        raise ValueError(f"num_envs={cfg.num_envs} must be a multiple of num_generations={k} (each prompt is served k "
+                         f"times per batch): e.g. num_envs: {max(k, cfg.num_envs // k * k)}")
     if slots > cfg.num_envs or slots % k:
         raise ValueError(f"sampling.slots must be at most num_envs={cfg.num_envs} and a multiple of num_generations="
                          f"{k} (groups restart together), got {slots}: e.g. slots: {max(k, cfg.num_envs // 2 // k * k)}")
@@ -130,6 +133,7 @@ class LMRun(Run):
         self.device = accelerator.device if want.type != "cpu" else want
         # the process count from torch.distributed (under DeepSpeed on CPU accelerate's own state reports 1)
         self.world, self.main = world_size(), is_main()
+        self._plan()
         self.output_dir, resume = resolve_output_dir(cfg, resume)
         self.resumed = resume
         if cfg.model.bf16 and not bf16_supported(self.device):
@@ -149,11 +153,12 @@ class LMRun(Run):
         self.comparable_weights = not is_zero3(accelerator)
         self.tokens_seen, self.warn_streak, self.before, self.fallback_told = 0.0, 0, None, False
 
-    def _build(self, accelerator: Any, model: Any = None, tokenizer: Any = None) -> None:
-        """Agent config → (fail early) → policy and reference → env → agent and learner → KL wrapper."""
+    def _plan(self) -> None:
+        """The agent and the batch's layout, checked from the config alone: before the run directory is
+        touched (``--overwrite`` deletes nothing for a config that would be refused) and before any model loads."""
         cfg = self.cfg
-        cls = agent_class(cfg.agent)
-        agent_cfg = from_dict(cls.config_class, cfg.agent_config)
+        self.agent_cls = cls = agent_class(cfg.agent)
+        self.agent_cfg = agent_cfg = from_dict(cls.config_class, cfg.agent_config)
         if cls.kl_in == "loss" and cfg.kl.target is not None:
             raise ValueError(f"kl.target={cfg.kl.target}: the adaptive β steers the KL penalty in the reward, and "
                              f"{cfg.agent} puts the KL in its loss (weight kl.coef); set kl.target: null")
@@ -163,9 +168,15 @@ class LMRun(Run):
                 "(log π − log π_ref) makes the policy gradient the gradient of KL(π‖π_ref); a k2 or k3 reward "
                 "pushes in another direction (tests/test_losses.py enumerates it). Use --kl-estimator k1 (k2 and k3 "
                 "suit a KL loss term: --agent grpo)")
-        self.local_envs = rows_per_process(cfg.num_envs, self.world, agent_cfg)  # before loading any model
-        k = cls.completions_per_prompt(agent_cfg)
-        rows = env_rows(cfg, self.world, k or 1)  # (the env's rows: the batch's, or continuous batching's slots)
+        self.local_envs = rows_per_process(cfg.num_envs, self.world, agent_cfg)
+        self.k = cls.completions_per_prompt(agent_cfg)
+        given = cfg.env_kwargs.get("num_generations")  # (an agent without groups may still ask the env for them)
+        k = self.k or (given if isinstance(given, int) and given > 0 else 1)
+        self.env_rows = env_rows(cfg, self.world, k)  # the batch's rows, or continuous batching's slots
+
+    def _build(self, accelerator: Any, model: Any = None, tokenizer: Any = None) -> None:
+        """Policy and reference → env → agent and learner → KL wrapper (after :meth:`_plan`)."""
+        cfg, cls, agent_cfg, k = self.cfg, self.agent_cls, self.agent_cfg, self.k
         sources = {"model": policy_model_name(cfg) if model is None else None, "reward_model": cfg.model.reward_model,
                    "value_model": cfg.model.value_model if cfg.model.value_model not in ("head", "policy") else None}
         for field, name in sources.items():
@@ -180,7 +191,7 @@ class LMRun(Run):
         scorer = load_reward_model(cfg.model.reward_model, self.device) if cfg.model.reward_model else None
         self.shard = process_shard(self.local_envs)
         eos = getattr(getattr(self.policy.lm, "generation_config", None), "eos_token_id", None)
-        self.envs = build_text_env(cfg, self.tokenizer, self.device, rows, self.shard, k, scorer,
+        self.envs = build_text_env(cfg, self.tokenizer, self.device, self.env_rows, self.shard, k, scorer,
                                    generation_eos_ids=[eos] if isinstance(eos, int) else list(eos or ()),
                                    context_length=context_length_of(getattr(self.policy.lm, "config", None)))
         self.base = self.envs.unwrapped
