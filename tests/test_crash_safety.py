@@ -221,7 +221,10 @@ def test_killed_at_random_moments_and_resumed_equals_the_uninterrupted_run(tmp_p
 
     cmd = [sys.executable, "-m", "textrl", "train", *flags, "--checkpoint-every", "1", "--seed", "3"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
     assert main([*cmd[3:], "--output-dir", str(tmp_path / "straight")]) == 0  # the uninterrupted run, here
+    # one update's time (with its checkpoint) here: a kill lands within the next one on a slow or a fast machine
+    update_s = (time.perf_counter() - start) / len(_metrics(tmp_path / "straight"))
     run, rng, kills = tmp_path / "killed", random.Random(0), 0
     metrics = run / "metrics.jsonl"
 
@@ -236,7 +239,7 @@ def test_killed_at_random_moments_and_resumed_equals_the_uninterrupted_run(tmp_p
             seen = lines()
             while proc.poll() is None and lines() <= seen:  # until this session has logged an update
                 time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.4))  # then somewhere in the next update or checkpoint write
+            time.sleep(rng.uniform(0.0, update_s))  # then somewhere in the next update or checkpoint write
             if proc.poll() is None:
                 proc.kill()
                 kills += 1

@@ -112,7 +112,9 @@ def test_smollm2_offline_cached_logprobs_match_parallel_forward():
     env = KLPenalty(TextGenVectorEnv(3, tok, prompts, lambda p, c: torch.tensor([float(len(x)) for x in c]),
                                      max_new_tokens=12, pad_token_id=pad), copy.deepcopy(policy), temperature=0.8)
     ro = text_rollout(env, policy, temperature=0.8, seed=0)
-    assert torch.all(ro.kl == 0)  # the reference is a copy of the policy
+    # the reference is a copy of the policy: k1 = 0 up to rounding (bitwise 0 on AVX2; on AVX-512 the BLAS kernels'
+    # rounding follows the buffers' alignment, so two copies of the model differ run to run by ≤ 4e-6 measured)
+    assert ro.kl.abs().max() < 1e-5, ro.kl
     full = sequence_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1], 0.8)
     # 30 fp32 layers: measured max |diff| 2e-5 (summation order of cached vs parallel attention); tiny models meet 1e-5
     torch.testing.assert_close(ro.logprobs[ro.action_mask], full[ro.action_mask], atol=1e-4, rtol=0)

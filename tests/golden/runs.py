@@ -1,8 +1,14 @@
 """The golden runs: fixed-seed training runs whose outputs were recorded before the redesign (issue 12) and
 must be reproduced by the code after it (numbers to 1e-6; `time/` metrics excluded).
 
-    python tests/golden/runs.py record [NAME ...]   # write tests/golden/<name>/ from the current code
+    python tests/golden/runs.py record [NAME ...]   # write this environment's recording of each run
     python tests/golden/runs.py check [NAME ...]    # run again and compare (what tests/test_golden.py does)
+
+The numbers depend on the float kernels (the CPU's vector unit) and library versions as well as on the code,
+so each run keeps one recording per environment: ``tests/golden/<name>/<label>/`` (metrics.jsonl, samples.md,
+summary.json with the environment), the label being the CPU capability and a hash of the environment. A
+check compares with the recording of the environment it runs in; to check a refactor on a new kind of
+machine, record on the commit before it.
 
 Every run goes through the command line (`python -m textrl train ...`), the interface that stays the same
 across refactors. ``default`` (the embedded default experiment, ~7 min) is recorded and checked only when
@@ -11,6 +17,7 @@ named.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -67,18 +74,35 @@ def run(name: str, out: Path) -> dict:
     return {"metrics": metrics, "line": final, "samples": samples.read_text() if samples.is_file() else None}
 
 
+def label(env: dict) -> str:
+    """The folder of ``env``'s recordings: e.g. ``avx512-1a2b3c4d``."""
+    digest = hashlib.sha1(json.dumps(env, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{env.get('cpu_capability', 'cpu').lower()}-{digest}"
+
+
+def recordings(name: str) -> dict[str, dict]:
+    """Run ``name``'s recordings: label -> the environment each was recorded in."""
+    return {f.parent.name: json.loads(f.read_text())["environment"]
+            for f in sorted((HERE / name).glob("*/summary.json"))}
+
+
 def save(name: str, result: dict) -> None:
-    folder = HERE / name
-    folder.mkdir(exist_ok=True)
+    env = environment()
+    folder = HERE / name / label(env)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in result["metrics"]))
-    summary = {"args": {**RUNS, **SLOW}[name], "line": result["line"], "environment": environment()}
+    summary = {"args": {**RUNS, **SLOW}[name], "line": result["line"], "environment": env}
     (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if result["samples"] is not None:
         (folder / "samples.md").write_text(result["samples"])
 
 
-def load(name: str) -> dict:
-    folder = HERE / name
+def load(name: str, env: dict | None = None) -> dict | None:
+    """Run ``name``'s recording in ``env`` (default: this environment), or None where it has none."""
+    env = environment() if env is None else env
+    folder = next((HERE / name / k for k, v in recordings(name).items() if v == env), None)
+    if folder is None:
+        return None
     samples = folder / "samples.md"
     summary = json.loads((folder / "summary.json").read_text())
     return {"metrics": [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()],
@@ -118,8 +142,11 @@ def main(argv: list[str]) -> int:
         if mode == "record":
             save(name, result)
             print(f"{name}: recorded {len(result['metrics'])} updates; {result['line']}")
+        elif (golden := load(name)) is None:
+            status = 1
+            print(f"{name}: no recording for this environment ({environment()}); recorded: {recordings(name)}")
         else:
-            diffs = differences(load(name), result)
+            diffs = differences(golden, result)
             status |= bool(diffs)
             print(f"{name}: {'OK' if not diffs else f'{len(diffs)} difference(s)'}")
             for d in diffs[:20]:
