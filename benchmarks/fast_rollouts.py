@@ -21,7 +21,10 @@ tokens/s (the completion tokens up to and including EOS, over the time) of the t
 that ended leave the KV cache), the same decoder keeping every row to the end (as ``generate`` does), and
 ``generate`` (stops when every row has ended) + the reference forward. ``--episodes N`` (a multiple of the
 batch B): N completions, in N/B batches for those runs, and through B slots with continuous batching
-(``collect_episodes``: a slot whose episode ended starts the next prompt at once). Prints markdown tables.
+(``collect_episodes``: a slot whose episode ended starts the next prompt at once). Each run's decode steps
+are printed too, and the step bound: generate's steps over ⌈useful tokens / B⌉, the fewest steps B full rows
+need — what no scheduler of B rows can beat where a step costs the same whatever its rows. Prints markdown
+tables.
 """
 
 from __future__ import annotations
@@ -90,12 +93,12 @@ VARIABLE_RUNS = ("generate", "dynamic", "kept", "continuous")
 
 
 def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, reps: int, device,
-                     only: tuple[str, ...] = VARIABLE_RUNS, warmup: bool = True) -> dict[str, tuple[float, int]]:
-    """{run: (seconds, useful tokens)} of ``episodes`` completions, summed over ``reps`` (after a warm-up call
-    unless ``warmup`` is False; without one the first run timed, ``generate``, also pays the process's first
-    forwards): in
-    batches of ``B`` rows (the env's draws from seed 0 on), and, when ``episodes > B``, through B slots with
-    continuous batching (``collect_episodes``)."""
+                     only: tuple[str, ...] = VARIABLE_RUNS, warmup: bool = True) -> dict[str, tuple[float, int, int]]:
+    """{run: (seconds, useful tokens, decode steps)} of ``episodes`` completions, summed over ``reps`` (after
+    a warm-up call unless ``warmup`` is False; without one the first run timed, ``generate``, also pays the
+    process's first forwards): in batches of ``B`` rows (the env's draws from seed 0 on), and, when
+    ``episodes > B``, through B slots with continuous batching (``collect_episodes``). A batch's decode steps
+    are its longest completion's length; textrl's are counted (one ``sample`` per step)."""
     env = KLPenalty(cheerful_env(B, tok, max_new_tokens=n, scorer=scorer, pad_token_id=pad_id, device=device),
                     ref, reference_pass="sequence")
     eos = env.unwrapped.eos_token_id
@@ -105,6 +108,8 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
         start, P = int(obs["attention_mask"].any(0).nonzero()[0]), int(info["response_start"][0])
         encs.append({"input_ids": obs["input_ids"][:, start:P], "attention_mask": obs["attention_mask"][:, start:P]})
     prompts = [""] * B  # (the benchmark's scorer reads the completions only)
+
+    steps = {"n": 0}
 
     @torch.no_grad()
     def generate() -> int:
@@ -119,6 +124,7 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
             sequence_logprobs(ref, out, torch.cat([enc["attention_mask"], real], dim=1), P)
             scorer(prompts, tok.batch_decode(new * real + pad_id * (1 - real), skip_special_tokens=True))
             useful += int(real.sum())
+            steps["n"] += int(real.sum(1).max())  # generate stops when its last row has ended
         return useful
 
     def batches(gen) -> int:
@@ -135,9 +141,24 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
         if key not in only:
             continue
         gen = cls(policy, temperature=0.7, rng=torch.Generator(device=device).manual_seed(0), stop_ids=(eos,))
+        gen.sample = counted(gen.sample, steps)
         runs[label] = (lambda gen=gen: batches(gen)) if key != "continuous" else \
             (lambda gen=gen: int(collect_episodes(env, gen, episodes, seed=0).action_mask.sum()))
-    return {label: timed(fn, reps, device, warmup) for label, fn in runs.items()}
+    out = {}
+    for label, fn in runs.items():
+        if warmup:
+            fn()
+        steps["n"] = 0  # the timed calls' steps
+        out[label] = (*timed(fn, reps, device, warmup=False), steps["n"])
+    return out
+
+
+def counted(sample, steps: dict):
+    """``sample`` that adds one to ``steps["n"]`` per call (a decode step)."""
+    def wrapper(*args, **kwargs):
+        steps["n"] += 1
+        return sample(*args, **kwargs)
+    return wrapper
 
 
 def timed(fn, reps: int, device, warmup: bool = True) -> tuple[float, int]:
@@ -168,16 +189,24 @@ def prefill_ratio(policy, tok, B: int, k: int, reps: int, device) -> tuple[float
 def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
     print(f"\nvariable lengths ({label}, Cheerful-v0 prompts, temperature 0.7, at most {args.variable} new tokens, "
           f"{args.reps} rollouts each):\n")
-    print("| batch | episodes | run | seconds | useful tokens | useful tokens/s | vs generate |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch | episodes | run | seconds | useful tokens | useful tokens/s | decode steps | vs generate |")
+    print("|---|---|---|---|---|---|---|---|")
+    bounds = []
     for B in args.batch:
         episodes = max(args.episodes, B)
         results = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps, device,
                                    tuple(args.variable_runs), not args.no_warmup)
         base = results["generate"][1] / results["generate"][0] if "generate" in results else None
-        for run, (t, n) in results.items():
+        for run, (t, n, steps) in results.items():
             ratio = f"{n / t / base:.2f}×" if base else ""
-            print(f"| {B} | {episodes} | {run} | {t:.2f} | {n} | {n / t:.0f} | {ratio} |", flush=True)
+            print(f"| {B} | {episodes} | {run} | {t:.2f} | {n} | {n / t:.0f} | {steps} | {ratio} |", flush=True)
+        if "generate" in results:
+            _, n, steps = results["generate"]
+            bounds.append(f"batch {B}: {steps} / ⌈{n} / {B}⌉ = {steps / -(-n // B):.2f}×")
+    if bounds:  # at equal rows, a scheduler can at best run every step full: useful tokens / rows steps
+        print(f"\nstep bound (generate's decode steps over the fewest steps that B full rows need for its useful "
+              f"tokens; what continuous batching could save where a step costs the same whatever its rows): "
+              f"{'; '.join(bounds)}")
 
 
 def main() -> None:

@@ -194,7 +194,7 @@ EOF
     if [[ -f "$OUT/tests.log" ]]; then
       echo "## Tests on CUDA"; echo '```'; grep -E "^(FAILED|ERROR) |\] (FAILED|ERROR) |^[0-9]+ (passed|failed)|(passed|failed).* in [0-9.]+s" "$OUT/tests.log"; echo '```'
     fi
-    [[ -f "$OUT/rollout.log" ]] && { echo "## Rollouts: textrl's decoders and generate ($dtype)"; grep -E "^\||^prefill|fell back" "$OUT/rollout.log"; echo; }
+    [[ -f "$OUT/rollout.log" ]] && { echo "## Rollouts: textrl's decoders and generate ($dtype)"; grep -E "^\||^prefill|^step bound|fell back" "$OUT/rollout.log"; echo; }
     [[ -f "$OUT/rollout.log" ]] && { echo "## Multi-turn vs single-turn rollout ($dtype, batch $rows)"
       grep -E "^(model|\(a\)|\(b\))" "$OUT/rollout.log"; echo; }
     echo "## textrl train on $dev (random-weight SmolLM2 shapes, $rows rows x $tokens tokens; lora: r16, fp32;"
