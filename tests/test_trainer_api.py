@@ -241,6 +241,7 @@ def test_loaded_ppo_whose_run_went_on_learns_from_its_saved_weights(tmp_path, mo
     def no_training(run):  # what learn() starts from, instead of training
         seen["weights"] = {k: v.clone() for k, v in run.agent.policy.state_dict().items()}
         seen["dir"] = run.output_dir
+        run.close()  # (as loop does: its TensorBoard writer would flush into runs/ after the test left tmp_path)
         return textrl.api.RunResult(run.output_dir, 0, 0)
 
     monkeypatch.setattr(textrl.api, "loop", no_training)
