@@ -13,7 +13,8 @@
     compiles its forward where it supports that) + the same reference forward.
 Every row generates exactly N tokens (EOS suppressed on both sides); all share the same scorer. Then the
 prefill of B rows that are k = 8 completions of B/8 prompts, shared (each prompt encoded once) and
-unshared: the ratio of their times.
+unshared: the ratio of their times, for the bare prompts and (where the tokenizer has one) in the chat
+template.
 
 Variable lengths (``--variable N``, default 128; 0 skips): the default task's prompts (Cheerful-v0, chat
 template) at its temperature 0.7, EOS allowed, at most N new tokens: rows end at different steps. Useful
@@ -176,14 +177,20 @@ def timed(fn, reps: int, device, warmup: bool = True) -> tuple[float, int]:
     return seconds, tokens
 
 
-def prefill_ratio(policy, tok, B: int, k: int, reps: int, device) -> tuple[float, float]:
+def prefill_ratio(policy, tok, B: int, k: int, reps: int, device, chat: bool = False) -> tuple[float, float, int]:
+    """(shared, unshared) seconds of the prefill of B rows that are k completions of B/k prompts, and the
+    prompts' width in tokens; ``chat``: the prompts in the tokenizer's chat template, as the default task
+    sends them (about 5× longer than the bare prompts)."""
     prompts = [PROMPTS[i // k % len(PROMPTS)] for i in range(B)]  # B/k prompts, each k times in a row
+    if chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                   for p in prompts]
     enc = tok(prompts, return_tensors="pt", padding=True).to(device)
     shared, alone = CachedForward(policy), CachedForward(policy, share_prefixes=False)
     ts = time_it(lambda: shared.prefill(enc["input_ids"], enc["attention_mask"]), reps, device)
     tu = time_it(lambda: alone.prefill(enc["input_ids"], enc["attention_mask"]), reps, device)
     assert shared.prefill_rows == B // k and alone.prefill_rows == B
-    return ts, tu
+    return ts, tu, enc["input_ids"].shape[1]
 
 
 def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
@@ -258,9 +265,13 @@ def main() -> None:
         if args.variable:
             print_variable(policy, ref, tok, pad_id, args, label, device)
         rows = max(*args.batch, 8)
-        ts, tu = prefill_ratio(policy, tok, rows, 8, max(args.reps, 3), device)
-        print(f"\nprefill of {rows} rows = 8 completions × {rows // 8} prompts ({label}): "
-              f"shared {ts * 1e3:.1f} ms, unshared {tu * 1e3:.1f} ms, ratio {ts / tu:.2f} (1/8 = 0.125)\n", flush=True)
+        print()
+        for chat in (False, True) if getattr(tok, "chat_template", None) else (False,):
+            ts, tu, width = prefill_ratio(policy, tok, rows, 8, max(args.reps, 3), device, chat)
+            print(f"prefill of {rows} rows = 8 completions × {rows // 8} prompts ({label}, prompts of {width} tokens"
+                  f"{', chat template' if chat else ''}): shared {ts * 1e3:.1f} ms, unshared {tu * 1e3:.1f} ms, "
+                  f"ratio {ts / tu:.2f} (1/8 = 0.125)", flush=True)
+        print()
         del policy, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
