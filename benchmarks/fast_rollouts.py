@@ -144,14 +144,33 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
         gen = cls(policy, temperature=0.7, rng=torch.Generator(device=device).manual_seed(0), stop_ids=(eos,))
         gen.sample = counted(gen.sample, steps)
         runs[label] = (lambda gen=gen: batches(gen)) if key != "continuous" else \
-            (lambda gen=gen: int(collect_episodes(env, gen, episodes, seed=0).action_mask.sum()))
+            (lambda gen=gen: continuous(gen))
+
+    def continuous(gen) -> int:
+        lengths = collect_episodes(env, gen, episodes, seed=0).action_mask.sum(1)  # (in the order they started)
+        steps["floor"] = steps.get("floor", 0) + greedy_steps(lengths.tolist(), B)
+        return int(lengths.sum())
     out = {}
     for label, fn in runs.items():
         if warmup:
             fn()
-        steps["n"] = 0  # the timed calls' steps
+        steps["n"], steps["floor"] = 0, 0  # the timed calls' steps
         out[label] = (*timed(fn, reps, device, warmup=False), steps["n"])
+        if steps["floor"]:
+            out["floor"] = (0.0, 0, steps["floor"])
     return out
+
+
+def greedy_steps(lengths: list[int], slots: int) -> int:
+    """The decode steps of episodes of ``lengths`` (in the order they start) through ``slots`` rows when a
+    row starts the next episode in the step its episode ends and admits cost nothing: the floor of continuous
+    batching for these episodes without knowing their lengths in advance."""
+    import heapq
+
+    ends = [0] * slots  # the step at which each row is free
+    for n in lengths:
+        heapq.heappush(ends, heapq.heappop(ends) + int(n))
+    return max(ends)
 
 
 def counted(sample, steps: dict):
@@ -204,12 +223,15 @@ def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
         results = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps, device,
                                    tuple(args.variable_runs), not args.no_warmup)
         base = results["generate"][1] / results["generate"][0] if "generate" in results else None
+        floor = results.pop("floor", None)
         for run, (t, n, steps) in results.items():
             ratio = f"{n / t / base:.2f}×" if base else ""
             print(f"| {B} | {episodes} | {run} | {t:.2f} | {n} | {n / t:.0f} | {steps} | {ratio} |", flush=True)
         if "generate" in results:
             _, n, steps = results["generate"]
             bounds.append(f"batch {B}: {steps} / ⌈{n} / {B}⌉ = {steps / -(-n // B):.2f}×")
+            if floor:  # the continuous run's own episodes, refilled at once for free
+                bounds[-1] += f" (continuous batching's floor for its episodes: {floor[2]} steps, {steps / floor[2]:.2f}×)"
     if bounds:  # at equal rows, a scheduler can at best run every step full: useful tokens / rows steps
         print(f"\nstep bound (generate's decode steps over the fewest steps that B full rows need for its useful "
               f"tokens; what continuous batching could save where a step costs the same whatever its rows): "
