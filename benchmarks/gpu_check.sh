@@ -14,7 +14,10 @@
 #   2. tests: the test suite on CUDA (`device: auto` picks the GPU), less what cannot run on one GPU
 #      without the offline models or bitsandbytes: tests/test_distributed.py (2-process launches),
 #      tests/test_golden.py (recorded on CPU), the five tests that load SmolLM2/MiniLM weights, and QLoRA;
-#   3. multi_turn: benchmarks/multi_turn_rollout.py on cuda (a 4-turn chat rollout vs a single-turn rollout
+#   3. decoders: benchmarks/fast_rollouts.py on cuda in bf16 (each sampling.decoder, the compiled one with
+#      CUDA graphs, vs `generate` and its static-cache mode; Qwen2-0.5B and 1.5B shapes, batch 64 and 256,
+#      256 new tokens; the shared-prefix prefill ratio); logged into rollout.log;
+#      multi_turn: benchmarks/multi_turn_rollout.py on cuda (a 4-turn chat rollout vs a single-turn rollout
 #      of as many response columns, random weights of the 135M shape); logged into rollout.log;
 #      rollout: benchmarks/rollout_vs_generate.py on cuda in bf16 (textrl's env rollout with the sequence
 #      reference pass vs `generate` + reference forward, random weights of the 135M and 1.7B shapes);
@@ -23,10 +26,12 @@
 #      train_lora_1.7b: LoRA on the 1.7B shape (the four models of RLHF in one copy);
 #      train_multi_turn: `textrl train --env textrl/GuessNumber-v0` (a multi-turn game, its preset) on the
 #      135M shape: 3 updates and the held-out games before and after;
+#      train_slots: train_lora's run with continuous batching (`--slots`, half the rows: each rollout's
+#      completions through half as many env rows and KV-cache rows; the dynamic decoder);
 #   5. ppo_vs_trl: benchmarks/ppo_vs_trl.py on cuda (textrl PPO vs TRL's PPOTrainer, same random weights);
 #   and writes OUT/summary.md (OUT defaults to $OUT, else gpu_check_out/). STEP names pick steps (default:
-#   tests multi_turn rollout train_lora, about 9 minutes; train_full, ppo_vs_trl, train_lora_1.7b and
-#   train_multi_turn run only when named: each is 1-2 minutes more). The tests read the SmolLM2 tokenizer from .gpu (TEXTRL_TEST_SMOLLM2_TOKENIZER).
+#   tests decoders train_lora, about 9 minutes; multi_turn, rollout, train_full, ppo_vs_trl, train_lora_1.7b,
+#   train_multi_turn and train_slots run only when named: each is 1-2 minutes more). The tests read the SmolLM2 tokenizer from .gpu (TEXTRL_TEST_SMOLLM2_TOKENIZER).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -163,7 +168,8 @@ with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
 model.save_pretrained(sys.argv[2]); AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
 EOF
   }
-  if [[ " $STEPS " == *" train_lora "* || " $STEPS " == *" train_full "* || " $STEPS " == *" train_multi_turn "* ]]; then
+  if [[ " $STEPS " == *" train_lora "* || " $STEPS " == *" train_full "* || " $STEPS " == *" train_multi_turn "* ||
+        " $STEPS " == *" train_slots "* ]]; then
     save_random "$shape135" /tmp/smollm2-random
   fi
   if [[ " $STEPS " == *" train_lora_1.7b "* ]]; then save_random "$shape17" /tmp/smollm2-1.7b-random; fi
@@ -177,6 +183,8 @@ EOF
   step train_full 75 "${train[@]}" --bf16 $([[ $dtype == bf16 ]] && echo true || echo false) \
     --learning-rate 1e-5 --output-dir "$runs/full"
   figures full
+  step train_slots 75 "${train[@]}" "${lora[@]}" --slots $((rows / 2)) --checkpoint-every 0 --output-dir "$runs/slots"
+  figures slots
   train[7]=/tmp/smollm2-1.7b-random
   step train_lora_1.7b 120 "${train[@]}" "${lora[@]}" --checkpoint-every 0 --output-dir "$runs/lora_1.7b"
   figures lora_1.7b
@@ -212,7 +220,7 @@ dry_run() {  # the steps on this machine's CPU, tiny sizes, the shapes in a temp
   GPU_DIR="$(mktemp -d)"
   shapes "${PYTHON:-.venv/bin/python}" > /dev/null
   GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 run "${1:-${OUT:-gpu_check_out}}" tests decoders multi_turn rollout \
-    train_lora train_full train_multi_turn ${GPU_CHECK_DRY_EXTRA:-}
+    train_lora train_full train_multi_turn train_slots ${GPU_CHECK_DRY_EXTRA:-}
   rm -rf "$GPU_DIR"
 }
 

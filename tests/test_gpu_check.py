@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"tests", "decoders", "multi_turn", "rollout", "train_lora", "train_full",
-         "train_multi_turn"}
+         "train_multi_turn", "train_slots"}
 
 
 def test_the_gpu_check_dry_run_runs_its_steps_and_writes_its_summary(tmp_path):
@@ -25,4 +25,4 @@ def test_the_gpu_check_dry_run_runs_its_steps_and_writes_its_summary(tmp_path):
     assert "| 4 | textrl dynamic, every row kept |" in summary  # the variable-length table
     assert "prefill of 8 rows" in summary and "passed" in summary  # the shared-prefix ratio; the tests ran
     figures = (tmp_path / "figures.md").read_text().splitlines()
-    assert len(figures) == 3 and all(line.startswith("| ") for line in figures), figures  # the 3 train runs
+    assert len(figures) == 4 and all(line.startswith("| ") for line in figures), figures  # the 4 train runs
