@@ -232,6 +232,8 @@ def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
             bounds.append(f"batch {B}: {steps} / ⌈{n} / {B}⌉ = {steps / -(-n // B):.2f}×")
             if floor:  # the continuous run's own episodes, refilled at once for free
                 bounds[-1] += f" (continuous batching's floor for its episodes: {floor[2]} steps, {steps / floor[2]:.2f}×)"
+        elif floor:
+            bounds.append(f"batch {B}: continuous batching's floor for its episodes: {floor[2]} steps")
     if bounds:  # at equal rows, a scheduler can at best run every step full: useful tokens / rows steps
         print(f"\nstep bound (generate's decode steps over the fewest steps that B full rows need for its useful "
               f"tokens; what continuous batching could save where a step costs the same whatever its rows): "

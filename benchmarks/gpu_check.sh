@@ -114,7 +114,7 @@ run() {
   # (--variable 0: random weights almost never sample EOS, so their lengths do not vary)
   local decoders=(--batch 64 256 --lengths 256 --variable 0 --models "random:$qwen05" "random:$qwen15")
   if [[ -n "${GPU_CHECK_SMALL:-}" ]]; then
-    decoders=(--batch 4 --lengths 8 --variable 8 --models "random:$GPU_DIR/tiny" --decoders dynamic static
+    decoders=(--batch 4 --lengths 8 --variable 8 --episodes 8 --models "random:$GPU_DIR/tiny" --decoders dynamic static
               --baselines generate)
     shape135="$GPU_DIR/tiny"
     rows=4; tokens=8; lengths=(8); tests=(tests/test_generate.py); shape17="$shape135"; dtype=fp32; xdist=()

@@ -22,7 +22,19 @@ def test_the_gpu_check_dry_run_runs_its_steps_and_writes_its_summary(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     for run in ("| generate |", "| textrl dynamic |", "| textrl static |"):  # the decoders' table
         assert run in summary, summary
-    assert "| 4 | textrl dynamic, every row kept |" in summary  # the variable-length table
+    assert "| 4 | 8 | textrl dynamic, every row kept |" in summary  # the variable-length table (2 batches of 4)
+    assert "| 4 | 8 | textrl continuous (4 slots) |" in summary and "step bound" in summary  # 8 through 4 slots
+    assert "continuous batching's floor for its episodes" in summary
     assert "prefill of 8 rows" in summary and "passed" in summary  # the shared-prefix ratio; the tests ran
     figures = (tmp_path / "figures.md").read_text().splitlines()
     assert len(figures) == 4 and all(line.startswith("| ") for line in figures), figures  # the 4 train runs
+
+
+def test_the_floor_of_continuous_batching_refills_each_freed_row_at_once(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from fast_rollouts import greedy_steps
+
+    # in start order: row a takes 3; row b takes 1, then 2 (free at 3); the last 2 starts at 3 and ends at 5 —
+    # a packing that knew the lengths (3 + 1 | 2 + 2) would take 4
+    assert greedy_steps([3, 1, 2, 2], 2) == 5
+    assert greedy_steps([5, 3, 2, 4], 2) == 9 and greedy_steps([1] * 8, 4) == 2 and greedy_steps([10], 3) == 10
