@@ -94,12 +94,14 @@ VARIABLE_RUNS = ("generate", "dynamic", "kept", "continuous")
 
 
 def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, reps: int, device,
-                     only: tuple[str, ...] = VARIABLE_RUNS, warmup: bool = True) -> dict[str, tuple[float, int, int]]:
+                     only: tuple[str, ...] = VARIABLE_RUNS, warmup: bool = True
+                     ) -> tuple[dict[str, tuple[float, int, int]], int | None]:
     """{run: (seconds, useful tokens, decode steps)} of ``episodes`` completions, summed over ``reps`` (after
     a warm-up call unless ``warmup`` is False; without one the first run timed, ``generate``, also pays the
     process's first forwards): in batches of ``B`` rows (the env's draws from seed 0 on), and, when
     ``episodes > B``, through B slots with continuous batching (``collect_episodes``). A batch's decode steps
-    are its longest completion's length; textrl's are counted (one ``sample`` per step)."""
+    are its longest completion's length; textrl's are counted (one ``sample`` per step). Also the continuous
+    run's floor (:func:`greedy_steps` of its episodes, summed over ``reps``), None without that run."""
     env = KLPenalty(cheerful_env(B, tok, max_new_tokens=n, scorer=scorer, pad_token_id=pad_id, device=device),
                     ref, reference_pass="sequence")
     eos = env.unwrapped.eos_token_id
@@ -110,7 +112,7 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
         encs.append({"input_ids": obs["input_ids"][:, start:P], "attention_mask": obs["attention_mask"][:, start:P]})
     prompts = [""] * B  # (the benchmark's scorer reads the completions only)
 
-    steps = {"n": 0}
+    steps = {"n": 0, "floor": 0}
 
     @torch.no_grad()
     def generate() -> int:
@@ -132,6 +134,11 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
         return sum(int(collect_tokens(env, gen, seed=0 if i == 0 else None).action_mask.sum())
                    for i in range(episodes // B))
 
+    def continuous(gen) -> int:
+        lengths = collect_episodes(env, gen, episodes, seed=0).action_mask.sum(1)  # (in the order they started)
+        steps["floor"] += greedy_steps(lengths.tolist(), B)
+        return int(lengths.sum())
+
     runs = {"generate": generate} if "generate" in only else {}
     labels = {"dynamic": ("textrl dynamic", HFGenerator), "kept": ("textrl dynamic, every row kept", KeepRows)}
     if episodes > B:
@@ -143,22 +150,15 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
             continue
         gen = cls(policy, temperature=0.7, rng=torch.Generator(device=device).manual_seed(0), stop_ids=(eos,))
         gen.sample = counted(gen.sample, steps)
-        runs[label] = (lambda gen=gen: batches(gen)) if key != "continuous" else \
-            (lambda gen=gen: continuous(gen))
-
-    def continuous(gen) -> int:
-        lengths = collect_episodes(env, gen, episodes, seed=0).action_mask.sum(1)  # (in the order they started)
-        steps["floor"] = steps.get("floor", 0) + greedy_steps(lengths.tolist(), B)
-        return int(lengths.sum())
-    out = {}
+        runs[label] = (lambda gen=gen: batches(gen)) if key != "continuous" else (lambda gen=gen: continuous(gen))
+    out, floor = {}, None
     for label, fn in runs.items():
         if warmup:
             fn()
-        steps["n"], steps["floor"] = 0, 0  # the timed calls' steps
+        steps["n"] = steps["floor"] = 0  # the timed calls' steps
         out[label] = (*timed(fn, reps, device, warmup=False), steps["n"])
-        if steps["floor"]:
-            out["floor"] = (0.0, 0, steps["floor"])
-    return out
+        floor = steps["floor"] or floor  # (the continuous run's)
+    return out, floor
 
 
 def greedy_steps(lengths: list[int], slots: int) -> int:
@@ -220,10 +220,9 @@ def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
     bounds = []
     for B in args.batch:
         episodes = max(args.episodes, B)
-        results = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps, device,
-                                   tuple(args.variable_runs), not args.no_warmup)
+        results, floor = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps, device,
+                                          tuple(args.variable_runs), not args.no_warmup)
         base = results["generate"][1] / results["generate"][0] if "generate" in results else None
-        floor = results.pop("floor", None)
         for run, (t, n, steps) in results.items():
             ratio = f"{n / t / base:.2f}×" if base else ""
             print(f"| {B} | {episodes} | {run} | {t:.2f} | {n} | {n / t:.0f} | {steps} | {ratio} |", flush=True)
@@ -231,9 +230,9 @@ def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
             _, n, steps = results["generate"]
             bounds.append(f"batch {B}: {steps} / ⌈{n} / {B}⌉ = {steps / -(-n // B):.2f}×")
             if floor:  # the continuous run's own episodes, refilled at once for free
-                bounds[-1] += f" (continuous batching's floor for its episodes: {floor[2]} steps, {steps / floor[2]:.2f}×)"
+                bounds[-1] += f" (continuous batching's floor for its episodes: {floor} steps, {steps / floor:.2f}×)"
         elif floor:
-            bounds.append(f"batch {B}: continuous batching's floor for its episodes: {floor[2]} steps")
+            bounds.append(f"batch {B}: continuous batching's floor for its episodes: {floor} steps")
     if bounds:  # at equal rows, a scheduler can at best run every step full: useful tokens / rows steps
         print(f"\nstep bound (generate's decode steps over the fewest steps that B full rows need for its useful "
               f"tokens; what continuous batching could save where a step costs the same whatever its rows): "
