@@ -57,6 +57,15 @@ def test_ppo_raises_the_toy_reward(tmp_path):
     assert "**Before:**" in (tmp_path / "samples.md").read_text()
 
 
+def test_the_first_ratio_stays_1_with_bf16_autocast(tmp_path):
+    """bf16 autocast in the update (``model.bf16``): the sampled log-probs (fp32) and the update's (bf16) differ,
+    and the first minibatch's ratio is still exactly 1 — the old log-probs are the update's own forward."""
+    train(toy_cfg(tmp_path, "--bf16", "true", "--total-steps", "512"), quiet=True)
+    m = metrics(tmp_path)
+    assert len(m) == 2 and all(x["policy/rollout_logprob_diff"] > 1e-4 for x in m)  # bf16 changed the numbers
+    assert all(x["policy/first_ratio_dev"] < 1e-6 for x in m), [x["policy/first_ratio_dev"] for x in m]
+
+
 def test_frozen_reference_is_bitwise_unchanged_and_policy_moves(tmp_path):
     run = make_run(toy_cfg(tmp_path, "--total-steps", "512"), quiet=True)
     seen = {"ref": run.reference, "ref0": copy.deepcopy(run.reference.state_dict()),
