@@ -159,9 +159,11 @@ class CachedForward:
         admit: with continuous batching the cache would otherwise widen by every step of every episode it held.
         Positions come from the mask's counts, so the held rows' tokens are unchanged."""
         start = int(self.mask.bool().any(0).int().argmax())
+        if start == 0:
+            return
         plain = all(type(layer).__name__ == "DynamicLayer" and isinstance(layer.keys, torch.Tensor)
                     and layer.keys.shape[-2] == self.mask.shape[1] for layer in self.cache.layers)
-        if start == 0 or not plain:  # (sliding-window or indexed layers keep more than their columns: left alone)
+        if not plain:  # (sliding-window or indexed layers keep more than their columns: left alone)
             return
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
