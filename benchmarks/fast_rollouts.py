@@ -55,6 +55,22 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name[7:]), dtype=dtype).eval()
 
 
+def stop_at_rate(model, eos: int, rate: float, temperature: float):
+    """Make ``model`` end a completion with probability ``rate`` at every step (at ``temperature``): its EOS
+    logit is set so, whatever the other logits. Random weights almost never sample EOS; with this their
+    completions have geometric lengths (mean 1/rate, cut at the limit) and continuous batching has rows to
+    refill. A forward hook, so ``generate`` and every decoder see the same logits. Returns the hook's handle."""
+    import math
+
+    def hook(module, args, out):
+        logits = out.logits.float()
+        others = torch.cat([logits[..., :eos], logits[..., eos + 1:]], -1) / temperature
+        target = temperature * (torch.logsumexp(others, -1) + math.log(rate / (1 - rate)))
+        out.logits[..., eos] = target.to(out.logits.dtype)
+        return out
+    return model.register_forward_hook(hook)
+
+
 def rollout_fn(policy, ref, tok, pad_id, B: int, n: int, decoder: str, device):
     env = KLPenalty(TextGenVectorEnv(B, tok, PROMPTS, scorer, max_new_tokens=n, pad_token_id=pad_id, device=device),
                     ref, reference_pass="sequence")
@@ -90,18 +106,20 @@ class KeepRows(HFGenerator):
         pass
 
 
-VARIABLE_RUNS = ("generate", "dynamic", "kept", "continuous")
+VARIABLE_RUNS = ("generate", "dynamic", "kept", "static", "compiled", "continuous", "continuous-static",
+                 "continuous-compiled")
 
 
 def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, reps: int, device,
-                     only: tuple[str, ...] = VARIABLE_RUNS, warmup: bool = True
+                     only: tuple[str, ...] = VARIABLE_RUNS, warmup: bool = True, eos_rate: float = 0.0
                      ) -> tuple[dict[str, tuple[float, int, int]], int | None]:
     """{run: (seconds, useful tokens, decode steps)} of ``episodes`` completions, summed over ``reps`` (after
     a warm-up call unless ``warmup`` is False; without one the first run timed, ``generate``, also pays the
     process's first forwards): in batches of ``B`` rows (the env's draws from seed 0 on), and, when
     ``episodes > B``, through B slots with continuous batching (``collect_episodes``). A batch's decode steps
     are its longest completion's length; textrl's are counted (one ``sample`` per step). Also the continuous
-    run's floor (:func:`greedy_steps` of its episodes, summed over ``reps``), None without that run."""
+    run's floor (:func:`greedy_steps` of its episodes, summed over ``reps``), None without that run.
+    ``eos_rate`` > 0: the policy ends a completion with that probability per step (:func:`stop_at_rate`)."""
     env = KLPenalty(cheerful_env(B, tok, max_new_tokens=n, scorer=scorer, pad_token_id=pad_id, device=device),
                     ref, reference_pass="sequence")
     eos = env.unwrapped.eos_token_id
@@ -140,24 +158,33 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
         return int(lengths.sum())
 
     runs = {"generate": generate} if "generate" in only else {}
-    labels = {"dynamic": ("textrl dynamic", HFGenerator), "kept": ("textrl dynamic, every row kept", KeepRows)}
+    labels = {"dynamic": ("textrl dynamic", HFGenerator, "dynamic"),
+              "kept": ("textrl dynamic, every row kept", KeepRows, "dynamic"),
+              "static": ("textrl static", HFGenerator, "static"), "compiled": ("textrl compiled", HFGenerator, "compiled")}
     if episodes > B:
-        labels["continuous"] = (f"textrl continuous ({B} slots)", HFGenerator)
-    elif "continuous" in only:
+        labels["continuous"] = (f"textrl continuous ({B} slots)", HFGenerator, "dynamic")
+        for d in ("static", "compiled"):
+            labels[f"continuous-{d}"] = (f"textrl continuous, {d} ({B} slots)", HFGenerator, d)
+    elif any(run.startswith("continuous") for run in only):
         print(f"(no continuous-batching run: --episodes {episodes} is not more than the batch {B})")
-    for key, (label, cls) in labels.items():
+    for key, (label, cls, decoder) in labels.items():
         if key not in only:
             continue
-        gen = cls(policy, temperature=0.7, rng=torch.Generator(device=device).manual_seed(0), stop_ids=(eos,))
+        gen = cls(policy, temperature=0.7, rng=torch.Generator(device=device).manual_seed(0), stop_ids=(eos,),
+                  decoder=decoder)
         gen.sample = counted(gen.sample, steps)
-        runs[label] = (lambda gen=gen: batches(gen)) if key != "continuous" else (lambda gen=gen: continuous(gen))
+        runs[label] = (lambda gen=gen: continuous(gen)) if key.startswith("continuous") else \
+            (lambda gen=gen: batches(gen))
     out, floor = {}, None
+    hook = stop_at_rate(policy, eos, eos_rate, 0.7) if eos_rate > 0 else None
     for label, fn in runs.items():
         if warmup:
             fn()
         steps["n"] = steps["floor"] = 0  # the timed calls' steps
         out[label] = (*timed(fn, reps, device, warmup=False), steps["n"])
-        floor = steps["floor"] or floor  # (the continuous run's)
+        floor = steps["floor"] or floor  # (the continuous runs': the same episodes, the same floor)
+    if hook is not None:
+        hook.remove()
     return out, floor
 
 
@@ -213,15 +240,16 @@ def prefill_ratio(policy, tok, B: int, k: int, reps: int, device, chat: bool = F
 
 
 def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
-    print(f"\nvariable lengths ({label}, Cheerful-v0 prompts, temperature 0.7, at most {args.variable} new tokens, "
-          f"{args.reps} rollouts each):\n")
+    rate = f", EOS at a rate of {args.eos_rate} per step" if args.eos_rate else ""
+    print(f"\nvariable lengths ({label}, Cheerful-v0 prompts, temperature 0.7, at most {args.variable} new tokens"
+          f"{rate}, {args.reps} rollouts each):\n")
     print("| batch | episodes | run | seconds | useful tokens | useful tokens/s | decode steps | vs generate |")
     print("|---|---|---|---|---|---|---|---|")
     bounds = []
     for B in args.batch:
         episodes = max(args.episodes, B)
         results, floor = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps, device,
-                                          tuple(args.variable_runs), not args.no_warmup)
+                                          tuple(args.variable_runs), not args.no_warmup, args.eos_rate)
         base = results["generate"][1] / results["generate"][0] if "generate" in results else None
         for run, (t, n, steps) in results.items():
             ratio = f"{n / t / base:.2f}×" if base else ""
@@ -254,6 +282,9 @@ def main() -> None:
     parser.add_argument("--variable-runs", nargs="+", default=list(VARIABLE_RUNS), choices=VARIABLE_RUNS,
                         help="which variable-length runs to time")
     parser.add_argument("--no-warmup", action="store_true", help="variable-length runs: no untimed warm-up call")
+    parser.add_argument("--eos-rate", type=float, default=0.0,
+                        help="variable-length runs: the policy ends a completion with this probability at every step "
+                             "(for random weights, which never sample EOS; 0: the model's own)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="name or path (the prompts' ids)")

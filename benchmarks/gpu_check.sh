@@ -17,6 +17,9 @@
 #   3. decoders: benchmarks/fast_rollouts.py on cuda in bf16 (each sampling.decoder, the compiled one with
 #      CUDA graphs, vs `generate` and its static-cache mode; Qwen2-0.5B and 1.5B shapes, batch 64 and 256,
 #      256 new tokens; the shared-prefix prefill ratio); logged into rollout.log;
+#      continuous: the same script's variable-length runs (Qwen2-0.5B shape, 256 completions of at most 256
+#      tokens, EOS forced at a rate of 0.0035 per step): generate, the compiled decoder in batches of 64, and
+#      continuous batching through 64 slots with the dynamic and the compiled decoder; logged into rollout.log;
 #      multi_turn: benchmarks/multi_turn_rollout.py on cuda (a 4-turn chat rollout vs a single-turn rollout
 #      of as many response columns, random weights of the 135M shape); logged into rollout.log;
 #      rollout: benchmarks/rollout_vs_generate.py on cuda in bf16 (textrl's env rollout with the sequence
@@ -27,11 +30,11 @@
 #      train_multi_turn: `textrl train --env textrl/GuessNumber-v0` (a multi-turn game, its preset) on the
 #      135M shape: 3 updates and the held-out games before and after;
 #      train_slots: train_lora's run with continuous batching (`--slots`, half the rows: each rollout's
-#      completions through half as many env rows and KV-cache rows; the dynamic decoder);
+#      completions through half as many env rows and KV-cache rows; `device: auto`'s compiled decoder);
 #   5. ppo_vs_trl: benchmarks/ppo_vs_trl.py on cuda (textrl PPO vs TRL's PPOTrainer, same random weights);
 #   and writes OUT/summary.md (OUT defaults to $OUT, else gpu_check_out/). STEP names pick steps (default:
-#   tests decoders train_lora, about 9 minutes; multi_turn, rollout, train_full, ppo_vs_trl, train_lora_1.7b,
-#   train_multi_turn and train_slots run only when named: each is 1-2 minutes more). The tests read the SmolLM2 tokenizer from .gpu (TEXTRL_TEST_SMOLLM2_TOKENIZER).
+#   tests decoders train_lora, about 9 minutes; continuous, multi_turn, rollout, train_full, ppo_vs_trl,
+#   train_lora_1.7b, train_multi_turn and train_slots run only when named: each is 1-2 minutes more). The tests read the SmolLM2 tokenizer from .gpu (TEXTRL_TEST_SMOLLM2_TOKENIZER).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -86,7 +89,7 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to OUT/NAME.lo
   [[ " $STEPS " == *" $name "* ]] || return 0
   local start=$SECONDS log="$OUT/$name.log"
   [[ $name == train_* ]] && log="$OUT/train.log"  # one file for the train runs: 8 files come back at most
-  [[ $name == multi_turn || $name == decoders ]] && log="$OUT/rollout.log"
+  [[ $name == multi_turn || $name == decoders || $name == continuous ]] && log="$OUT/rollout.log"
   echo "== $name (limit ${limit}s)" | tee -a "$log"
   timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
@@ -113,9 +116,14 @@ run() {
   local updates=6 game_updates=3
   # (--variable 0: random weights almost never sample EOS, so their lengths do not vary)
   local decoders=(--batch 64 256 --lengths 256 --variable 0 --models "random:$qwen05" "random:$qwen15")
+  # continuous batching: EOS forced at a rate whose mean length over the limit (0.6) is about the default task's
+  local continuous=(--batch 64 --variable 256 --episodes 256 --eos-rate 0.0035 --models "random:$qwen05" --decoders
+                    --baselines --variable-runs generate compiled continuous continuous-compiled)
   if [[ -n "${GPU_CHECK_SMALL:-}" ]]; then
     decoders=(--batch 4 --lengths 8 --variable 8 --episodes 8 --models "random:$GPU_DIR/tiny" --decoders dynamic static
-              --baselines generate)
+              --baselines generate --variable-runs generate dynamic kept static continuous continuous-static)
+    continuous=(--batch 4 --variable 8 --episodes 8 --eos-rate 0.2 --models "random:$GPU_DIR/tiny" --decoders
+                --baselines --variable-runs generate continuous-static)
     shape135="$GPU_DIR/tiny"
     rows=4; tokens=8; lengths=(8); tests=(tests/test_generate.py); shape17="$shape135"; dtype=fp32; xdist=()
     turn=(--turns 2 --turn-tokens 4); updates=3; game_updates=2
@@ -153,6 +161,9 @@ print('GPU:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else No
 
   step decoders 240 $py benchmarks/fast_rollouts.py --device "$dev" --dtype $dtype --reps 1 --tokenizer "$shape135" \
     "${decoders[@]}"
+
+  step continuous 200 $py benchmarks/fast_rollouts.py --device "$dev" --dtype $dtype --reps 1 --tokenizer "$shape135" \
+    "${continuous[@]}"
 
   step rollout 100 $py benchmarks/rollout_vs_generate.py --device "$dev" --dtype $dtype --batch $rows \
     --lengths "${lengths[@]}" --reps 1 --reference-pass sequence --models "random:$shape135" "random:$shape17"
@@ -202,7 +213,7 @@ EOF
     if [[ -f "$OUT/tests.log" ]]; then
       echo "## Tests on CUDA"; echo '```'; grep -E "^(FAILED|ERROR) |\] (FAILED|ERROR) |^[0-9]+ (passed|failed)|(passed|failed).* in [0-9.]+s" "$OUT/tests.log"; echo '```'
     fi
-    [[ -f "$OUT/rollout.log" ]] && { echo "## Rollouts: textrl's decoders and generate ($dtype)"; grep -E "^\||^prefill|^step bound|fell back" "$OUT/rollout.log"; echo; }
+    [[ -f "$OUT/rollout.log" ]] && { echo "## Rollouts: textrl's decoders and generate ($dtype)"; grep -E "^\||^prefill|^step bound|^variable lengths|fell back" "$OUT/rollout.log"; echo; }
     [[ -f "$OUT/rollout.log" ]] && { echo "## Multi-turn vs single-turn rollout ($dtype, batch $rows)"
       grep -E "^(model|\(a\)|\(b\))" "$OUT/rollout.log"; echo; }
     echo "## textrl train on $dev (random-weight SmolLM2 shapes, $rows rows x $tokens tokens; lora: r16, fp32;"
@@ -219,7 +230,7 @@ dry_run() {  # the steps on this machine's CPU, tiny sizes, the shapes in a temp
   # would repeat train_lora)
   GPU_DIR="$(mktemp -d)"
   shapes "${PYTHON:-.venv/bin/python}" > /dev/null
-  GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 run "${1:-${OUT:-gpu_check_out}}" tests decoders multi_turn rollout \
+  GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 run "${1:-${OUT:-gpu_check_out}}" tests decoders continuous multi_turn rollout \
     train_lora train_full train_multi_turn train_slots ${GPU_CHECK_DRY_EXTRA:-}
   rm -rf "$GPU_DIR"
 }

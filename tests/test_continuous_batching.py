@@ -92,8 +92,41 @@ def test_as_many_episodes_as_rows_is_the_plain_loop_and_bad_requests_are_refused
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.logprobs, b.logprobs)
     with pytest.raises(ValueError, match="episodes must be >= the env's 4 rows and a multiple of num_generations=2"):
         collect_episodes(make(), HFGenerator(model), episodes=7)
-    with pytest.raises(TypeError, match="sampling.decoder: dynamic"):
-        collect_episodes(make(), HFGenerator(model, decoder="static"), episodes=8)
+    with pytest.raises(TypeError, match="continuous batching needs a generator with admit"):
+        collect_episodes(make(), object(), episodes=8)
+
+
+@pytest.mark.parametrize("decoder", ["static", "compiled"])
+def test_a_static_cache_runs_the_same_episodes_as_the_dynamic_one(decoder):
+    """Continuous batching with a fixed-shape cache (what CUDA graphs need): 96 episodes through 4 slots give
+    the dynamic cache's tokens and log-probs. The cache keeps its shapes: widened once at the first admit,
+    then the columns of ended episodes are dropped in place whenever it is full, several times here."""
+    tok = char_tokenizer()
+    model = policy_for(tok)
+    runs = []
+    for d in ("dynamic", decoder):
+        env = TextGenVectorEnv(4, tok, PROMPTS, length_scorer, max_new_tokens=20, num_generations=2)
+        gen = HFGenerator(model, temperature=0.9, rng=torch.Generator().manual_seed(0), stop_ids=(tok.eos_token_id,),
+                          decoder=d)
+        runs.append((collect_episodes(env, gen, episodes=96, seed=1), gen.forward))
+    (a, _), (b, fast) = runs
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.action_mask, b.action_mask)
+    torch.testing.assert_close(b.logprobs, a.logprobs, atol=1e-5, rtol=0)
+    assert_each_episode_is_its_own(b, model, temperature=0.9)
+    assert fast.capacity == 128 and fast.compactions >= 2 and getattr(fast, "fallback", None) is None
+
+
+def test_a_multi_turn_env_through_a_static_cache_is_the_dynamic_one():
+    runs = []
+    for d in ("dynamic", "static"):
+        env = echo_env(2, max_new_tokens=40, max_turn_tokens=4)
+        model = tiny_gpt2(len(env.unwrapped.tokenizer), seed=0)
+        runs.append(collect_episodes(env, HFGenerator(model, rng=torch.Generator().manual_seed(0), decoder=d),
+                                     episodes=12, seed=0))
+    a, b = runs
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)
+    torch.testing.assert_close(b.logprobs, a.logprobs, atol=1e-5, rtol=0)
+    assert_each_episode_is_its_own(b, model)
 
 
 def test_freed_slots_are_admitted_together_once_an_eighth_is_free():
@@ -155,8 +188,7 @@ def test_bad_slots_are_refused_before_any_model_loads():
     from textrl.config import SamplingConfig
     from textrl.lm.run import env_rows
 
-    with pytest.raises(ValueError, match="decoder='static' has a fixed-shape one: set decoder: dynamic"):
-        SamplingConfig(slots=4, decoder="static")
+    assert SamplingConfig(slots=4, decoder="compiled").slots == 4  # any decoder runs continuous batching
     with pytest.raises(ValueError, match="slots must be an integer >= 0, got -1"):
         SamplingConfig(slots=-1)
     cfg, _ = toy_run("unused", "--slots", "6")
@@ -185,14 +217,16 @@ def test_a_refused_slots_setting_deletes_nothing_with_overwrite(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
-def test_a_group_agent_trains_through_slots_with_its_groups_intact(tmp_path):
+@pytest.mark.parametrize("decoder", ["auto", "static"])
+def test_a_group_agent_trains_through_slots_with_its_groups_intact(tmp_path, decoder):
     """GRPO (4 completions per prompt) through 8 rows: groups restart together, so every batch reaches the
-    agent grouped by prompt (its prepare refuses anything else) with num_envs rows."""
+    agent grouped by prompt (its prepare refuses anything else) with num_envs rows; with `auto` (dynamic on
+    the CPU) and the static cache."""
     from textrl.train import make_run
 
-    cfg, _ = toy_run(tmp_path, "--agent", "grpo", "--slots", "8", "--total-steps", "256")
+    cfg, _ = toy_run(tmp_path, "--agent", "grpo", "--slots", "8", "--total-steps", "256", "--decoder", decoder)
     run = make_run(cfg, quiet=True)
-    assert run.base.num_envs == 8 and run.generator.decoder == "dynamic"
+    assert run.base.num_envs == 8 and run.generator.decoder == {"auto": "dynamic"}.get(decoder, decoder)
     batch = run.collect()
     assert batch.input_ids.shape[0] == 16
     groups = batch.prompt_index.view(4, 4)

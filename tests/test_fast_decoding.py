@@ -150,21 +150,28 @@ def test_the_sequence_pass_groups_rows_by_length_and_skips_their_padding():
     assert widths == [(2, 6), (2, 15), (1, 16)], widths
 
 
+POOLS = {"dynamic": CachedForward, "static": StaticForward,
+         "compiled": lambda model: StaticForward(model, compile=True)}
+
+
 @pytest.mark.parametrize("retire_first", [True, False])
-def test_a_row_admitted_mid_decode_decodes_as_if_prefilled_alone_and_the_others_as_before(retire_first):
+@pytest.mark.parametrize("decoder", POOLS)
+def test_a_row_admitted_mid_decode_decodes_as_if_prefilled_alone_and_the_others_as_before(retire_first, decoder):
     """Continuous batching's cache step: row 3 ends and is retired, then starts again on a new (longer)
     prompt while the other rows keep decoding. Its next-token log-probs equal a cache prefilled with that
-    prompt alone and extended with the same tokens; the other rows' equal a cache that never admitted it."""
+    prompt alone and extended with the same tokens; the other rows' equal a cache that never admitted it.
+    The dynamic cache joins the new row to its cache; a static one writes it into its own row, after moving
+    every row right (the prompt is wider than the columns written so far), and keeps its shapes."""
     model = tiny_llama()
     ids, mask = batch()
     g = torch.Generator().manual_seed(0)
-    pool, others, alone = CachedForward(model), CachedForward(model), CachedForward(model)
+    pool, others, alone = POOLS[decoder](model), CachedForward(model), CachedForward(model)
     for forward in (pool, others):
         forward.prefill(ids, mask)
     close = lambda a, b: torch.testing.assert_close(torch.log_softmax(a, -1), torch.log_softmax(b, -1),  # noqa: E731
                                                     atol=1e-5, rtol=0)
     ended = torch.arange(5) == 3
-    prompt = torch.tensor([[9, 8, 7, 6, 5, 4, 3]])  # wider than the cache's 5 columns at the admission
+    prompt = torch.tensor([[9, 8, 7, 6, 5, 4, 3, 9, 8, 7]])  # wider than the 8 columns written at the admission
     for step in range(8):
         tokens = torch.randint(3, V, (5, 1), generator=g)
         live = torch.ones(5, 1, dtype=torch.bool)
@@ -183,7 +190,42 @@ def test_a_row_admitted_mid_decode_decodes_as_if_prefilled_alone_and_the_others_
         pool.extend(tokens, live)
         others.extend(tokens, live if step < 4 else live & (torch.arange(5) != 3)[:, None])
     close(pool.next_logits[3:4], alone.next_logits)
-    assert sorted(pool.rows.tolist()) == [0, 1, 2, 3, 4]
+    if decoder == "dynamic":
+        assert sorted(pool.rows.tolist()) == [0, 1, 2, 3, 4]
+    else:  # widened once (the env's 10 columns + 1, bucketed, + a bucket); 8 columns moved right by 2; 4 steps
+        assert pool.capacity == 2 * BUCKET and pool.used == 14 and pool.mask.shape == (5, 2 * BUCKET)
+        assert pool.mask[3].tolist() == [1] * 14 + [0] * (2 * BUCKET - 14)
+        assert pool.mask[0, :6].tolist() == [0, 0, 0, 1, 1, 1]  # its 3-token prompt was in columns 1-3
+
+
+def test_a_full_static_cache_drops_the_columns_of_ended_episodes_in_place():
+    """A static cache under continuous batching: rows 0, 1, 2 and 4 start new prompts twice, row 3 ends for
+    good. When the cache is full, the columns before the live rows' second prompts are dropped (shifted out
+    in place, the shapes kept); the live rows decode as a cache prefilled with their last prompts alone, and
+    row 3, whose columns all went, still attends to one column (a row attending to none gives NaN)."""
+    model = tiny_llama()
+    ids, mask = batch()
+    pool, alone = StaticForward(model), CachedForward(model)
+    pool.prefill(ids, mask)
+    live_rows, g = torch.tensor([0, 1, 2, 4]), torch.Generator().manual_seed(0)
+    live = (torch.arange(5) != 3)[:, None]
+    for step in range(140):
+        if step in (5, 60):
+            new_ids, new_mask = batch()
+            new_ids = (new_ids + step) % V * new_mask  # other prompts each time
+            pool.admit(live_rows, new_ids[[0, 1, 2, 3]], new_mask[[0, 1, 2, 3]])
+            alone.prefill(new_ids[[0, 1, 2, 3]], new_mask[[0, 1, 2, 3]])
+        tokens = torch.randint(3, V, (5, 1), generator=g)
+        pool.retire(~live[:, 0] if step >= 1 else torch.zeros(5, dtype=torch.bool))
+        pool.extend(tokens, live | (step == 0))
+        if step >= 5:
+            alone.extend(tokens[live_rows], torch.ones(4, 1, dtype=torch.bool))
+    torch.testing.assert_close(torch.log_softmax(pool.next_logits[live_rows], -1),
+                               torch.log_softmax(alone.next_logits, -1), atol=1e-5, rtol=0)
+    # 4 + 140 columns written; the 60 before the second prompts (written into columns 60-63) dropped once
+    assert pool.compactions == 1 and pool.capacity == 2 * BUCKET and pool.used == 4 + 140 - 60
+    assert pool.mask[:, :pool.used].bool().any(1).all()
+    assert pool.mask[3, :pool.used].sum() == 1
 
 
 def test_admitting_every_row_at_once_is_a_fresh_prefill():

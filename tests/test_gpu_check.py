@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"tests", "decoders", "multi_turn", "rollout", "train_lora", "train_full",
+STEPS = {"tests", "decoders", "continuous", "multi_turn", "rollout", "train_lora", "train_full",
          "train_multi_turn", "train_slots"}
 
 
@@ -25,6 +25,8 @@ def test_the_gpu_check_dry_run_runs_its_steps_and_writes_its_summary(tmp_path):
     assert "| 4 | 8 | textrl dynamic, every row kept |" in summary  # the variable-length table (2 batches of 4)
     assert "| 4 | 8 | textrl continuous (4 slots) |" in summary and "step bound" in summary  # 8 through 4 slots
     assert "continuous batching's floor for its episodes" in summary
+    assert "| 4 | 8 | textrl continuous, static (4 slots) |" in summary  # the static cache through slots, twice
+    assert "EOS at a rate of 0.2 per step" in summary  # the continuous step (random weights stop at that rate)
     assert "prefill of 8 rows" in summary and "passed" in summary  # the shared-prefix ratio; the tests ran
     figures = (tmp_path / "figures.md").read_text().splitlines()
     assert len(figures) == 4 and all(line.startswith("| ") for line in figures), figures  # the 4 train runs

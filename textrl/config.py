@@ -125,8 +125,7 @@ class SamplingConfig:
     slots: int = 0
     """Continuous batching: the rollout's num_envs completions run through this many env rows, a row whose
     completion ended starting the next prompt (so short completions stop waiting for the longest). 0 = off
-    (num_envs rows, all reset together). A multiple of num_generations, at most num_envs; the dynamic decoder
-    and one process."""
+    (num_envs rows, all reset together). A multiple of num_generations, at most num_envs; one process."""
 
     flat: ClassVar[dict[str, str]] = {}
 
@@ -139,10 +138,6 @@ class SamplingConfig:
         if self.decoder not in ("auto", "dynamic", "static", "compiled"):
             raise ValueError(f"decoder must be one of auto, dynamic, static, compiled, got {self.decoder!r}")
         non_negative_int("slots", self.slots)
-        if self.slots and self.decoder in ("static", "compiled"):
-            raise ValueError(f"slots={self.slots} (continuous batching) restarts rows in a growing KV cache; "
-                             f"decoder={self.decoder!r} has a fixed-shape one: set decoder: dynamic (or auto), or "
-                             "slots: 0")
 
 
 @records_given

@@ -113,7 +113,7 @@ def collect_episodes(envs: gym.vector.VectorEnv, generator: Generator, episodes:
     together once an eighth of the slots (at least one group) is free, or every episode left can start: each
     admit copies the whole cache, so one per ended row would cost more than the steps it saves. ``episodes == B`` is
     :func:`collect_tokens`. The batch's rows are the episodes in the order they started. Needs a generator
-    with ``retire`` and ``admit`` (``HFGenerator`` with the dynamic decoder) and one process (a sharded
+    with ``retire`` and ``admit`` (``HFGenerator``, any decoder) and one process (a sharded
     sampler's stream cannot follow slots that restart at different steps on different processes)."""
     B, k = envs.num_envs, int(getattr(envs.unwrapped, "num_generations", 1))
     if episodes < B or episodes % k:
@@ -123,7 +123,7 @@ def collect_episodes(envs: gym.vector.VectorEnv, generator: Generator, episodes:
         return collect_tokens(envs, generator, seed)
     if getattr(generator, "admit", None) is None:
         raise TypeError(f"continuous batching needs a generator with admit(); {type(generator).__name__} has none "
-                        "(HFGenerator with sampling.decoder: dynamic has it)")
+                        "(HFGenerator has it)")
     if getattr(getattr(generator, "sampler", None), "shard", Shard()).sharded:
         raise ValueError("continuous batching runs on one process: a data-parallel sampler's stream cannot follow "
                          "rows that restart at different steps on different processes")

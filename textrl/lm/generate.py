@@ -76,7 +76,7 @@ class HFGenerator:
     (:class:`~textrl.lm.static.StaticForward`, tested against the dynamic one); repeated prompts are prefilled
     once with any decoder. The dynamic decoder drops rows that have ended from its cache (:meth:`retire`), so
     completions of different lengths cost the rows still generating; the static ones keep their fixed shapes
-    (what a captured CUDA graph needs).
+    (what a captured CUDA graph needs). Every decoder runs continuous batching (:meth:`admit`).
     """
 
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -90,8 +90,6 @@ class HFGenerator:
             StaticForward(model, compile=self.decoder == "compiled")
         self.sampler = TokenSampler(temperature, top_k, top_p, rng, shard, min_new_tokens, stop_ids)
         self.rows = 0
-        if not hasattr(self.forward, "admit"):  # a static cache's shapes are fixed: no continuous batching
-            self.admit = None
 
     @classmethod
     def from_config(cls, model: torch.nn.Module, sampling, rng: torch.Generator | None = None,
@@ -117,7 +115,7 @@ class HFGenerator:
 
     def admit(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Start retired rows ``rows`` on new prompts ``[k, L]`` while the others keep decoding (continuous
-        batching; the dynamic decoder only)."""
+        batching; with any decoder)."""
         self.forward.admit(rows, input_ids, attention_mask)
         self.sampler.restart(rows, self.rows)
 

@@ -202,9 +202,8 @@ class LMRun(Run):
                                    in_reward=cls.kl_in == "reward")
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)  # the sampling stream
         sampling = cfg.sampling
-        if sampling.decoder == "auto" and (is_zero3(accelerator) or cfg.model.quantization or sampling.slots):
-            # ZeRO-3 gathers the weights around each rollout and bitsandbytes' kernels do not compile: no graphs;
-            # continuous batching restarts rows in a growing cache
+        if sampling.decoder == "auto" and (is_zero3(accelerator) or cfg.model.quantization):
+            # ZeRO-3 gathers the weights around each rollout and bitsandbytes' kernels do not compile: no graphs
             sampling = dataclasses.replace(sampling, decoder="dynamic")
         self.generator = HFGenerator.from_config(self.policy.lm, sampling, self.rng, self.shard,
                                                  stop_ids=self.base.stop_token_ids)

@@ -13,6 +13,15 @@ cache (and compile) once.
 
 Repeated prompts (k completions per prompt) are prefilled once: the distinct prefixes go through the model
 with a dynamic cache whose rows are then written to every row of the static one that shares them.
+
+Continuous batching (:meth:`StaticForward.admit`) keeps the shapes too: a row that starts a new prompt gets
+that prompt's keys and values written into its own row of the cache, in the columns just before the next
+one (its old episode's columns are dead), and a mask that hides the rest of its row; no other row is copied.
+Every step still appends one column for all rows, so when the cache is full its leading columns that no live
+row attends to (those of episodes that ended) are dropped by shifting the columns left in place
+(:meth:`StaticForward._compact`); the first admit widens the cache once to the env's buffer width plus a
+bucket, so a compaction frees at least a bucket of columns. Positions come from the mask's counts, so a
+shift changes no row's tokens.
 """
 
 from __future__ import annotations
@@ -51,6 +60,8 @@ class StaticForward:
         self.prefill_rows = 0
         self._step = None  # the (compiled) one-column step of the current cache
         self.fallback: str | None = None  # why the compiled step gave way to the eager one (None: it did not)
+        self.ended: torch.Tensor | None = None  # (B,) rows retired and not admitted since (None: none)
+        self.compactions = 0  # how many times full columns were dropped (continuous batching)
 
     @property
     def capacity(self) -> int:
@@ -71,6 +82,18 @@ class StaticForward:
         self.mask = torch.zeros(rows, capacity, dtype=torch.long, device=device)
         self._step = self._compiled_step() if self.compile else self._forward
 
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """Prefill ``[b, n]`` trimmed prefixes in a scratch dynamic cache (each distinct prefix once): per layer
+        ``(keys, values)`` ``[b, h, n, d]`` and the next-token logits ``[b, V]``, one row per given row."""
+        distinct, inverse = distinct_rows(ids * mask, mask) if self.share_prefixes else (None, None)
+        rows = distinct if distinct is not None else torch.arange(ids.shape[0], device=mask.device)
+        scratch = DynamicCache()
+        out, logits = last_logits(self.model, self.cache_kwarg, scratch, ids[rows], mask[rows])  # (b, V)
+        scratch = getattr(out, self.cache_kwarg, None) or scratch
+        expand = inverse if inverse is not None else slice(None)
+        self.prefill_rows = int(rows.numel())
+        return [(done.keys[expand], done.values[expand]) for done in scratch.layers], logits[expand]
+
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encode ``[B, L]`` left-padded prefixes in a cache wide enough for the ``L`` columns (the env's whole
@@ -78,19 +101,91 @@ class StaticForward:
         start, ids, mask = trim_padding(input_ids, attention_mask)
         B, n = mask.shape
         self._cache_for(B, input_ids.shape[1] - start, mask.device)
-        distinct, inverse = distinct_rows(ids * mask, mask) if self.share_prefixes else (None, None)
-        rows = distinct if distinct is not None else torch.arange(B, device=mask.device)
-        scratch = DynamicCache()
-        out, logits = last_logits(self.model, self.cache_kwarg, scratch, ids[rows], mask[rows])  # (b, V)
-        scratch = getattr(out, self.cache_kwarg, None) or scratch
-        expand = inverse if inverse is not None else slice(None)
-        for layer, done in zip(self.cache.layers, scratch.layers, strict=True):
-            layer.update(done.keys[expand], done.values[expand])
+        kv, logits = self._encode(ids, mask)
+        for layer, (keys, values) in zip(self.cache.layers, kv, strict=True):
+            layer.update(keys, values)
         self.mask[:, :n] = mask
-        self.used = n
-        self.next_logits = logits[expand]
-        self.prefill_rows = int(rows.numel())
+        self.used, self.ended = n, None
+        self.next_logits = logits
         return self.next_logits
+
+    @torch.no_grad()
+    def admit(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Start batch rows ``rows`` ``[k]`` on new left-padded prefixes ``[k, L]`` while the other rows keep
+        decoding (continuous batching, as :meth:`CachedForward.admit`): the new prefixes are prefilled on their
+        own (repeated ones once) and written into their rows' last columns; the other rows are not touched.
+        Returns the next-token logits ``[B, V]``."""
+        assert self.mask is not None, "prefill first"
+        self._check_plain_layers()
+        rows = torch.as_tensor(rows, device=self.mask.device).long()
+        _, ids, mask = trim_padding(input_ids, attention_mask)
+        n = mask.shape[1]
+        self._grow(-(-(input_ids.shape[1] + 1) // BUCKET) * BUCKET + BUCKET)  # the widest live row + a bucket
+        kv, logits = self._encode(ids, mask)
+        if n > self.used:  # a prompt wider than the columns so far: every row moves right to make room
+            self._shift(n - self.used)
+        a = self.used - n
+        for layer, (keys, values) in zip(self.cache.layers, kv, strict=True):
+            layer.keys[rows, :, a:self.used] = keys
+            layer.values[rows, :, a:self.used] = values
+        self.mask[rows] = 0
+        self.mask[rows, a:self.used] = mask
+        if self.ended is not None:
+            self.ended[rows] = False
+        self.next_logits = self.next_logits.index_copy(0, rows, logits.to(self.next_logits.dtype))
+        return self.next_logits
+
+    def _check_plain_layers(self) -> None:
+        kinds = {type(layer).__name__ for layer in self.cache.layers}
+        if kinds != {"StaticLayer"}:
+            raise TypeError(f"continuous batching with a static cache moves its columns, which needs full-attention "
+                            f"layers; {type(self.model).__name__}'s cache has {sorted(kinds)}. Set sampling.decoder: "
+                            "dynamic (or slots: 0)")
+
+    def _grow(self, capacity: int) -> None:
+        """Widen the cache to at least ``capacity`` columns, keeping what it holds (a new cache: the compiled
+        step is rebuilt, once per run since later batches reuse the wider cache)."""
+        if self.capacity >= capacity:
+            return
+        old, mask = self.cache, self.mask
+        self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+        self.mask = torch.zeros(mask.shape[0], capacity, dtype=mask.dtype, device=mask.device)
+        self.mask[:, :self.used] = mask[:, :self.used]
+        for new, held in zip(self.cache.layers, old.layers, strict=True):
+            new.lazy_initialization(held.keys, held.values)
+            new.keys[:, :, :self.used] = held.keys[:, :, :self.used]
+            new.values[:, :, :self.used] = held.values[:, :, :self.used]
+            new.cumulative_length.fill_(self.used)
+        self._step = self._compiled_step() if self.compile else self._forward
+
+    def _shift(self, by: int) -> None:
+        """Move every row's columns ``by`` to the right (``by`` > 0) or left (< 0) in place, in the cache and the
+        mask; the columns uncovered are masked."""
+        src, dst = (slice(0, self.used), slice(by, self.used + by)) if by > 0 else \
+            (slice(-by, self.used), slice(0, self.used + by))
+        for layer in self.cache.layers:
+            layer.keys[:, :, dst] = layer.keys[:, :, src].clone()
+            layer.values[:, :, dst] = layer.values[:, :, src].clone()
+            layer.cumulative_length.add_(by)
+        self.mask[:, dst] = self.mask[:, src].clone()
+        if by > 0:
+            self.mask[:, :by] = 0
+        else:
+            self.mask[:, self.used + by:self.used] = 0
+        self.used += by
+
+    def _compact(self) -> None:
+        """Drop the leading columns no live row attends to (those of ended episodes) by shifting the rest left.
+        The last column stays (a finite column for rows whose own columns all went: a row must attend to
+        something, or its masked attention gives NaN keys and values at the next step)."""
+        live = ~self.ended if self.ended is not None else torch.ones_like(self.mask[:, 0], dtype=torch.bool)
+        attended = self.mask[live, :self.used].bool().any(0)
+        start = min(int(attended.int().argmax()) if attended.any() else self.used, self.used - 1)
+        if start <= 0:
+            return
+        self._shift(-start)
+        self.mask[~self.mask[:, :self.used].bool().any(1), self.used - 1] = 1  # ended rows left with nothing
+        self.compactions += 1
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -99,6 +194,8 @@ class StaticForward:
         assert self.mask is not None, "prefill first"
         mask = mask.to(self.mask.device).long()  # (B, n)
         n = mask.shape[1]
+        if self.used + n > self.capacity:
+            self._compact()
         if self.used + n > self.capacity:
             raise ValueError(f"decoder: the static cache holds {self.capacity} columns and {self.used + n} are "
                              "needed (the env wrote more columns than its buffer width); use sampling.decoder: "
@@ -115,7 +212,9 @@ class StaticForward:
 
     def retire(self, ended: torch.Tensor) -> None:
         """Keeps every row: the cache's shapes are fixed (what a compiled or graph-captured step needs); the
-        ended rows' columns are masked slots."""
+        ended rows' columns are masked slots. They are remembered: a compaction may drop the columns only they
+        attend to."""
+        self.ended = ended.to(self.mask.device).bool().clone()
 
     def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  n: int = 1) -> torch.Tensor:
