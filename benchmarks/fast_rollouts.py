@@ -59,8 +59,13 @@ def stop_at_rate(model, eos: int, rate: float, temperature: float):
     """Make ``model`` end a completion with probability ``rate`` at every step (at ``temperature``): its EOS
     logit is set so, whatever the other logits. Random weights almost never sample EOS; with this their
     completions have geometric lengths (mean 1/rate, cut at the limit) and continuous batching has rows to
-    refill. A forward hook, so ``generate`` and every decoder see the same logits. Returns the hook's handle."""
+    refill. A forward hook, so ``generate`` and every decoder see the same logits. Returns the hook's handle.
+    Compiled steps do not guard on hooks: the compile cache is cleared here, so none traced without it runs."""
     import math
+
+    if not 0 < rate < 1:
+        raise ValueError(f"--eos-rate must lie in (0, 1), got {rate}")
+    torch._dynamo.reset()
 
     def hook(module, args, out):
         logits = out.logits.float()
@@ -112,13 +117,14 @@ VARIABLE_RUNS = ("generate", "dynamic", "kept", "static", "compiled", "continuou
 
 def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, reps: int, device,
                      only: tuple[str, ...] = VARIABLE_RUNS, warmup: bool = True, eos_rate: float = 0.0
-                     ) -> tuple[dict[str, tuple[float, int, int]], int | None]:
-    """{run: (seconds, useful tokens, decode steps)} of ``episodes`` completions, summed over ``reps`` (after
+                     ) -> dict[str, tuple[float, int, int, int | None]]:
+    """{run: (seconds, useful tokens, decode steps, floor)} of ``episodes`` completions, summed over ``reps`` (after
     a warm-up call unless ``warmup`` is False; without one the first run timed, ``generate``, also pays the
     process's first forwards): in batches of ``B`` rows (the env's draws from seed 0 on), and, when
     ``episodes > B``, through B slots with continuous batching (``collect_episodes``). A batch's decode steps
-    are its longest completion's length; textrl's are counted (one ``sample`` per step). Also the continuous
-    run's floor (:func:`greedy_steps` of its episodes, summed over ``reps``), None without that run.
+    are its longest completion's length; textrl's are counted (one ``sample`` per step). A continuous run's
+    floor is :func:`greedy_steps` of its own episodes, summed over ``reps`` (each run samples its own: decoders
+    agree to rounding, not to the bit); None for the others.
     ``eos_rate`` > 0: the policy ends a completion with that probability per step (:func:`stop_at_rate`)."""
     env = KLPenalty(cheerful_env(B, tok, max_new_tokens=n, scorer=scorer, pad_token_id=pad_id, device=device),
                     ref, reference_pass="sequence")
@@ -175,17 +181,19 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
         gen.sample = counted(gen.sample, steps)
         runs[label] = (lambda gen=gen: continuous(gen)) if key.startswith("continuous") else \
             (lambda gen=gen: batches(gen))
-    out, floor = {}, None
+    out = {}
     hook = stop_at_rate(policy, eos, eos_rate, 0.7) if eos_rate > 0 else None
-    for label, fn in runs.items():
-        if warmup:
-            fn()
-        steps["n"] = steps["floor"] = 0  # the timed calls' steps
-        out[label] = (*timed(fn, reps, device, warmup=False), steps["n"])
-        floor = steps["floor"] or floor  # (the continuous runs': the same episodes, the same floor)
-    if hook is not None:
-        hook.remove()
-    return out, floor
+    try:
+        for label, fn in runs.items():
+            if warmup:
+                fn()
+            steps["n"] = steps["floor"] = 0  # the timed calls' steps
+            out[label] = (*timed(fn, reps, device, warmup=False), steps["n"], steps["floor"] or None)
+    finally:
+        if hook is not None:
+            hook.remove()
+            torch._dynamo.reset()  # (the compiled steps traced the hook)
+    return out
 
 
 def greedy_steps(lengths: list[int], slots: int) -> int:
@@ -248,19 +256,21 @@ def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
     bounds = []
     for B in args.batch:
         episodes = max(args.episodes, B)
-        results, floor = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps, device,
-                                          tuple(args.variable_runs), not args.no_warmup, args.eos_rate)
+        results = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps, device,
+                                   tuple(args.variable_runs), not args.no_warmup, args.eos_rate)
         base = results["generate"][1] / results["generate"][0] if "generate" in results else None
-        for run, (t, n, steps) in results.items():
+        for run, (t, n, steps, _) in results.items():
             ratio = f"{n / t / base:.2f}×" if base else ""
             print(f"| {B} | {episodes} | {run} | {t:.2f} | {n} | {n / t:.0f} | {steps} | {ratio} |", flush=True)
+        gen_steps = results["generate"][2] if "generate" in results else None
+        floors = [f"{run}: {floor} steps" + (f", {gen_steps / floor:.2f}×" if gen_steps else "")
+                  for run, (*_, floor) in results.items() if floor]  # its own episodes, refilled at once for free
+        floors = f" (continuous batching's floor for its episodes: {'; '.join(floors)})" if floors else ""
         if "generate" in results:
-            _, n, steps = results["generate"]
-            bounds.append(f"batch {B}: {steps} / ⌈{n} / {B}⌉ = {steps / -(-n // B):.2f}×")
-            if floor:  # the continuous run's own episodes, refilled at once for free
-                bounds[-1] += f" (continuous batching's floor for its episodes: {floor} steps, {steps / floor:.2f}×)"
-        elif floor:
-            bounds.append(f"batch {B}: continuous batching's floor for its episodes: {floor} steps")
+            _, n, steps, _ = results["generate"]
+            bounds.append(f"batch {B}: {steps} / ⌈{n} / {B}⌉ = {steps / -(-n // B):.2f}×{floors}")
+        elif floors:
+            bounds.append(f"batch {B}:{floors}")
     if bounds:  # at equal rows, a scheduler can at best run every step full: useful tokens / rows steps
         print(f"\nstep bound (generate's decode steps over the fewest steps that B full rows need for its useful "
               f"tokens; what continuous batching could save where a step costs the same whatever its rows): "

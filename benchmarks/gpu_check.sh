@@ -11,13 +11,15 @@
 #   offline SmolLM2 once here, for its tokenizer). Everything goes under .gpu/ (about 20 MB).
 # run: installs those wheels and textrl (editable, no index), then, each step under its own time limit,
 #   1. the environment (GPU, driver, versions);
-#   2. tests: the test suite on CUDA (`device: auto` picks the GPU), less what cannot run on one GPU
+#   2. tests: the test suite on CUDA (`device: auto` picks the GPU; TEXTRL_TEST_DEVICE=cuda puts the decoder
+#      tests' models on it, so the compiled step is checked against the reference loop with CUDA graphs, also
+#      through continuous batching's admits and compactions), less what cannot run on one GPU
 #      without the offline models or bitsandbytes: tests/test_distributed.py (2-process launches),
 #      tests/test_golden.py (recorded on CPU), the five tests that load SmolLM2/MiniLM weights, and QLoRA;
 #   3. decoders: benchmarks/fast_rollouts.py on cuda in bf16 (each sampling.decoder, the compiled one with
 #      CUDA graphs, vs `generate` and its static-cache mode; Qwen2-0.5B and 1.5B shapes, batch 64 and 256,
 #      256 new tokens; the shared-prefix prefill ratio); logged into rollout.log;
-#      continuous: the same script's variable-length runs (Qwen2-0.5B shape, 256 completions of at most 256
+#      continuous: the same script's variable-length runs (Qwen2-0.5B shape, 128 completions of at most 256
 #      tokens, EOS forced at a rate of 0.0035 per step): generate, the compiled decoder in batches of 64, and
 #      continuous batching through 64 slots with the dynamic and the compiled decoder; logged into rollout.log;
 #      multi_turn: benchmarks/multi_turn_rollout.py on cuda (a 4-turn chat rollout vs a single-turn rollout
@@ -117,7 +119,7 @@ run() {
   # (--variable 0: random weights almost never sample EOS, so their lengths do not vary)
   local decoders=(--batch 64 256 --lengths 256 --variable 0 --models "random:$qwen05" "random:$qwen15")
   # continuous batching: EOS forced at a rate whose mean length over the limit (0.6) is about the default task's
-  local continuous=(--batch 64 --variable 256 --episodes 256 --eos-rate 0.0035 --models "random:$qwen05" --decoders
+  local continuous=(--batch 64 --variable 256 --episodes 128 --eos-rate 0.0035 --models "random:$qwen05" --decoders
                     --baselines --variable-runs generate compiled continuous continuous-compiled)
   if [[ -n "${GPU_CHECK_SMALL:-}" ]]; then
     decoders=(--batch 4 --lengths 8 --variable 8 --episodes 8 --models "random:$GPU_DIR/tiny" --decoders dynamic static
@@ -146,7 +148,7 @@ print('GPU:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else No
   cat "$OUT/env.log"
 
   $py -c "import xdist" 2>/dev/null || xdist=()
-  TEXTRL_TEST_SMOLLM2_TOKENIZER="$shape135" step tests 240 $py -m pytest -v --tb=short --maxfail=20 -p no:cacheprovider -W ignore "${xdist[@]}" --durations=15 \
+  TEXTRL_TEST_SMOLLM2_TOKENIZER="$shape135" TEXTRL_TEST_DEVICE="$dev" step tests 240 $py -m pytest -v --tb=short --maxfail=20 -p no:cacheprovider -W ignore "${xdist[@]}" --durations=15 \
     --ignore=tests/test_distributed.py --ignore=tests/test_golden.py \
     --deselect tests/test_scorers_models.py::test_smollm2_offline_cached_logprobs_match_parallel_forward \
     --deselect tests/test_scorers_models.py::test_hf_reward_model_scorer_has_its_own_tokenizer_and_is_batch_invariant \

@@ -1,10 +1,17 @@
-"""Shared test helpers: a rollout of a text env with a causal LM through the public collection API."""
+"""Shared test helpers: a rollout of a text env with a causal LM through the public collection API; the device
+the decoder tests run on."""
+
+import os
 
 import torch
 
 from textrl.lm.collect import collect_tokens
 from textrl.lm.generate import HFGenerator
 from textrl.rollout import TokenRollout
+
+#: where the decoder tests put their models and tensors: TEXTRL_TEST_DEVICE, cpu by default (the GPU check sets
+#: cuda, so the compiled decode step is tested against the reference loop with CUDA graphs captured)
+DEVICE = torch.device(os.environ.get("TEXTRL_TEST_DEVICE", "cpu"))
 
 
 def rollout(env, model, temperature: float = 1.0, seed: int | None = None, rng: torch.Generator | None = None,

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from helpers import DEVICE
 from test_multi_turn import echo_env
 from test_text_env import PROMPTS, length_scorer
 from textrl.envs import KLPenalty, TextGenVectorEnv
@@ -100,14 +101,15 @@ def test_as_many_episodes_as_rows_is_the_plain_loop_and_bad_requests_are_refused
 def test_a_static_cache_runs_the_same_episodes_as_the_dynamic_one(decoder):
     """Continuous batching with a fixed-shape cache (what CUDA graphs need): 96 episodes through 4 slots give
     the dynamic cache's tokens and log-probs. The cache keeps its shapes: widened once at the first admit,
-    then the columns of ended episodes are dropped in place whenever it is full, several times here."""
+    then the columns of ended episodes are dropped in place whenever it is full, several times here. On
+    TEXTRL_TEST_DEVICE (the GPU check: CUDA graphs replayed across admits and compactions)."""
     tok = char_tokenizer()
-    model = policy_for(tok)
+    model = policy_for(tok).to(DEVICE)
     runs = []
     for d in ("dynamic", decoder):
-        env = TextGenVectorEnv(4, tok, PROMPTS, length_scorer, max_new_tokens=20, num_generations=2)
-        gen = HFGenerator(model, temperature=0.9, rng=torch.Generator().manual_seed(0), stop_ids=(tok.eos_token_id,),
-                          decoder=d)
+        env = TextGenVectorEnv(4, tok, PROMPTS, length_scorer, max_new_tokens=20, num_generations=2, device=DEVICE)
+        gen = HFGenerator(model, temperature=0.9, rng=torch.Generator(DEVICE).manual_seed(0),
+                          stop_ids=(tok.eos_token_id,), decoder=d)
         runs.append((collect_episodes(env, gen, episodes=96, seed=1), gen.forward))
     (a, _), (b, fast) = runs
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.action_mask, b.action_mask)

@@ -4,7 +4,7 @@ dynamic cache, over ragged extends, ended rows, several batches, single- and mul
 
 import pytest
 import torch
-from helpers import rollout
+from helpers import DEVICE, rollout
 from test_generate import V, tiny_llama
 from test_multi_turn import PROMPTS, Echo, chat_tokenizer
 from textrl.envs.toy import target_token_env, tiny_gpt2
@@ -15,6 +15,13 @@ from textrl.lm.decoding import CachedForward, positions_from_mask, sequence_logp
 from textrl.lm.generate import HFGenerator, resolve_decoder
 from textrl.lm.static import BUCKET, StaticForward
 from textrl.logprobs import token_logprobs
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    """Every model and tensor these tests make on :data:`helpers.DEVICE` (TEXTRL_TEST_DEVICE; cpu by default)."""
+    with torch.device(DEVICE):
+        yield
 
 
 def batch(width: int = 16):
@@ -29,7 +36,7 @@ def batch(width: int = 16):
 def assert_same_decoding(reference, fast, episodes: int = 2) -> None:
     """Drive both forwards through the same episodes: one column per step, a ragged 2-column extend with a
     masked slot, row 3 ending early; the next-token log-probs agree at every step."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(DEVICE).manual_seed(0)
     ids, mask = batch()
     for _ in range(episodes):  # the second episode reuses (resets) the static cache
         reference.prefill(ids, mask)
@@ -78,6 +85,68 @@ def test_a_compiler_failure_falls_back_to_the_eager_step(monkeypatch):
     assert fast.fallback == "RuntimeError: compiler exploded"
 
 
+def test_after_a_compiler_failure_a_widened_cache_keeps_the_eager_step(monkeypatch):
+    """Continuous batching widens the static cache at its first admit, which builds a new step: after a
+    compiler failure that is the eager step again, not a second compile whose failure would end the run."""
+    compiles = []
+
+    def broken(fn, **kwargs):
+        compiles.append(fn)
+
+        def run(*a):
+            raise RuntimeError("compiler exploded")
+        return run
+
+    monkeypatch.setattr(static_module.torch, "compile", broken)
+    model = tiny_llama()
+    fast, reference = StaticForward(model, compile=True), CachedForward(model)
+    ids, mask = batch()
+    for forward in (fast, reference):
+        forward.prefill(ids, mask)
+        forward.extend(torch.full((5, 1), 7), torch.ones(5, 1, dtype=torch.bool))
+    assert fast.fallback == "RuntimeError: compiler exploded" and len(compiles) == 1
+    prompt = torch.tensor([[9, 8, 7]])
+    for forward in (fast, reference):
+        forward.admit(torch.tensor([3]), prompt, torch.ones_like(prompt))
+        forward.extend(torch.full((5, 1), 5), torch.ones(5, 1, dtype=torch.bool))
+    assert fast.capacity == 2 * BUCKET and len(compiles) == 1  # widened; no second compile
+    torch.testing.assert_close(torch.log_softmax(fast.next_logits, -1), torch.log_softmax(reference.next_logits, -1),
+                               atol=1e-5, rtol=0)
+
+
+def sliding_mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, sliding_window=8)
+    return MistralForCausalLM(cfg).eval()
+
+
+def test_continuous_batching_in_a_static_cache_needs_full_attention_layers():
+    """A sliding-window model's static cache cannot move its columns: `auto` with slots gives the dynamic
+    decoder, an explicit static one is refused before any rollout, and an admit into one says why."""
+    from textrl.lm.run import rollout_decoder
+    from textrl.lm.static import full_attention
+
+    sliding, full = sliding_mistral(), tiny_llama()
+    assert full_attention(full) and not full_attention(sliding) and not full_attention(torch.nn.Linear(2, 2))
+    slots, plain = SamplingConfig(slots=4), SamplingConfig()
+    assert rollout_decoder(slots, sliding, "cuda", no_graphs=False) == "dynamic"
+    assert rollout_decoder(slots, full, "cuda", no_graphs=False) == "compiled"
+    assert rollout_decoder(plain, sliding, "cuda", no_graphs=False) == "compiled"  # no admits: any static cache
+    assert rollout_decoder(slots, full, "cuda", no_graphs=True) == "dynamic"
+    assert rollout_decoder(SamplingConfig(slots=4, decoder="static"), full, "cpu", no_graphs=False) == "static"
+    with pytest.raises(ValueError, match=r"decoder='compiled' with slots=4: .*MistralForCausalLM has sliding-window"
+                                         r".*Set sampling.decoder: dynamic"):
+        rollout_decoder(SamplingConfig(slots=4, decoder="compiled"), sliding, "cpu", no_graphs=False)
+    fast = StaticForward(sliding)
+    fast.prefill(*batch())
+    with pytest.raises(TypeError, match="needs full-attention layers; MistralForCausalLM's cache has "
+                                        r"\['StaticSlidingWindowLayer'\]"):
+        fast.admit(torch.tensor([0]), torch.tensor([[4, 5]]), torch.ones(1, 2, dtype=torch.long))
+
+
 def test_a_static_cache_too_narrow_for_the_env_is_refused_naming_the_fix():
     fast = StaticForward(tiny_gpt2(V))
     ids, mask = batch(width=4)
@@ -103,15 +172,17 @@ def test_rows_that_ended_leave_the_dynamic_cache_and_the_others_decode_as_before
 @pytest.mark.parametrize("env", ["grpo-groups", "multi-turn"])
 def test_a_rollout_with_the_static_decoder_equals_the_dynamic_one(env):
     """Through collect_tokens: k=4 completions per prompt (prefills shared), and a multi-turn env whose
-    replies extend the cache between the agent's turns."""
-    if env == "grpo-groups":
-        make = lambda: target_token_env(8, num_generations=4, max_new_tokens=12)  # noqa: E731
-        model = tiny_gpt2(len(make().unwrapped.tokenizer))
-    else:
-        make = lambda: Echo(4, chat_tokenizer(), PROMPTS, max_turn_tokens=4, max_new_tokens=48)  # noqa: E731
-        model = tiny_gpt2(len(chat_tokenizer()))
-    runs = [rollout(make(), model, seed=0, rng=torch.Generator().manual_seed(1), decoder=d)
-            for d in ("dynamic", "static")]
+    replies extend the cache between the agent's turns. (On the CPU whatever TEXTRL_TEST_DEVICE says: the
+    envs keep their buffers there.)"""
+    with torch.device("cpu"):
+        if env == "grpo-groups":
+            make = lambda: target_token_env(8, num_generations=4, max_new_tokens=12)  # noqa: E731
+            model = tiny_gpt2(len(make().unwrapped.tokenizer))
+        else:
+            make = lambda: Echo(4, chat_tokenizer(), PROMPTS, max_turn_tokens=4, max_new_tokens=48)  # noqa: E731
+            model = tiny_gpt2(len(chat_tokenizer()))
+        runs = [rollout(make(), model, seed=0, rng=torch.Generator().manual_seed(1), decoder=d)
+                for d in ("dynamic", "static")]
     a, b = runs
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.action_mask, b.action_mask)
     torch.testing.assert_close(b.logprobs, a.logprobs, atol=1e-5, rtol=0)
@@ -132,7 +203,7 @@ def test_the_sequence_pass_groups_rows_by_length_and_skips_their_padding():
     is narrower than the buffer."""
     model = tiny_llama()
     ids, mask = batch(width=16)  # prompts end at column 3; the responses start at column 4
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(DEVICE).manual_seed(0)
     lengths = [2, 12, 5, 12, 3]
     for r, n in enumerate(lengths):
         ids[r, 4:4 + n], mask[r, 4:4 + n] = torch.randint(3, V, (n,), generator=g), 1
@@ -164,7 +235,7 @@ def test_a_row_admitted_mid_decode_decodes_as_if_prefilled_alone_and_the_others_
     every row right (the prompt is wider than the columns written so far), and keeps its shapes."""
     model = tiny_llama()
     ids, mask = batch()
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(DEVICE).manual_seed(0)
     pool, others, alone = POOLS[decoder](model), CachedForward(model), CachedForward(model)
     for forward in (pool, others):
         forward.prefill(ids, mask)
@@ -207,7 +278,7 @@ def test_a_full_static_cache_drops_the_columns_of_ended_episodes_in_place():
     ids, mask = batch()
     pool, alone = StaticForward(model), CachedForward(model)
     pool.prefill(ids, mask)
-    live_rows, g = torch.tensor([0, 1, 2, 4]), torch.Generator().manual_seed(0)
+    live_rows, g = torch.tensor([0, 1, 2, 4]), torch.Generator(DEVICE).manual_seed(0)
     live = (torch.arange(5) != 3)[:, None]
     for step in range(140):
         if step in (5, 60):
@@ -237,7 +308,7 @@ def test_admitting_every_row_at_once_is_a_fresh_prefill():
     again = ids.flip(0), mask.flip(0)  # other prompts for every row
     pool.admit(torch.arange(5), *again)
     fresh.prefill(*again)
-    tokens = torch.randint(3, V, (5, 1), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(3, V, (5, 1), generator=torch.Generator(DEVICE).manual_seed(0))
     for forward in (pool, fresh):
         forward.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
     torch.testing.assert_close(pool.next_logits, fresh.next_logits, atol=1e-5, rtol=0)
@@ -255,7 +326,7 @@ def test_columns_that_no_held_row_attends_to_leave_the_cache():
     assert pool.mask.shape[1] == 4
     pool.admit(torch.tensor([3]), torch.tensor([[4, 5]]), torch.ones(1, 2, dtype=torch.long))
     assert pool.mask.shape[1] == 3 and all(layer.keys.shape[-2] == 3 for layer in pool.cache.layers)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(DEVICE).manual_seed(0)
     others = (torch.arange(5) != 3)[:, None]
     for _ in range(3):
         tokens = torch.randint(3, V, (5, 1), generator=g)

@@ -111,7 +111,9 @@ def collect_episodes(envs: gym.vector.VectorEnv, generator: Generator, episodes:
     prefilled on its own and joined to the generator's cache (``admit``) while the other slots keep decoding,
     so a short completion frees its slot instead of waiting for the longest one. Freed slots are admitted
     together once an eighth of the slots (at least one group) is free, or every episode left can start: each
-    admit copies the whole cache, so one per ended row would cost more than the steps it saves. ``episodes == B`` is
+    admit is an eager prefill forward (and in the dynamic cache a copy of the whole cache; a compiled step is
+    several times cheaper than an eager forward on a GPU), so one per ended row would cost more than the steps
+    it saves. ``episodes == B`` is
     :func:`collect_tokens`. The batch's rows are the episodes in the order they started. Needs a generator
     with ``retire`` and ``admit`` (``HFGenerator``, any decoder) and one process (a sharded
     sampler's stream cannot follow slots that restart at different steps on different processes)."""
@@ -137,7 +139,7 @@ def collect_episodes(envs: gym.vector.VectorEnv, generator: Generator, episodes:
     slot_prompt, episode_of = info["prompt_index"].clone(), torch.arange(B, device=dev)
     generator.prefill(obs["input_ids"], obs["attention_mask"])
     done, started, finished, t = torch.zeros(B, dtype=torch.bool, device=dev), B, 0, 0
-    wait = max(k, B // 8 // k * k)  # free slots that make an admit worth its cache copy
+    wait = max(k, B // 8 // k * k)  # free slots that make an admit worth its prefill (and cache copy)
     while True:
         tokens, logprob = generator.sample()
         obs, reward, term, trunc, info = envs.step({"token": tokens, "logprob": logprob})

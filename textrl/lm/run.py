@@ -32,9 +32,10 @@ from textrl.lm.build import (
 )
 from textrl.lm.collect import collect_episodes, collect_tokens
 from textrl.lm.evaluate import EvalResult, evaluate_heldout, summary_line
-from textrl.lm.generate import HFGenerator
+from textrl.lm.generate import HFGenerator, resolve_decoder
 from textrl.lm.models import check_model_source, quiet_saving
 from textrl.lm.report import plot_curves, write_samples
+from textrl.lm.static import full_attention
 from textrl.parallel.deepspeed import is_zero3
 from textrl.parallel.distributed import Reducer, is_main, make_accelerator, process_shard, world_size
 from textrl.parallel.learner import Learner
@@ -91,6 +92,22 @@ def env_rows(cfg: TrainConfig, world: int, k: int) -> int:
         raise ValueError(f"sampling.slots must be at most num_envs={cfg.num_envs} and a multiple of num_generations="
                          f"{k} (groups restart together), got {slots}: e.g. slots: {max(k, cfg.num_envs // 2 // k * k)}")
     return slots
+
+
+def rollout_decoder(sampling: Any, model: torch.nn.Module, device: torch.device | str, no_graphs: bool) -> str:
+    """The decoder a run's rollouts use: ``sampling.decoder``, with "auto" resolved for ``device`` (compiled on
+    CUDA) unless the run cannot compile its step (``no_graphs``: ZeRO-3 gathers the weights around each rollout,
+    bitsandbytes' kernels do not compile) or runs continuous batching (``sampling.slots``) in a model with
+    sliding-window layers, which a static cache cannot take: then dynamic. An explicit static or compiled
+    decoder with slots and such a model is refused before any rollout."""
+    decoder = resolve_decoder(sampling.decoder, device)
+    if decoder == "dynamic" or not sampling.slots or full_attention(model):
+        return "dynamic" if sampling.decoder == "auto" and no_graphs else decoder
+    if sampling.decoder == "auto":
+        return "dynamic"
+    raise ValueError(f"sampling.decoder={sampling.decoder!r} with slots={sampling.slots}: continuous batching in a "
+                     f"static cache needs full-attention layers, and {type(model).__name__} has sliding-window ones. "
+                     "Set sampling.decoder: dynamic (or auto), or slots: 0")
 
 
 def rollout_stats(ro: TokenRollout, reduce: Reducer) -> dict[str, float]:
@@ -201,10 +218,9 @@ class LMRun(Run):
         self.kl_env = build_kl_env(self.envs, self.reference, cfg.kl, cfg.sampling.temperature,
                                    in_reward=cls.kl_in == "reward")
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)  # the sampling stream
-        sampling = cfg.sampling
-        if sampling.decoder == "auto" and (is_zero3(accelerator) or cfg.model.quantization):
-            # ZeRO-3 gathers the weights around each rollout and bitsandbytes' kernels do not compile: no graphs
-            sampling = dataclasses.replace(sampling, decoder="dynamic")
+        decoder = rollout_decoder(cfg.sampling, self.policy.lm, self.device,
+                                  no_graphs=is_zero3(accelerator) or bool(cfg.model.quantization))
+        sampling = dataclasses.replace(cfg.sampling, decoder=decoder)
         self.generator = HFGenerator.from_config(self.policy.lm, sampling, self.rng, self.shard,
                                                  stop_ids=self.base.stop_token_ids)
 

@@ -34,10 +34,23 @@ from transformers import DynamicCache, StaticCache
 from textrl.lm.decoding import cache_kwarg, distinct_rows, last_logits, logits_after_last, trim_padding
 from textrl.logprobs import token_logprobs
 
-__all__ = ["StaticForward", "BUCKET"]
+__all__ = ["StaticForward", "BUCKET", "full_attention"]
 
 #: cache widths are rounded up to a multiple of this, so a run's batches share one compiled step
 BUCKET = 64
+
+
+def full_attention(model: Any) -> bool:
+    """Whether every layer of ``model``'s static cache is a plain full-attention one (no sliding window), which
+    continuous batching in a static cache needs (it moves the cache's columns). False without a ``.config``."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    try:  # (the layers allocate nothing until their first write)
+        layers = StaticCache(config=config, max_cache_len=BUCKET).layers
+    except Exception:  # noqa: BLE001 - a config StaticCache cannot read: no static cache at all
+        return False
+    return {type(layer).__name__ for layer in layers} == {"StaticLayer"}
 
 
 class StaticForward:
@@ -80,7 +93,12 @@ class StaticForward:
                             f"{type(self.model).__name__} has none. Use sampling.decoder: dynamic")
         self.cache = StaticCache(config=config, max_cache_len=capacity)
         self.mask = torch.zeros(rows, capacity, dtype=torch.long, device=device)
-        self._step = self._compiled_step() if self.compile else self._forward
+        self._step = self._new_step()
+
+    def _new_step(self) -> Any:
+        """The decode step for a new cache: compiled, unless not asked for or a compile already failed (the
+        eager step then, as for the old cache)."""
+        return self._compiled_step() if self.compile and self.fallback is None else self._forward
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list, torch.Tensor]:
         """Prefill ``[b, n]`` trimmed prefixes in a scratch dynamic cache (each distinct prefix once): per layer
@@ -136,10 +154,10 @@ class StaticForward:
         return self.next_logits
 
     def _check_plain_layers(self) -> None:
-        kinds = {type(layer).__name__ for layer in self.cache.layers}
-        if kinds != {"StaticLayer"}:
+        if not full_attention(self.model):
+            kinds = sorted({type(layer).__name__ for layer in self.cache.layers})
             raise TypeError(f"continuous batching with a static cache moves its columns, which needs full-attention "
-                            f"layers; {type(self.model).__name__}'s cache has {sorted(kinds)}. Set sampling.decoder: "
+                            f"layers; {type(self.model).__name__}'s cache has {kinds}. Set sampling.decoder: "
                             "dynamic (or slots: 0)")
 
     def _grow(self, capacity: int) -> None:
@@ -156,7 +174,7 @@ class StaticForward:
             new.keys[:, :, :self.used] = held.keys[:, :, :self.used]
             new.values[:, :, :self.used] = held.values[:, :, :self.used]
             new.cumulative_length.fill_(self.used)
-        self._step = self._compiled_step() if self.compile else self._forward
+        self._step = self._new_step()
 
     def _shift(self, by: int) -> None:
         """Move every row's columns ``by`` to the right (``by`` > 0) or left (< 0) in place, in the cache and the
