@@ -24,8 +24,11 @@ that ended leave the KV cache), the same decoder keeping every row to the end (a
 batch B): N completions, in N/B batches for those runs, and through B slots with continuous batching
 (``collect_episodes``: a slot whose episode ended starts the next prompt at once). Each run's decode steps
 are printed too, and the step bound: generate's steps over ⌈useful tokens / B⌉, the fewest steps B full rows
-need — what no scheduler of B rows can beat where a step costs the same whatever its rows. Prints markdown
-tables.
+need — what no scheduler of B rows can beat where a step costs the same whatever its rows.
+``--variable-runs`` adds the static and compiled decoders (``static``, ``compiled``: batches;
+``continuous-static``, ``continuous-compiled``: through slots). ``--eos-rate R``: the policy ends a
+completion with probability R per step (random weights never sample EOS; the GPU check's ``continuous``
+step). Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -289,8 +292,9 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=0,
                         help="completions of the variable-length runs (a multiple of the batch; more than the "
                              "batch adds continuous batching through batch slots)")
-    parser.add_argument("--variable-runs", nargs="+", default=list(VARIABLE_RUNS), choices=VARIABLE_RUNS,
-                        help="which variable-length runs to time")
+    parser.add_argument("--variable-runs", nargs="+", default=["generate", "dynamic", "kept", "continuous"],
+                        choices=VARIABLE_RUNS, help="which variable-length runs to time (continuous-*: continuous "
+                                                    "batching with the static or compiled decoder)")
     parser.add_argument("--no-warmup", action="store_true", help="variable-length runs: no untimed warm-up call")
     parser.add_argument("--eos-rate", type=float, default=0.0,
                         help="variable-length runs: the policy ends a completion with this probability at every step "
