@@ -75,6 +75,7 @@ class StaticForward:
         self.fallback: str | None = None  # why the compiled step gave way to the eager one (None: it did not)
         self.ended: torch.Tensor | None = None  # (B,) rows retired and not admitted since (None: none)
         self.compactions = 0  # how many times full columns were dropped (continuous batching)
+        self._full_attention: bool | None = None  # (full_attention(model), asked at the first admit)
 
     @property
     def capacity(self) -> int:
@@ -154,7 +155,9 @@ class StaticForward:
         return self.next_logits
 
     def _check_plain_layers(self) -> None:
-        if not full_attention(self.model):
+        if self._full_attention is None:
+            self._full_attention = full_attention(self.model)
+        if not self._full_attention:
             kinds = sorted({type(layer).__name__ for layer in self.cache.layers})
             raise TypeError(f"continuous batching with a static cache moves its columns, which needs full-attention "
                             f"layers; {type(self.model).__name__}'s cache has {kinds}. Set sampling.decoder: "
