@@ -309,3 +309,22 @@ def test_multi_turn_env_on_two_processes_equals_one_process(tmp_path):
     assert len(one) == 2 and all(m["env/turns"] >= 1 for m in one)
     assert_in_step(tmp_path / "two", slice(None))
     assert_same_metrics(one, two, rel=1e-4)
+
+
+def test_a_data_parallel_worker_ends_without_the_interpreter_teardown(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) a finished command leaves with os._exit and its exit code, after the
+    process group is left and the logs flushed: torch's C++ threads could abort the interpreter's teardown
+    (SIGABRT after a finished run, seen once in a suite run). A single process returns as usual."""
+    import logging
+
+    import textrl.cli as cli
+
+    exits, shutdowns = [], []
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    monkeypatch.setattr(logging, "shutdown", lambda: shutdowns.append(1))
+    monkeypatch.setitem(cli.COMMANDS, "train", (lambda argv: 3, "a command that ends with code 3"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli.main(["train"])
+    assert exits == [3] and shutdowns == [1]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli.main(["train"]) == 3 and exits == [3]

@@ -299,6 +299,19 @@ def _launch(argv: list[str], processes: int) -> int:
     return subprocess.call(cmd)
 
 
+def _exit_worker(code: int) -> None:
+    """End a data-parallel worker whose command has finished (its files closed, the process group left) without
+    the interpreter's teardown: torch's C++ threads (gloo's, the rendezvous store client's) can abort a process
+    there with "terminate called without an active exception" (SIGABRT), which turned a finished two-process
+    run into a failed one under load."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -314,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         if processes > 1 and "WORLD_SIZE" not in os.environ:
             return _launch(argv, processes)
         code = COMMANDS[argv[0]][0](argv[1:])
+        worker = int(os.environ.get("WORLD_SIZE", "1")) > 1
         end()  # data-parallel runs: every process finishes together
+        if worker:
+            _exit_worker(code)
         return code
     except (ValueError, TypeError, FileNotFoundError) as err:
         if os.environ.get("TEXTRL_DEBUG"):
