@@ -113,10 +113,9 @@ def collect_episodes(envs: gym.vector.VectorEnv, generator: Generator, episodes:
     together once an eighth of the slots (at least one group) is free, or every episode left can start: each
     admit is an eager prefill forward (and in the dynamic cache a copy of the whole cache; a compiled step is
     several times cheaper than an eager forward on a GPU), so one per ended row would cost more than the steps
-    it saves. ``episodes == B`` is
-    :func:`collect_tokens`. The batch's rows are the episodes in the order they started. Needs a generator
-    with ``retire`` and ``admit`` (``HFGenerator``, any decoder) and one process (a sharded
-    sampler's stream cannot follow slots that restart at different steps on different processes)."""
+    it saves. ``episodes == B`` is :func:`collect_tokens`. The batch's rows are the episodes in the order they
+    started. Needs a generator with ``retire`` and ``admit`` (``HFGenerator``, any decoder) and one process (a
+    sharded sampler's stream cannot follow slots that restart at different steps on different processes)."""
     B, k = envs.num_envs, int(getattr(envs.unwrapped, "num_generations", 1))
     if episodes < B or episodes % k:
         raise ValueError(f"episodes must be >= the env's {B} rows and a multiple of num_generations={k}, got "
