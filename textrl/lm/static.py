@@ -40,6 +40,11 @@ __all__ = ["StaticForward", "BUCKET", "full_attention"]
 BUCKET = 64
 
 
+def _bucketed(width: int) -> int:
+    """``width`` rounded up to a multiple of :data:`BUCKET`."""
+    return -(-width // BUCKET) * BUCKET
+
+
 def full_attention(model: Any) -> bool:
     """Whether every layer of ``model``'s static cache is a plain full-attention one (no sliding window), which
     continuous batching in a static cache needs (it moves the cache's columns). False without a ``.config``."""
@@ -83,16 +88,19 @@ class StaticForward:
 
     def _cache_for(self, rows: int, width: int, device: torch.device) -> None:
         """A static cache of ``rows`` × ``width`` columns (bucketed): the current one, reset, when it fits."""
-        capacity = -(-width // BUCKET) * BUCKET
+        capacity = _bucketed(width)
         if self.cache is not None and self.mask.shape[0] == rows and self.capacity >= capacity:
             self.cache.reset()
             self.mask.zero_()
             return
-        config = getattr(self.model, "config", None)
-        if config is None:
+        if getattr(self.model, "config", None) is None:
             raise TypeError(f"decoder: a static cache needs a Hugging Face model with a .config; "
                             f"{type(self.model).__name__} has none. Use sampling.decoder: dynamic")
-        self.cache = StaticCache(config=config, max_cache_len=capacity)
+        self._allocate(rows, capacity, device)
+
+    def _allocate(self, rows: int, capacity: int, device: torch.device) -> None:
+        """A new, empty cache and mask of ``rows`` × ``capacity`` columns, and the decode step for them."""
+        self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
         self.mask = torch.zeros(rows, capacity, dtype=torch.long, device=device)
         self._step = self._new_step()
 
@@ -139,7 +147,7 @@ class StaticForward:
         rows = torch.as_tensor(rows, device=self.mask.device).long()
         _, ids, mask = trim_padding(input_ids, attention_mask)
         n = mask.shape[1]
-        self._grow(-(-(input_ids.shape[1] + 1) // BUCKET) * BUCKET + BUCKET)  # the widest live row + a bucket
+        self._grow(_bucketed(input_ids.shape[1] + 1) + BUCKET)  # the widest live row + a bucket
         kv, logits = self._encode(ids, mask)
         if n > self.used:  # a prompt wider than the columns so far: every row moves right to make room
             self._shift(n - self.used)
@@ -169,15 +177,13 @@ class StaticForward:
         if self.capacity >= capacity:
             return
         old, mask = self.cache, self.mask
-        self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
-        self.mask = torch.zeros(mask.shape[0], capacity, dtype=mask.dtype, device=mask.device)
+        self._allocate(mask.shape[0], capacity, mask.device)
         self.mask[:, :self.used] = mask[:, :self.used]
         for new, held in zip(self.cache.layers, old.layers, strict=True):
             new.lazy_initialization(held.keys, held.values)
             new.keys[:, :, :self.used] = held.keys[:, :, :self.used]
             new.values[:, :, :self.used] = held.values[:, :, :self.used]
             new.cumulative_length.fill_(self.used)
-        self._step = self._new_step()
 
     def _shift(self, by: int) -> None:
         """Move every row's columns ``by`` to the right (``by`` > 0) or left (< 0) in place, in the cache and the
