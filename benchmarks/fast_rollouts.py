@@ -120,15 +120,19 @@ VARIABLE_RUNS = ("generate", "dynamic", "kept", "static", "compiled", "continuou
 
 def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, reps: int, device,
                      only: tuple[str, ...] = VARIABLE_RUNS, warmup: bool = True, eos_rate: float = 0.0
-                     ) -> dict[str, tuple[float, int, int, int | None]]:
-    """{run: (seconds, useful tokens, decode steps, floor)} of ``episodes`` completions, summed over ``reps`` (after
+                     ) -> tuple[dict[str, tuple[float, int, int, int | None]], tuple[float, float] | None]:
+    """``({run: (seconds, useful tokens, decode steps, floor)}, reference)`` of ``episodes`` completions, summed over
+    ``reps`` (after
     a warm-up call unless ``warmup`` is False; without one the first run timed, ``generate``, also pays the
     process's first forwards): in batches of ``B`` rows (the env's draws from seed 0 on), and, when
     ``episodes > B``, through B slots with continuous batching (``collect_episodes``). A batch's decode steps
     are its longest completion's length; textrl's are counted (one ``sample`` per step). A continuous run's
     floor is :func:`greedy_steps` of its own episodes, summed over ``reps`` (each run samples its own: decoders
     agree to rounding, not to the bit); None for the others.
-    ``eos_rate`` > 0: the policy ends a completion with that probability per step (:func:`stop_at_rate`)."""
+    ``eos_rate`` > 0: the policy ends a completion with that probability per step (:func:`stop_at_rate`).
+    ``generate``'s reference forward is one plain forward over its sequences (no prefix shared, as after
+    ``generate`` in TRL); ``reference``: its seconds, and those of textrl's pass over the last of the same
+    sequences (the prefix all prompts share encoded once), timed apart (None without a ``generate`` run)."""
     env = KLPenalty(cheerful_env(B, tok, max_new_tokens=n, scorer=scorer, pad_token_id=pad_id, device=device),
                     ref, reference_pass="sequence")
     eos = env.unwrapped.eos_token_id
@@ -139,11 +143,14 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
         encs.append({"input_ids": obs["input_ids"][:, start:P], "attention_mask": obs["attention_mask"][:, start:P]})
     prompts = [""] * B  # (the benchmark's scorer reads the completions only)
 
-    steps = {"n": 0, "floor": 0}
+    steps = {"n": 0, "floor": 0, "reference": 0.0}
+    sequences = []  # generate's last (sequences, mask, response start)s, for the shared reference pass
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     @torch.no_grad()
     def generate() -> int:
         useful = 0
+        sequences.clear()
         for enc in encs:
             out = policy.generate(**enc, do_sample=True, temperature=0.7, top_k=0, max_new_tokens=n,
                                   eos_token_id=eos, pad_token_id=pad_id)
@@ -151,7 +158,12 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
             new = out[:, P:]
             after_eos = (new == eos).long().cumsum(1) - (new == eos).long()  # tokens past each row's first EOS
             real = (after_eos == 0).long()
-            sequence_logprobs(ref, out, torch.cat([enc["attention_mask"], real], dim=1), P)
+            sequences.append((out, torch.cat([enc["attention_mask"], real], dim=1), P))
+            sync()
+            t0 = time.perf_counter()
+            sequence_logprobs(ref, *sequences[-1], share_prefix=False)  # one plain forward over the sequences
+            sync()
+            steps["reference"] += time.perf_counter() - t0
             scorer(prompts, tok.batch_decode(new * real + pad_id * (1 - real), skip_special_tokens=True))
             useful += int(real.sum())
             steps["n"] += int(real.sum(1).max())  # generate stops when its last row has ended
@@ -184,19 +196,42 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
         gen.sample = counted(gen.sample, steps)
         runs[label] = (lambda gen=gen: continuous(gen)) if key.startswith("continuous") else \
             (lambda gen=gen: batches(gen))
-    out = {}
+    out, reference = {}, None
     hook = stop_at_rate(policy, eos, eos_rate, 0.7) if eos_rate > 0 else None
     try:
         for label, fn in runs.items():
             if warmup:
                 fn()
-            steps["n"] = steps["floor"] = 0  # the timed calls' steps
+            steps["n"] = steps["floor"] = steps["reference"] = 0  # the timed calls' steps
             out[label] = (*timed(fn, reps, device, warmup=False), steps["n"], steps["floor"] or None)
+            if fn is generate:  # its reference forward again, as textrl's pass runs (the shared prefix once)
+                reference = (steps["reference"], timed(lambda: shared_reference(ref, sequences), 1, device, False)[0])
     finally:
         if hook is not None:
             hook.remove()
             torch._dynamo.reset()  # (the compiled steps traced the hook)
-    return out
+    return out, reference
+
+
+def reference_note(B: int, results: dict, reference: tuple[float, float], reps: int) -> str:
+    """A line on ``generate``'s reference forward: its seconds, textrl's shared-prefix pass over the same
+    sequences, and every textrl run against ``generate`` with that pass instead (what the decoding alone gains)."""
+    plain, shared = reference
+    shared *= reps  # (timed over one call's sequences)
+    t, n, *_ = results["generate"]
+    base = n / (t - plain + shared)
+    ratios = ", ".join(f"{run}: {m / u / base:.2f}×" for run, (u, m, *_) in results.items() if run != "generate")
+    return (f"batch {B}: generate's reference forward took {plain:.2f} s (plain); textrl's pass over the same "
+            f"sequences, the prompts' shared prefix encoded once, {shared:.2f} s. Against generate with that pass "
+            f"({t - plain + shared:.2f} s): {ratios}")
+
+
+def shared_reference(ref, sequences) -> int:
+    """textrl's reference pass (:func:`sequence_logprobs` with the shared prefix encoded once) over ``generate``'s
+    sequences; returns 0 (tokens: see :func:`timed`)."""
+    for out, mask, P in sequences:
+        sequence_logprobs(ref, out, mask, P)
+    return 0
 
 
 def greedy_steps(lengths: list[int], slots: int) -> int:
@@ -256,15 +291,17 @@ def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
           f"{rate}, {args.reps} rollouts each):\n")
     print("| batch | episodes | run | seconds | useful tokens | useful tokens/s | decode steps | vs generate |")
     print("|---|---|---|---|---|---|---|---|")
-    bounds = []
+    bounds, notes = [], []
     for B in args.batch:
         episodes = max(args.episodes, B)
-        results = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps, device,
-                                   tuple(args.variable_runs), not args.no_warmup, args.eos_rate)
+        results, reference = variable_lengths(policy, ref, tok, pad_id, B, args.variable, episodes, args.reps,
+                                              device, tuple(args.variable_runs), not args.no_warmup, args.eos_rate)
         base = results["generate"][1] / results["generate"][0] if "generate" in results else None
         for run, (t, n, steps, _) in results.items():
             ratio = f"{n / t / base:.2f}×" if base else ""
             print(f"| {B} | {episodes} | {run} | {t:.2f} | {n} | {n / t:.0f} | {steps} | {ratio} |", flush=True)
+        if reference is not None:
+            notes.append(reference_note(B, results, reference, args.reps))
         gen_steps = results["generate"][2] if "generate" in results else None
         floors = [f"{run}: {floor} steps" + (f", {gen_steps / floor:.2f}×" if gen_steps else "")
                   for run, (*_, floor) in results.items() if floor]  # its own episodes, refilled at once for free
@@ -274,10 +311,39 @@ def print_variable(policy, ref, tok, pad_id, args, label: str, device) -> None:
             bounds.append(f"batch {B}: {steps} / ⌈{n} / {B}⌉ = {steps / -(-n // B):.2f}×{floors}")
         elif floors:
             bounds.append(f"batch {B}:{floors}")
+    for note in notes:
+        print(f"\n{note}")
     if bounds:  # at equal rows, a scheduler can at best run every step full: useful tokens / rows steps
         print(f"\nstep bound (generate's decode steps over the fewest steps that B full rows need for its useful "
               f"tokens; what continuous batching could save where a step costs the same whatever its rows): "
               f"{'; '.join(bounds)}")
+
+
+#: a system prompt of about 200 tokens (SmolLM2's tokenizer), as tasks with instructions or few-shot examples send
+SYSTEM = " ".join(["You are a careful assistant. Answer in a warm, friendly tone, in one or two sentences, and stay "
+                   "on the topic the user gives. Avoid lists, headings and code. If the request is unclear, make a "
+                   "reasonable guess rather than asking a question."] * 4)
+
+
+def system_prompt_line(policy, tok, B: int, reps: int, device, label: str, new: int = 64) -> str:
+    """The prefill of ``B`` distinct prompts that begin with the same long system prompt (:data:`SYSTEM`), and
+    the reference pass over them with ``new`` tokens each, with that beginning encoded once and without."""
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" ({i})"}]
+             for i in range(B)]
+    enc = tok([tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats],
+              return_tensors="pt", padding=True).to(device)
+    shared, alone = CachedForward(policy), CachedForward(policy, share_prefixes=False)
+    ts = time_it(lambda: shared.prefill(enc["input_ids"], enc["attention_mask"]), reps, device)
+    tu = time_it(lambda: alone.prefill(enc["input_ids"], enc["attention_mask"]), reps, device)
+    P = enc["input_ids"].shape[1]
+    ids = torch.cat([enc["input_ids"], torch.randint(0, 1000, (B, new), device=device)], 1)
+    mask = torch.cat([enc["attention_mask"], torch.ones(B, new, dtype=torch.long, device=device)], 1)
+    rs = time_it(lambda: sequence_logprobs(policy, ids, mask, P), reps, device)
+    ru = time_it(lambda: sequence_logprobs(policy, ids, mask, P, share_prefix=False), reps, device)
+    return (f"{B} distinct prompts after a {shared.prefill_shared}-token system prompt ({label}, prompts of {P} tokens,"
+            f" chat template): prefill {ts * 1e3:.0f} ms shared, {tu * 1e3:.0f} ms unshared (ratio {ts / tu:.2f}); "
+            f"reference pass with {new} new tokens {rs * 1e3:.0f} ms shared, {ru * 1e3:.0f} ms unshared "
+            f"(ratio {rs / ru:.2f})")
 
 
 def main() -> None:
@@ -339,6 +405,8 @@ def main() -> None:
             print(f"prefill of {rows} rows = 8 completions × {rows // 8} prompts ({label}, prompts of {width} tokens"
                   f"{', chat template' if chat else ''}): shared {ts * 1e3:.1f} ms, unshared {tu * 1e3:.1f} ms, "
                   f"ratio {ts / tu:.2f} (1/8 = 0.125)", flush=True)
+        if getattr(tok, "chat_template", None):
+            print(system_prompt_line(policy, tok, rows, max(args.reps, 3), device, label), flush=True)
         print()
         del policy, ref
         if device.type == "cuda":

@@ -11,7 +11,14 @@ from textrl.envs.toy import target_token_env, tiny_gpt2
 
 import textrl.lm.static as static_module
 from textrl.config import SamplingConfig
-from textrl.lm.decoding import CachedForward, positions_from_mask, sequence_logprobs
+from textrl.lm.decoding import (
+    CachedForward,
+    full_attention,
+    positions_from_mask,
+    sequence_logprobs,
+    shared_prefix,
+    worth_sharing,
+)
 from textrl.lm.generate import HFGenerator, resolve_decoder
 from textrl.lm.static import BUCKET, StaticForward
 from textrl.logprobs import token_logprobs
@@ -33,11 +40,26 @@ def batch(width: int = 16):
     return ids, mask
 
 
-def assert_same_decoding(reference, fast, episodes: int = 2) -> None:
+#: a beginning every prompt of :func:`prefixed_batch` shares (a system prompt), long enough to be encoded once
+PREFIX = list(range(3, 35))
+
+
+def prefixed_batch(width: int = 48):
+    """:func:`batch`'s 5 rows (the same repeats), each prompt after :data:`PREFIX`, left-padded to end at
+    column 36 of ``width``."""
+    tails = [[35, 36, 37], [38, 39], [35, 36, 37], [36, 38, 37, 39], [38, 39]]
+    ids, mask = torch.zeros(5, width, dtype=torch.long), torch.zeros(5, width, dtype=torch.long)
+    for i, tail in enumerate(tails):
+        p = PREFIX + tail
+        ids[i, 36 - len(p):36], mask[i, 36 - len(p):36] = torch.tensor(p), 1
+    return ids, mask
+
+
+def assert_same_decoding(reference, fast, episodes: int = 2, make=batch) -> None:
     """Drive both forwards through the same episodes: one column per step, a ragged 2-column extend with a
     masked slot, row 3 ending early; the next-token log-probs agree at every step."""
     g = torch.Generator(DEVICE).manual_seed(0)
-    ids, mask = batch()
+    ids, mask = make()
     for _ in range(episodes):  # the second episode reuses (resets) the static cache
         reference.prefill(ids, mask)
         fast.prefill(ids, mask)
@@ -333,3 +355,96 @@ def test_columns_that_no_held_row_attends_to_leave_the_cache():
         pool.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
         kept.extend(tokens, others)
         torch.testing.assert_close(pool.next_logits[others[:, 0]], kept.next_logits[others[:, 0]], atol=1e-5, rtol=0)
+
+
+def test_the_beginning_all_rows_share_is_counted_in_real_tokens():
+    """Real tokens only, wherever padding or masked slots put them; at most the shortest row's length - 1 (each
+    row keeps a token to predict from); shared only when it saves enough."""
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [5, 6, 0, 7, 9, 9], [0, 5, 6, 7, 8, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    assert shared_prefix(ids, mask) == 3  # 5 6 7, then 8 / 9 / 8
+    assert shared_prefix(ids[[0, 2]], mask[[0, 2]]) == 3  # 5 6 7 8 in both, capped at 4 - 1
+    assert shared_prefix(ids[[1, 2]], mask[[1, 2]]) == 3 and shared_prefix(ids[:1], mask[:1]) == 0
+    mask[1, 0] = 0  # row 1 now begins 6 7
+    assert shared_prefix(ids, mask) == 0
+    assert worth_sharing(3, 32) and not worth_sharing(2, 32) and not worth_sharing(50, 15)
+
+
+def record_input_shapes(model, shapes: list):
+    """Append the shape of every forward's ``input_ids`` to ``shapes``; returns the hook's handle."""
+    return model.register_forward_hook(lambda m, a, kw, out: shapes.append(tuple(kw["input_ids"].shape)),
+                                       with_kwargs=True)
+
+
+@pytest.mark.parametrize("decoder", ["dynamic", "static"])
+def test_a_beginning_every_prompt_shares_is_encoded_once_and_decodes_as_unshared(decoder):
+    """The 3 distinct prompts share 32 tokens: the prefill encodes them once (one row of 32) and the 3 rows'
+    own 2-4 tokens after them, then decodes every row as the unshared cache does."""
+    model = tiny_llama()
+    fast = POOLS[decoder](model)
+    assert_same_decoding(CachedForward(model, share_prefixes=False), fast, make=prefixed_batch)
+    shapes = []
+    hook = record_input_shapes(model, shapes)
+    fast.prefill(*prefixed_batch())
+    hook.remove()
+    assert (fast.prefill_rows, fast.prefill_shared) == (3, 32) and shapes == [(1, 32), (3, 4)], shapes
+
+
+@pytest.mark.parametrize("decoder", POOLS)
+def test_admitted_prompts_share_their_beginning_and_decode_as_if_prefilled_alone(decoder):
+    """Continuous batching: rows 0, 1 and 3 start prompts that share 32 tokens while rows 2 and 4 keep
+    decoding; the admitted rows decode as an unshared cache of them alone, the others as before."""
+    model = tiny_llama()
+    ids, mask = batch()
+    new_ids, new_mask = prefixed_batch()
+    new_ids, new_mask = new_ids[[0, 1, 3], :36], new_mask[[0, 1, 3], :36]
+    pool, others, alone = POOLS[decoder](model), CachedForward(model), CachedForward(model, share_prefixes=False)
+    for forward in (pool, others):
+        forward.prefill(ids, mask)
+    close = lambda a, b: torch.testing.assert_close(torch.log_softmax(a, -1), torch.log_softmax(b, -1),  # noqa: E731
+                                                    atol=1e-5, rtol=0)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    admitted = torch.tensor([0, 1, 3])
+    for step in range(7):
+        tokens = torch.randint(3, V, (5, 1), generator=g)
+        if step == 3:
+            pool.admit(admitted, new_ids, new_mask)
+            alone.prefill(new_ids, new_mask)
+            assert pool.prefill_shared == 32
+        if step >= 3:
+            close(pool.next_logits[admitted], alone.next_logits)
+            alone.extend(tokens[admitted], torch.ones(3, 1, dtype=torch.bool))
+        for r in (2, 4):
+            close(pool.next_logits[r:r + 1], others.next_logits[r:r + 1])
+        pool.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
+        others.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
+
+
+def test_the_sequence_pass_encodes_the_shared_beginning_once_but_not_under_a_sliding_window():
+    """The reference pass: the 32 tokens every prompt begins with go through the model once (one row), each
+    chunk of rows after them; the log-probs are the unshared pass's. A sliding-window model's window counts
+    cache columns, which the shared layout would move, so its pass shares nothing."""
+    ids, mask = prefixed_batch()
+    g = torch.Generator(DEVICE).manual_seed(0)
+    for r, n in enumerate([2, 12, 5, 12, 3]):
+        ids[r, 36:36 + n], mask[r, 36:36 + n] = torch.randint(3, V, (n,), generator=g), 1
+    for model, shares in ((tiny_llama(), True), (sliding_mistral(), False)):
+        shapes = []
+        hook = record_input_shapes(model, shapes)
+        got = sequence_logprobs(model, ids, mask, 36, temperature=0.9, chunk_rows=2)
+        hook.remove()
+        want = sequence_logprobs(model, ids, mask, 36, temperature=0.9, chunk_rows=2, share_prefix=False)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert (shapes[0] == (1, 32)) == shares, shapes
+        if shares:  # chunks from the first column after the prefix (column 32 of row 3, the longest tail)
+            assert shapes[1:] == [(2, 6), (2, 15), (1, 16)], shapes
+
+
+def test_the_lora_reference_shows_its_config_so_its_pass_can_share():
+    from peft import LoraConfig, get_peft_model
+
+    from textrl.lm.policy import AdaptersOff
+
+    peft = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    reference = AdaptersOff(peft)
+    assert reference.config is peft.config and full_attention(reference)

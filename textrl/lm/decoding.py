@@ -13,12 +13,13 @@ import inspect
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from textrl.logprobs import token_logprobs
 
-__all__ = ["CachedForward", "distinct_rows", "last_logits", "logits_after_last", "trim_padding", "positions_from_mask", "sequence_logprobs"]
+__all__ = ["CachedForward", "distinct_rows", "full_attention", "last_logits", "logits_after_last", "trim_padding", "positions_from_mask",
+           "prefill_shared", "sequence_logprobs", "shared_prefix"]
 
 
 #: the forward keyword that takes a KV cache: ``cache`` in current transformers (``past_key_values`` is
@@ -66,19 +67,123 @@ def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor |
 
 
 def last_logits(model: Any, cache_kwarg_name: str, cache: Any, ids: torch.Tensor,
-                mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
+                mask: torch.Tensor, past: int = 0) -> tuple[Any, torch.Tensor]:
     """A prefill forward over ``ids``/``mask`` ``[b, n]`` into ``cache``; returns ``(output, logits [b, V])``, each
     row's next-token logits (predicted at its last real column, float32). When every row ends at the last
     column (left padding: the usual case) only that column's logits are computed (``logits_to_keep=1``), not
-    ``n × V`` of them (a model that ignores the keyword returns them all; the last column is still right)."""
+    ``n × V`` of them (a model that ignores the keyword returns them all; the last column is still right).
+    ``past``: the cache already holds that many columns every row attends to (a shared prefix)."""
     rows = torch.arange(mask.shape[0], device=mask.device)
     keep = {"logits_to_keep": 1} if bool(mask[:, -1].all()) and _takes(model, "logits_to_keep") else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
+    full = torch.cat([mask.new_ones(mask.shape[0], past), mask], dim=1) if past else mask
+    out = model(input_ids=ids, attention_mask=full, position_ids=positions_from_mask(full)[:, past:], use_cache=True,
                 **{cache_kwarg_name: cache}, **keep)
     if keep:
         return out, out.logits[:, -1].float()
     last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (b,) rows reset by mask may end earlier
     return out, out.logits[rows, last].float()
+
+
+#: a prefix every prompt of a prefill shares (a system prompt, a chat template's header) is encoded once, in
+#: one row, when it is at least this many tokens long and saves at least four times as many (see
+#: :func:`worth_sharing`): below that the extra forward costs about what it saves
+SHARED_PREFIX_MIN = 16
+
+
+def full_attention(model: Any) -> bool:
+    """Whether every layer of ``model`` is a plain full-attention one (no sliding window), judged by the layers
+    of the static cache its config asks for: what moving a cache's columns (continuous batching in a static
+    cache) and a shared prefix's columns before padding (:func:`prefill_shared`) need. False without a
+    ``.config``."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    try:  # (the layers allocate nothing until their first write)
+        layers = StaticCache(config=config, max_cache_len=64).layers
+    except Exception:  # noqa: BLE001 - a config StaticCache cannot read: no static cache at all
+        return False
+    return {type(layer).__name__ for layer in layers} == {"StaticLayer"}
+
+
+def shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many leading real tokens all rows of ``ids``/``mask`` ``[b, n]`` have in common (counting real tokens
+    only, wherever padding or masked slots put them), at most the shortest row's length − 1, so that every row
+    keeps a token of its own to predict from; 0 for a single row."""
+    real = mask.bool()
+    most = int(real.sum(1).min()) - 1
+    if ids.shape[0] < 2 or most <= 0:
+        return 0
+    order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)[:, :most]  # each row's first real columns
+    aligned = ids.gather(1, order)
+    same = (aligned == aligned[:1]).all(0)
+    return most if bool(same.all()) else int((~same).to(torch.uint8).argmax())
+
+
+def worth_sharing(rows: int, shared: int) -> bool:
+    """Whether encoding a ``shared``-token prefix once for ``rows`` rows pays for its extra forward."""
+    return shared >= SHARED_PREFIX_MIN and (rows - 1) * shared >= 4 * SHARED_PREFIX_MIN
+
+
+def plain_layers(cache: Any, width: int) -> bool:
+    """Whether every layer of ``cache`` is a plain dynamic full-attention layer holding ``width`` columns (a
+    sliding-window or otherwise indexed layer keeps other columns: nothing may be moved or shared in it)."""
+    return all(type(layer).__name__ == "DynamicLayer" and isinstance(layer.keys, torch.Tensor)
+               and layer.keys.shape[-2] == width for layer in cache.layers)
+
+
+def encode_prefix(model: Any, cache_kwarg_name: str, tokens: torch.Tensor) -> DynamicCache | None:
+    """The KV cache of one row of ``tokens`` ``[n]`` (positions 0..n-1), or None where the model's cache is not
+    made of plain full-attention layers (see :func:`plain_layers`) or its forward takes no cache."""
+    if not _takes(model, cache_kwarg_name):
+        return None
+    cache = DynamicCache()
+    ids = tokens.unsqueeze(0)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                position_ids=torch.arange(ids.shape[1], device=ids.device).unsqueeze(0), use_cache=True,
+                **{cache_kwarg_name: cache})
+    cache = getattr(out, cache_kwarg_name, None) or cache
+    return cache if isinstance(cache, DynamicCache) and plain_layers(cache, ids.shape[1]) else None
+
+
+def after_prefix(mask: torch.Tensor, shared: int) -> tuple[int, torch.Tensor]:
+    """``(start, rest)``: the mask ``[b, n - start]`` of the real columns past each row's first ``shared`` real
+    tokens, from the first column where some row has one (``start``)."""
+    real = mask.bool()
+    rest = real & (real.long().cumsum(1) > shared)
+    start = int(rest.any(0).to(torch.uint8).argmax())
+    return start, rest[:, start:].to(mask.dtype)
+
+
+def prefill_shared(model: Any, cache_kwarg_name: str, ids: torch.Tensor, mask: torch.Tensor,
+                   share: bool = True) -> tuple[Any, torch.Tensor, torch.Tensor, int, int]:
+    """Prefill trimmed prefixes ``ids``/``mask`` ``[B, n]`` into a new dynamic cache; returns ``(cache, cache_mask
+    [B, C], logits [B, V], rows encoded, shared tokens)``. With ``share``: rows that repeat another (k completions
+    per prompt) are encoded once and gathered back; then, where the distinct rows begin with the same tokens
+    (a system prompt, a chat template's header: see :func:`worth_sharing`), those are encoded once in one row
+    and the cache of that row is the first columns of every row's, the rest of each row after them. The cache
+    mask then differs in layout from ``mask`` (the rows' own tokens after the shared columns, their padding
+    between) and may be narrower; positions come from it, so the tokens' positions are the same."""
+    distinct, inverse = distinct_rows(ids * mask, mask) if share else (None, None)
+    if distinct is not None:
+        ids, mask = ids[distinct], mask[distinct]
+    b, shared = ids.shape[0], shared_prefix(ids, mask) if share else 0
+    prefix = None
+    if worth_sharing(b, shared) and full_attention(model):
+        prefix = encode_prefix(model, cache_kwarg_name, ids[0][mask[0].bool()][:shared])
+    if prefix is None:
+        cache, past, shared = DynamicCache(), 0, 0
+    else:
+        cache, past = prefix, shared
+        for layer in cache.layers:  # (a view: the first append copies it into each row)
+            layer.keys, layer.values = layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1)
+        start, rest = after_prefix(mask, shared)
+        ids, mask = ids[:, start:], torch.cat([mask.new_ones(b, shared), rest], dim=1)
+    out, logits = last_logits(model, cache_kwarg_name, cache, ids, mask[:, past:], past)
+    cache = getattr(out, cache_kwarg_name, None) or cache  # (updated in place; some models return a new one)
+    if distinct is not None:  # back to one row per completion
+        cache.batch_select_indices(inverse)
+        logits, mask = logits[inverse], mask[inverse]
+    return cache, mask, logits, b, shared
 
 
 def logits_after_last(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -116,6 +221,7 @@ class CachedForward:
     def __init__(self, model: torch.nn.Module, share_prefixes: bool = True):
         self.model, self.cache_kwarg, self.share_prefixes = model, cache_kwarg(model), share_prefixes
         self.prefill_rows = 0  # rows the last prefill encoded (fewer than the batch when prefixes repeat)
+        self.prefill_shared = 0  # tokens of the last prefill's prefix shared by every row and encoded once
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (B, C) cache-layout attention mask
         self.next_logits: torch.Tensor | None = None  # (B, V)
@@ -124,21 +230,12 @@ class CachedForward:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encode ``[B, L]`` left-padded prefixes; returns the next-token logits ``[B, V]``. Rows that repeat
-        another row's prefix (k completions per prompt) are encoded once and their cache shared: the
-        distinct prefixes go through the model, then the cache and logits are gathered back to ``B`` rows."""
+        another row's prefix (k completions per prompt) are encoded once and their cache shared, and so is a
+        long enough beginning that every prefix shares (a system prompt): see :func:`prefill_shared`."""
         _, ids, mask = trim_padding(input_ids, attention_mask)
-        distinct, inverse = distinct_rows(ids * mask, mask) if self.share_prefixes else (None, None)
-        if distinct is not None:
-            ids, mask = ids[distinct], mask[distinct]
-        self.cache = DynamicCache()
-        out, self.next_logits = last_logits(self.model, self.cache_kwarg, self.cache, ids, mask)  # (b, V)
-        self.cache = getattr(out, self.cache_kwarg, None) or self.cache  # (updated in place; some models return a new one)
-        rows = mask.shape[0]
-        if distinct is not None:  # back to one row per completion
-            self.cache.batch_select_indices(inverse)
-            self.next_logits, mask = self.next_logits[inverse], mask[inverse]
-        self.mask, self.rows = mask, None
-        self.prefill_rows = rows
+        self.cache, self.mask, self.next_logits, rows, self.prefill_shared = prefill_shared(
+            self.model, self.cache_kwarg, ids, mask, self.share_prefixes)
+        self.rows, self.prefill_rows = None, rows
         return self.next_logits
 
     def retire(self, ended: torch.Tensor) -> None:
@@ -161,9 +258,7 @@ class CachedForward:
         start = int(self.mask.bool().any(0).int().argmax())
         if start == 0:
             return
-        plain = all(type(layer).__name__ == "DynamicLayer" and isinstance(layer.keys, torch.Tensor)
-                    and layer.keys.shape[-2] == self.mask.shape[1] for layer in self.cache.layers)
-        if not plain:  # (sliding-window or indexed layers keep more than their columns: left alone)
+        if not plain_layers(self.cache, self.mask.shape[1]):  # (sliding-window layers etc.: left alone)
             return
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
@@ -197,7 +292,7 @@ class CachedForward:
             self.mask, self.rows = torch.cat([left(self.mask), left(new.mask)]), torch.cat([held, rows])
             self._drop_empty_columns()
         self.next_logits = self.next_logits.index_copy(0, rows, logits.to(self.next_logits.dtype))
-        self.prefill_rows = new.prefill_rows
+        self.prefill_rows, self.prefill_shared = new.prefill_rows, new.prefill_shared
         return self.next_logits
 
     @torch.no_grad()
@@ -237,6 +332,7 @@ def sequence_logprobs(
     response_start: int,
     temperature: float = 1.0,
     chunk_rows: int = 16,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """One parallel forward over full sequences: log p(x_t | x_<t) for every response position.
 
@@ -246,6 +342,8 @@ def sequence_logprobs(
     KV-cached path is tested against. The rows go through the model in chunks of ``chunk_rows`` (bounding the
     ``[rows, T, V]`` logits) grouped by length: sorted by their last real column, each chunk over its own
     columns only (from its first real column to its last), so short completions do not pay for the longest.
+    With ``share_prefix``, a long enough beginning every prompt shares (a system prompt, a chat template's
+    header: :func:`worth_sharing`) is encoded once, and each chunk starts from its keys and values.
     """
     B, L = input_ids.shape
     mask = attention_mask.long()
@@ -254,17 +352,37 @@ def sequence_logprobs(
     order = torch.argsort(last, stable=True)
     ends = last[order].tolist()  # (one host copy)
     out = torch.zeros(B, L - response_start, dtype=torch.float32, device=input_ids.device)
+    name, prefix = cache_kwarg(model), None
+    shared = shared_prefix(input_ids[:, :response_start], mask[:, :response_start]) if share_prefix else 0
+    if worth_sharing(B, shared) and full_attention(model):  # (each row keeps its last prompt token: it predicts the first response token)
+        prefix = encode_prefix(model, name, input_ids[0][mask[0].bool()][:shared])
     for i in range(0, B, chunk_rows):
         rows = order[i : i + chunk_rows]
         end = max(ends[min(i + chunk_rows, B) - 1] + 1, response_start)  # the chunk's last real column + 1
         T = end - response_start
         if T == 0:
             continue
-        # from the chunk's first real column (the column before the response predicts its first token)
-        start = min(trim_padding(input_ids[rows, :end], mask[rows, :end])[0], response_start - 1)
-        ids, m = input_ids[rows, start:end], mask[rows, start:end]
-        logits = model(input_ids=ids, attention_mask=m, position_ids=positions_from_mask(m),
-                       logits_to_keep=T + 1).logits
+        ids, extra = _chunk_inputs(input_ids[rows, :end], mask[rows, :end], response_start, prefix, name)
+        logits = model(input_ids=ids, **extra, logits_to_keep=T + 1).logits
         logits = logits[:, -(T + 1) : -1]  # (b, T, V): position t predicts column response_start + t
-        out[rows, :T] = token_logprobs(logits, ids[:, response_start - start:], temperature).float()
+        out[rows, :T] = token_logprobs(logits, ids[:, ids.shape[1] - T:], temperature).float()
     return torch.where(mask[:, response_start:].bool(), out, 0.0)  # no log-prob where there is no token
+
+
+def _chunk_inputs(ids: torch.Tensor, mask: torch.Tensor, response_start: int, prefix: DynamicCache | None,
+                  name: str) -> tuple[torch.Tensor, dict]:
+    """A reference-pass chunk's ``(input_ids, forward keywords)``: its columns from the first that
+    is real in some row (at the latest the column before the response, which predicts its first token), or,
+    after a shared ``prefix`` (its cache, one row), from the first real column past it, with that cache."""
+    if prefix is None:
+        start = min(trim_padding(ids, mask)[0], response_start - 1)
+        ids, mask = ids[:, start:], mask[:, start:]
+        return ids, {"attention_mask": mask, "position_ids": positions_from_mask(mask)}
+    b, shared = ids.shape[0], prefix.layers[0].keys.shape[-2]
+    start, rest = after_prefix(mask, shared)
+    cache = DynamicCache()
+    for index, layer in enumerate(prefix.layers):
+        cache.update(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1), index)
+    full = torch.cat([rest.new_ones(b, shared), rest], dim=1)
+    return ids[:, start:], {"attention_mask": full, "position_ids": positions_from_mask(full)[:, shared:], name: cache,
+                            "use_cache": True}

@@ -40,6 +40,11 @@ class AdaptersOff:
     def __init__(self, peft_model: nn.Module):
         self.peft_model = peft_model
 
+    @property
+    def config(self) -> Any:
+        """The model's config (what decoders read: its attention layers, e.g. for a shared prefix)."""
+        return self.peft_model.config
+
     def __call__(self, **kwargs: Any):
         with self.peft_model.disable_adapter():
             return self.peft_model(**kwargs)

@@ -11,8 +11,9 @@ elsewhere); prefill and multi-column extends run eagerly. Recompiles are bounded
 buffer width rounded up to a multiple of :data:`BUCKET`, and a batch of another size or width gets its own
 cache (and compile) once.
 
-Repeated prompts (k completions per prompt) are prefilled once: the distinct prefixes go through the model
-with a dynamic cache whose rows are then written to every row of the static one that shares them.
+Repeated prompts (k completions per prompt) are prefilled once, and so is a long enough beginning all prompts
+share (a system prompt): the prefill runs in a dynamic cache (:func:`~textrl.lm.decoding.prefill_shared`)
+whose rows are then written to the static one.
 
 Continuous batching (:meth:`StaticForward.admit`) keeps the shapes too: a row that starts a new prompt gets
 that prompt's keys and values written into its own row of the cache, in the columns just before the next
@@ -29,9 +30,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 
-from textrl.lm.decoding import cache_kwarg, distinct_rows, last_logits, logits_after_last, trim_padding
+from textrl.lm.decoding import cache_kwarg, full_attention, logits_after_last, prefill_shared, trim_padding
 from textrl.logprobs import token_logprobs
 
 __all__ = ["StaticForward", "BUCKET", "full_attention"]
@@ -45,19 +46,6 @@ def _bucketed(width: int) -> int:
     return -(-width // BUCKET) * BUCKET
 
 
-def full_attention(model: Any) -> bool:
-    """Whether every layer of ``model``'s static cache is a plain full-attention one (no sliding window), which
-    continuous batching in a static cache needs (it moves the cache's columns). False without a ``.config``."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return False
-    try:  # (the layers allocate nothing until their first write)
-        layers = StaticCache(config=config, max_cache_len=BUCKET).layers
-    except Exception:  # noqa: BLE001 - a config StaticCache cannot read: no static cache at all
-        return False
-    return {type(layer).__name__ for layer in layers} == {"StaticLayer"}
-
-
 class StaticForward:
     """Next-token logits of a causal LM, advanced column by column in a static KV cache.
 
@@ -65,7 +53,7 @@ class StaticForward:
         model: a Hugging Face causal LM whose attention supports ``StaticCache`` (Llama, Qwen2, GPT-2, ... —
             what ``generate(cache_implementation="static")`` needs).
         compile: compile the one-column decode step (``torch.compile``; CUDA graphs on CUDA).
-        share_prefixes: prefill repeated prompts once (see the module docstring).
+        share_prefixes: prefill repeated prompts, and a beginning all prompts share, once (see the module docstring).
     """
 
     def __init__(self, model: torch.nn.Module, compile: bool = False, share_prefixes: bool = True):
@@ -75,7 +63,8 @@ class StaticForward:
         self.mask: torch.Tensor | None = None  # (B, capacity) cache-layout attention mask, 0 beyond `used`
         self.used = 0  # columns written so far
         self.next_logits: torch.Tensor | None = None  # (B, V)
-        self.prefill_rows = 0
+        self.prefill_rows = 0  # (as CachedForward's)
+        self.prefill_shared = 0
         self._step = None  # the (compiled) one-column step of the current cache
         self.fallback: str | None = None  # why the compiled step gave way to the eager one (None: it did not)
         self.ended: torch.Tensor | None = None  # (B,) rows retired and not admitted since (None: none)
@@ -109,26 +98,22 @@ class StaticForward:
         eager step then, as for the old cache)."""
         return self._compiled_step() if self.compile and self.fallback is None else self._forward
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """Prefill ``[b, n]`` trimmed prefixes in a scratch dynamic cache (each distinct prefix once): per layer
-        ``(keys, values)`` ``[b, h, n, d]`` and the next-token logits ``[b, V]``, one row per given row."""
-        distinct, inverse = distinct_rows(ids * mask, mask) if self.share_prefixes else (None, None)
-        rows = distinct if distinct is not None else torch.arange(ids.shape[0], device=mask.device)
-        scratch = DynamicCache()
-        out, logits = last_logits(self.model, self.cache_kwarg, scratch, ids[rows], mask[rows])  # (b, V)
-        scratch = getattr(out, self.cache_kwarg, None) or scratch
-        expand = inverse if inverse is not None else slice(None)
-        self.prefill_rows = int(rows.numel())
-        return [(done.keys[expand], done.values[expand]) for done in scratch.layers], logits[expand]
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """Prefill ``[b, n]`` trimmed prefixes in a scratch dynamic cache (repeated prefixes and a shared
+        beginning once: :func:`~textrl.lm.decoding.prefill_shared`): per layer ``(keys, values)`` ``[b, h, c, d]``,
+        their mask ``[b, c]`` (``c ≤ n``) and the next-token logits ``[b, V]``."""
+        scratch, mask, logits, self.prefill_rows, self.prefill_shared = prefill_shared(
+            self.model, self.cache_kwarg, ids, mask, self.share_prefixes)
+        return [(done.keys, done.values) for done in scratch.layers], mask, logits
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encode ``[B, L]`` left-padded prefixes in a cache wide enough for the ``L`` columns (the env's whole
         buffer: prompt and response columns); returns the next-token logits ``[B, V]``."""
         start, ids, mask = trim_padding(input_ids, attention_mask)
-        B, n = mask.shape
-        self._cache_for(B, input_ids.shape[1] - start, mask.device)
-        kv, logits = self._encode(ids, mask)
+        self._cache_for(mask.shape[0], input_ids.shape[1] - start, mask.device)
+        kv, mask, logits = self._encode(ids, mask)
+        n = mask.shape[1]
         for layer, (keys, values) in zip(self.cache.layers, kv, strict=True):
             layer.update(keys, values)
         self.mask[:, :n] = mask
@@ -146,9 +131,9 @@ class StaticForward:
         self._check_plain_layers()
         rows = torch.as_tensor(rows, device=self.mask.device).long()
         _, ids, mask = trim_padding(input_ids, attention_mask)
-        n = mask.shape[1]
         self._grow(_bucketed(input_ids.shape[1] + 1) + BUCKET)  # the widest live row + a bucket
-        kv, logits = self._encode(ids, mask)
+        kv, mask, logits = self._encode(ids, mask)
+        n = mask.shape[1]
         if n > self.used:  # a prompt wider than the columns so far: every row moves right to make room
             self._shift(n - self.used)
         a = self.used - n
