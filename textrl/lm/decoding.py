@@ -113,10 +113,10 @@ def shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
     most = int(real.sum(1).min()) - 1
     if ids.shape[0] < 2 or most <= 0:
         return 0
-    order = torch.argsort((~real).to(torch.uint8), dim=1, stable=True)[:, :most]  # each row's first real columns
+    order = torch.argsort((~real).int(), dim=1, stable=True)[:, :most]  # each row's first real columns
     aligned = ids.gather(1, order)
     same = (aligned == aligned[:1]).all(0)
-    return most if bool(same.all()) else int((~same).to(torch.uint8).argmax())
+    return most if bool(same.all()) else int((~same).int().argmax())
 
 
 def worth_sharing(rows: int, shared: int) -> bool:
@@ -150,7 +150,7 @@ def after_prefix(mask: torch.Tensor, shared: int) -> tuple[int, torch.Tensor]:
     tokens, from the first column where some row has one (``start``)."""
     real = mask.bool()
     rest = real & (real.long().cumsum(1) > shared)
-    start = int(rest.any(0).to(torch.uint8).argmax())
+    start = int(rest.any(0).int().argmax())
     return start, rest[:, start:].to(mask.dtype)
 
 
