@@ -44,14 +44,17 @@ def batch(width: int = 16):
 PREFIX = list(range(3, 35))
 
 
-def prefixed_batch(width: int = 48):
+def prefixed_batch(width: int = 48, hole: bool = False):
     """:func:`batch`'s 5 rows (the same repeats), each prompt after :data:`PREFIX`, left-padded to end at
-    column 36 of ``width``."""
+    column 36 of ``width``; ``hole``: row 1's prompt has a masked slot at column 10, inside the shared part
+    (as a multi-turn buffer can), and starts a column earlier."""
     tails = [[35, 36, 37], [38, 39], [35, 36, 37], [36, 38, 37, 39], [38, 39]]
     ids, mask = torch.zeros(5, width, dtype=torch.long), torch.zeros(5, width, dtype=torch.long)
     for i, tail in enumerate(tails):
         p = PREFIX + tail
         ids[i, 36 - len(p):36], mask[i, 36 - len(p):36] = torch.tensor(p), 1
+    if hole:
+        ids[1, 1:10], ids[1, 10], mask[1, 1:10], mask[1, 10] = ids[1, 2:11].clone(), 0, 1, 0
     return ids, mask
 
 
@@ -388,6 +391,19 @@ def test_a_beginning_every_prompt_shares_is_encoded_once_and_decodes_as_unshared
     fast.prefill(*prefixed_batch())
     hook.remove()
     assert (fast.prefill_rows, fast.prefill_shared) == (3, 32) and shapes == [(1, 32), (3, 4)], shapes
+
+
+@pytest.mark.parametrize(("decoder", "build"), [("dynamic", lambda: tiny_gpt2(V)), ("static", lambda: tiny_gpt2(V)),
+                                               ("dynamic", tiny_llama), ("compiled", tiny_llama)],
+                         ids=["dynamic-gpt2", "static-gpt2", "dynamic-llama", "compiled-llama"])
+def test_a_shared_beginning_with_a_masked_slot_in_it_decodes_as_unshared(decoder, build):
+    """A row whose shared part has a masked slot (its real tokens are still the others' first 32), on a
+    model with learned absolute positions too, and through the compiled step."""
+    model = build()
+    fast = POOLS[decoder](model)
+    assert_same_decoding(CachedForward(model, share_prefixes=False), fast,
+                         make=lambda: prefixed_batch(hole=True))
+    assert fast.prefill_shared == 32 and fast.prefill_rows == 4  # row 1 no longer repeats row 4's ids
 
 
 @pytest.mark.parametrize("decoder", POOLS)

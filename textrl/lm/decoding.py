@@ -9,6 +9,7 @@ token buffer. The policy's generator and the KL wrapper's per-token reference bo
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -166,7 +167,8 @@ def prefill_shared(model: Any, cache_kwarg_name: str, ids: torch.Tensor, mask: t
     distinct, inverse = distinct_rows(ids * mask, mask) if share else (None, None)
     if distinct is not None:
         ids, mask = ids[distinct], mask[distinct]
-    b, shared = ids.shape[0], shared_prefix(ids, mask) if share else 0
+    b = ids.shape[0]
+    shared = shared_prefix(ids, mask) if share and ids.shape[1] > SHARED_PREFIX_MIN else 0  # (no device sync)
     prefix = None
     if worth_sharing(b, shared) and full_attention(model):
         prefix = encode_prefix(model, cache_kwarg_name, ids[0][mask[0].bool()][:shared])
@@ -353,7 +355,8 @@ def sequence_logprobs(
     ends = last[order].tolist()  # (one host copy)
     out = torch.zeros(B, L - response_start, dtype=torch.float32, device=input_ids.device)
     name, prefix = cache_kwarg(model), None
-    shared = shared_prefix(input_ids[:, :response_start], mask[:, :response_start]) if share_prefix else 0
+    shared = shared_prefix(input_ids[:, :response_start], mask[:, :response_start]) \
+        if share_prefix and response_start > SHARED_PREFIX_MIN else 0
     if worth_sharing(B, shared) and full_attention(model):  # (each row keeps its last prompt token: it predicts the first response token)
         prefix = encode_prefix(model, name, input_ids[0][mask[0].bool()][:shared])
     for i in range(0, B, chunk_rows):
@@ -381,8 +384,9 @@ def _chunk_inputs(ids: torch.Tensor, mask: torch.Tensor, response_start: int, pr
     b, shared = ids.shape[0], prefix.layers[0].keys.shape[-2]
     start, rest = after_prefix(mask, shared)
     cache = DynamicCache()
-    for index, layer in enumerate(prefix.layers):
-        cache.update(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1), index)
+    cache.layers = [copy.copy(layer) for layer in prefix.layers]  # (the prefix's stay as they are for the next chunk)
+    for layer in cache.layers:  # views: the forward's append copies them into each row once
+        layer.keys, layer.values = layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1)
     full = torch.cat([rest.new_ones(b, shared), rest], dim=1)
     return ids[:, start:], {"attention_mask": full, "position_ids": positions_from_mask(full)[:, shared:], name: cache,
                             "use_cache": True}
