@@ -16,4 +16,5 @@ site="$("$work/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths(
 cd "$root/tests"  # tests/ only on sys.path: textrl comes from the wheel
 "$work/venv/bin/python" -c "import transformers, peft, textrl; print('floors:', transformers.__version__, peft.__version__, textrl.__file__)"
 HF_HUB_OFFLINE=1 "$work/venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$root" \
-  test_generate.py test_rollout.py test_text_env.py test_text_ppo.py test_python_api.py test_trainer_api.py "$@"
+  test_generate.py test_rollout.py test_text_env.py test_text_ppo.py test_python_api.py test_trainer_api.py \
+  test_fast_decoding.py test_continuous_batching.py "$@"

@@ -27,6 +27,7 @@ shift changes no row's tokens.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -44,6 +45,34 @@ BUCKET = 64
 def _bucketed(width: int) -> int:
     """``width`` rounded up to a multiple of :data:`BUCKET`."""
     return -(-width // BUCKET) * BUCKET
+
+
+def _counts_columns(layer: Any) -> bool:
+    """Whether a cache layer keeps a count of the columns written (``cumulative_length``), which moving its
+    columns must adjust."""
+    return hasattr(layer, "cumulative_length")
+
+
+def _positioned(layer: Any) -> bool:
+    """Whether a cache layer's writes say their columns (``cache_kwargs["cache_position"]``: transformers before
+    5, whose models take ``cache_position``); from 5 the layers count the columns themselves."""
+    return "cache_kwargs" in inspect.signature(layer.update).parameters
+
+
+def _write_first(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``keys``/``values`` ``[B, h, n, d]`` into a reset static cache layer's first ``n`` columns."""
+    if _positioned(layer):
+        layer.update(keys, values, {"cache_position": torch.arange(keys.shape[-2], device=keys.device)})
+    else:
+        layer.update(keys, values)
+
+
+def _initialize_like(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Allocate a static cache layer's tensors for states shaped and typed like ``keys``/``values``."""
+    if len(inspect.signature(layer.lazy_initialization).parameters) == 1:  # (before transformers 5: keys only)
+        layer.lazy_initialization(keys)
+    else:
+        layer.lazy_initialization(keys, values)
 
 
 class StaticForward:
@@ -70,6 +99,7 @@ class StaticForward:
         self.ended: torch.Tensor | None = None  # (B,) rows retired and not admitted since (None: none)
         self.compactions = 0  # how many times full columns were dropped (continuous batching)
         self._full_attention: bool | None = None  # (full_attention(model), asked at the first admit)
+        self._positioned = False  # (set with each new cache: see _where)
 
     @property
     def capacity(self) -> int:
@@ -90,6 +120,7 @@ class StaticForward:
     def _allocate(self, rows: int, capacity: int, device: torch.device) -> None:
         """A new, empty cache and mask of ``rows`` × ``capacity`` columns, and the decode step for them."""
         self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+        self._positioned = _positioned(self.cache.layers[0])  # (transformers before 5: forwards say where they write)
         self.mask = torch.zeros(rows, capacity, dtype=torch.long, device=device)
         self._step = self._new_step()
 
@@ -115,7 +146,7 @@ class StaticForward:
         kv, mask, logits = self._encode(ids, mask)
         n = mask.shape[1]
         for layer, (keys, values) in zip(self.cache.layers, kv, strict=True):
-            layer.update(keys, values)
+            _write_first(layer, keys, values)
         self.mask[:, :n] = mask
         self.used, self.ended = n, None
         self.next_logits = logits
@@ -165,10 +196,11 @@ class StaticForward:
         self._allocate(mask.shape[0], capacity, mask.device)
         self.mask[:, :self.used] = mask[:, :self.used]
         for new, held in zip(self.cache.layers, old.layers, strict=True):
-            new.lazy_initialization(held.keys, held.values)
+            _initialize_like(new, held.keys, held.values)
             new.keys[:, :, :self.used] = held.keys[:, :, :self.used]
             new.values[:, :, :self.used] = held.values[:, :, :self.used]
-            new.cumulative_length.fill_(self.used)
+            if _counts_columns(new):
+                new.cumulative_length.fill_(self.used)
 
     def _shift(self, by: int) -> None:
         """Move every row's columns ``by`` to the right (``by`` > 0) or left (< 0) in place, in the cache and the
@@ -178,7 +210,8 @@ class StaticForward:
         for layer in self.cache.layers:
             layer.keys[:, :, dst] = layer.keys[:, :, src].clone()
             layer.values[:, :, dst] = layer.values[:, :, src].clone()
-            layer.cumulative_length.add_(by)
+            if _counts_columns(layer):
+                layer.cumulative_length.add_(by)
         self.mask[:, dst] = self.mask[:, src].clone()
         if by > 0:
             self.mask[:, :by] = 0
@@ -228,11 +261,18 @@ class StaticForward:
         attend to."""
         self.ended = ended.to(self.mask.device).bool().clone()
 
+    def _where(self, n: int) -> dict:
+        """The keyword that says which columns a forward of ``n`` new columns writes: none where the cache
+        counts them itself (transformers 5), ``cache_position`` before."""
+        if not self._positioned:
+            return {}
+        return {"cache_position": torch.arange(self.used - n, self.used, device=self.mask.device)}
+
     def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  n: int = 1) -> torch.Tensor:
         """Logits after each row's last real new column (the last column when none is real), ``[B, V]``."""
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self.cache_kwarg: self.cache})
+                         **{self.cache_kwarg: self.cache}, **self._where(n))
         return logits_after_last(out.logits, self.mask[:, self.used - n:self.used])
 
     def _compiled_step(self) -> Any:
@@ -240,22 +280,24 @@ class StaticForward:
         step = torch.compile(self._one_column, mode=mode, dynamic=False, fullgraph=False)
 
         def run(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            written = [layer.cumulative_length.clone() for layer in self.cache.layers]
+            counted = _counts_columns(self.cache.layers[0])
+            written = [layer.cumulative_length.clone() for layer in self.cache.layers] if counted else []
             try:  # CUDA graphs reuse their output buffers at the next replay: keep a copy
-                return step(tokens, mask, positions).clone()
+                return step(tokens, mask, positions, self._where(1)).clone()
             except Exception as err:  # noqa: BLE001 - any compiler failure: the eager step computes the same
                 if self.fallback is not None:
                     raise
                 self.fallback = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                for layer, n in zip(self.cache.layers, written, strict=True):
+                for layer, n in zip(self.cache.layers, written, strict=False):
                     layer.cumulative_length.copy_(n)  # undo a partial write before the eager step redoes it
                 self._step = self._forward
                 return self._forward(tokens, mask, positions)
         return run
 
-    def _one_column(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _one_column(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                    where: dict) -> torch.Tensor:
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self.cache_kwarg: self.cache})
+                         **{self.cache_kwarg: self.cache}, **where)
         return out.logits[:, -1].float()
 
     def logprobs_of(self, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
