@@ -146,6 +146,18 @@ def encode_prefix(model: Any, cache_kwarg_name: str, tokens: torch.Tensor) -> Dy
     return cache if isinstance(cache, DynamicCache) and plain_layers(cache, ids.shape[1]) else None
 
 
+def encode_shared_prefix(model: Any, cache_kwarg_name: str, ids: torch.Tensor,
+                         mask: torch.Tensor) -> DynamicCache | None:
+    """The one-row KV cache of the beginning all rows of ``ids``/``mask`` ``[b, n]`` share (its width: the shared
+    tokens), where encoding it once pays (:func:`worth_sharing`) on a full-attention model; None otherwise."""
+    if ids.shape[1] <= SHARED_PREFIX_MIN:  # (too short to share anything: no device sync)
+        return None
+    shared = shared_prefix(ids, mask)
+    if not worth_sharing(ids.shape[0], shared) or not full_attention(model):
+        return None
+    return encode_prefix(model, cache_kwarg_name, ids[0][mask[0].bool()][:shared])
+
+
 def after_prefix(mask: torch.Tensor, shared: int) -> tuple[int, torch.Tensor]:
     """``(start, rest)``: the mask ``[b, n - start]`` of the real columns past each row's first ``shared`` real
     tokens, from the first column where some row has one (``start``)."""
@@ -168,19 +180,16 @@ def prefill_shared(model: Any, cache_kwarg_name: str, ids: torch.Tensor, mask: t
     if distinct is not None:
         ids, mask = ids[distinct], mask[distinct]
     b = ids.shape[0]
-    shared = shared_prefix(ids, mask) if share and ids.shape[1] > SHARED_PREFIX_MIN else 0  # (no device sync)
-    prefix = None
-    if worth_sharing(b, shared) and full_attention(model):
-        prefix = encode_prefix(model, cache_kwarg_name, ids[0][mask[0].bool()][:shared])
+    prefix = encode_shared_prefix(model, cache_kwarg_name, ids, mask) if share else None
     if prefix is None:
-        cache, past, shared = DynamicCache(), 0, 0
+        cache, shared = DynamicCache(), 0
     else:
-        cache, past = prefix, shared
+        cache, shared = prefix, prefix.layers[0].keys.shape[-2]
         for layer in cache.layers:  # (a view: the first append copies it into each row)
             layer.keys, layer.values = layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1)
         start, rest = after_prefix(mask, shared)
         ids, mask = ids[:, start:], torch.cat([mask.new_ones(b, shared), rest], dim=1)
-    out, logits = last_logits(model, cache_kwarg_name, cache, ids, mask[:, past:], past)
+    out, logits = last_logits(model, cache_kwarg_name, cache, ids, mask[:, shared:], shared)
     cache = getattr(out, cache_kwarg_name, None) or cache  # (updated in place; some models return a new one)
     if distinct is not None:  # back to one row per completion
         cache.batch_select_indices(inverse)
@@ -354,11 +363,9 @@ def sequence_logprobs(
     order = torch.argsort(last, stable=True)
     ends = last[order].tolist()  # (one host copy)
     out = torch.zeros(B, L - response_start, dtype=torch.float32, device=input_ids.device)
-    name, prefix = cache_kwarg(model), None
-    shared = shared_prefix(input_ids[:, :response_start], mask[:, :response_start]) \
-        if share_prefix and response_start > SHARED_PREFIX_MIN else 0
-    if worth_sharing(B, shared) and full_attention(model):  # (each row keeps its last prompt token: it predicts the first response token)
-        prefix = encode_prefix(model, name, input_ids[0][mask[0].bool()][:shared])
+    name = cache_kwarg(model)  # (the shared beginning leaves each row its last prompt token: it predicts the first)
+    prefix = encode_shared_prefix(model, name, input_ids[:, :response_start], mask[:, :response_start]) \
+        if share_prefix else None
     for i in range(0, B, chunk_rows):
         rows = order[i : i + chunk_rows]
         end = max(ends[min(i + chunk_rows, B) - 1] + 1, response_start)  # the chunk's last real column + 1
