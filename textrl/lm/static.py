@@ -59,9 +59,10 @@ def _positioned(layer: Any) -> bool:
     return "cache_kwargs" in inspect.signature(layer.update).parameters
 
 
-def _write_first(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``keys``/``values`` ``[B, h, n, d]`` into a reset static cache layer's first ``n`` columns."""
-    if _positioned(layer):
+def _write_first(layer: Any, keys: torch.Tensor, values: torch.Tensor, positioned: bool) -> None:
+    """Write ``keys``/``values`` ``[B, h, n, d]`` into a reset static cache layer's first ``n`` columns
+    (``positioned``: :func:`_positioned` of the cache's layers)."""
+    if positioned:
         layer.update(keys, values, {"cache_position": torch.arange(keys.shape[-2], device=keys.device)})
     else:
         layer.update(keys, values)
@@ -146,7 +147,7 @@ class StaticForward:
         kv, mask, logits = self._encode(ids, mask)
         n = mask.shape[1]
         for layer, (keys, values) in zip(self.cache.layers, kv, strict=True):
-            _write_first(layer, keys, values)
+            _write_first(layer, keys, values, self._positioned)
         self.mask[:, :n] = mask
         self.used, self.ended = n, None
         self.next_logits = logits
