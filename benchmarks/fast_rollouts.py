@@ -38,7 +38,12 @@ import copy
 import time
 
 import torch
-from rollout_vs_generate import PROMPTS, scorer, time_it  # (this folder: the same prompts, scorer and clock)
+from rollout_vs_generate import (  # (this folder: the same prompts, scorer and clock)
+    PROMPTS,
+    scorer,
+    synchronizer,
+    time_it,
+)
 from textrl.envs import KLPenalty, TextGenVectorEnv
 from textrl.envs.cheerful import cheerful_env
 
@@ -145,7 +150,7 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
 
     steps = {"n": 0, "floor": 0, "reference": 0.0}
     sequences = []  # generate's last (sequences, mask, response start)s, for the shared reference pass
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
 
     @torch.no_grad()
     def generate() -> int:
@@ -256,7 +261,7 @@ def counted(sample, steps: dict):
 
 def timed(fn, reps: int, device, warmup: bool = True) -> tuple[float, int]:
     """(seconds, useful tokens) of ``reps`` calls of ``fn`` (after a warm-up call unless ``warmup`` is False)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     if warmup:
         fn()
     seconds, tokens = 0.0, 0

@@ -63,8 +63,13 @@ def build(name: str, vocab: int, device: torch.device, dtype: torch.dtype):
     return GPT2LMHeadModel(cfg).eval().to(device, dtype)
 
 
+def synchronizer(device: torch.device):
+    """A call that waits for ``device``'s queued work (CUDA), or does nothing (CPU): what a timing needs."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def time_it(fn, reps: int, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     fn()  # warm-up
     times = []
     for _ in range(reps):
