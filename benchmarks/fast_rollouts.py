@@ -351,6 +351,68 @@ def system_prompt_line(policy, tok, B: int, reps: int, device, label: str, new: 
             f"(ratio {rs / ru:.2f})")
 
 
+def group_reference_line(policy, tok, B: int, k: int, reps: int, device, label: str, new: int = 64,
+                         long: bool = False) -> str:
+    """The reference pass (:func:`sequence_logprobs`) over ``B`` rows that are ``k`` completions of ``B/k`` chat
+    prompts (the default task's form; ``long``: each prompt 8 of them in a row, as a question with context),
+    completions of 16 to ``new`` tokens: each chunk's prompts encoded once (and the beginning they all share)
+    against the beginning alone encoded once, and against every row's whole prompt (``share_prefix=False``)."""
+    import textrl.lm.decoding as decoding
+
+    texts = [" ".join(PROMPTS[(j + i) % len(PROMPTS)] for i in range(8 if long else 1)) for j in range(B // k)]
+    chats = [[{"role": "user", "content": texts[i // k]}] for i in range(B)]
+    enc = tok([tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats],
+              return_tensors="pt", padding=True).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    P = enc["input_ids"].shape[1]
+    lengths = torch.randint(16, new + 1, (B, 1), device=device, generator=g)
+    ids = torch.cat([enc["input_ids"], torch.randint(0, 1000, (B, new), device=device, generator=g)], 1)
+    mask = torch.cat([enc["attention_mask"], (torch.arange(new, device=device) < lengths).long()], 1)
+    grouped = time_it(lambda: sequence_logprobs(policy, ids, mask, P), reps, device)
+    order = decoding.chunk_order
+    try:
+        decoding.chunk_order = lambda model, name, ids, mask, start, ends, rows: (
+            sorted(range(len(ends)), key=ends.__getitem__), False)
+        beginning = time_it(lambda: sequence_logprobs(policy, ids, mask, P), reps, device)
+    finally:
+        decoding.chunk_order = order
+    alone = time_it(lambda: sequence_logprobs(policy, ids, mask, P, share_prefix=False), reps, device)
+    return (f"reference pass of {B} rows = {k} completions × {B // k} prompts ({label}, prompts of {P} tokens, chat "
+            f"template, 16-{new} new tokens): each chunk's prompts once {grouped * 1e3:.0f} ms; the shared beginning "
+            f"alone once {beginning * 1e3:.0f} ms; every row's whole prompt {alone * 1e3:.0f} ms (ratios "
+            f"{grouped / beginning:.2f} and {grouped / alone:.2f})")
+
+
+def growing_line(policy, B: int, reps: int, device, label: str, prompt: int = 400, steps: int = 32) -> str:
+    """Decode steps of ``B`` rows after ``prompt``-token prompts: textrl's cache, whose layers append in place
+    (:class:`~textrl.lm.decoding.GrowingLayer`), against transformers' ``DynamicLayer``, which copies the whole
+    cache into a new tensor at every step (``torch.cat``; what ``generate`` uses). Median of ``reps``, alternating."""
+    import textrl.lm.decoding as decoding
+
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(100, 1000, (B, prompt), device=device, generator=g)
+    tokens = torch.randint(100, 1000, (steps, B, 1), device=device, generator=g)
+    ones, sync, grow = torch.ones(B, 1, dtype=torch.long, device=device), synchronizer(device), decoding.grow_in_place
+    times = {True: [], False: []}
+    try:
+        for _ in range(reps):
+            for growing in (True, False):
+                decoding.grow_in_place = grow if growing else (lambda cache: None)
+                forward = CachedForward(policy)
+                forward.prefill(ids, torch.ones_like(ids))
+                sync()
+                t0 = time.perf_counter()
+                for step in range(steps):
+                    forward.extend(tokens[step], ones)
+                sync()
+                times[growing].append((time.perf_counter() - t0) / steps)
+    finally:
+        decoding.grow_in_place = grow
+    mine, theirs = (sorted(times[k])[len(times[k]) // 2] for k in (True, False))
+    return (f"decode step after {prompt}-token prompts ({label}, {B} rows, {steps} steps): cache appended in place "
+            f"{mine * 1e3:.1f} ms, concatenated as DynamicLayer does {theirs * 1e3:.1f} ms (ratio {mine / theirs:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2"])
@@ -370,6 +432,8 @@ def main() -> None:
     parser.add_argument("--eos-rate", type=float, default=0.0,
                         help="variable-length runs: the policy ends a completion with this probability at every step "
                              "(for random weights, which never sample EOS; 0: the model's own)")
+    parser.add_argument("--growing", nargs="*", type=int, default=[40, 400],
+                        help="prompt lengths of the in-place vs concatenated cache decode-step comparison")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct", help="name or path (the prompts' ids)")
@@ -412,6 +476,10 @@ def main() -> None:
                   f"ratio {ts / tu:.2f} (1/8 = 0.125)", flush=True)
         if getattr(tok, "chat_template", None):
             print(system_prompt_line(policy, tok, rows, max(args.reps, 3), device, label), flush=True)
+            for long in (False, True):
+                print(group_reference_line(policy, tok, rows, 8, max(args.reps, 3), device, label, long=long), flush=True)
+        for prompt in args.growing:
+            print(growing_line(policy, rows, max(args.reps, 3), device, label, prompt), flush=True)
         print()
         del policy, ref
         if device.type == "cuda":

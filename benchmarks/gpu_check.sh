@@ -18,7 +18,8 @@
 #      tests/test_golden.py (recorded on CPU), the five tests that load SmolLM2/MiniLM weights, and QLoRA;
 #   3. decoders: benchmarks/fast_rollouts.py on cuda in bf16 (each sampling.decoder, the compiled one with
 #      CUDA graphs, vs `generate` and its static-cache mode; Qwen2-0.5B and 1.5B shapes, batch 64 and 256,
-#      256 new tokens; the shared-prefix prefill ratio); logged into rollout.log;
+#      256 new tokens; the shared-prefix prefill ratio; a decode step after 512-token prompts with the cache appended in
+#      place vs concatenated as DynamicLayer does); logged into rollout.log;
 #      continuous: the same script's variable-length runs (Qwen2-0.5B shape, 128 completions of at most 256
 #      tokens, EOS forced at a rate of 0.0035 per step): generate, the compiled decoder in batches of 64, and
 #      continuous batching through 64 slots with the dynamic and the compiled decoder; logged into rollout.log;
@@ -117,12 +118,12 @@ run() {
   local turn=(--turns 4 --turn-tokens 16) qwen05="$GPU_DIR/qwen2-0.5b-shape" qwen15="$GPU_DIR/qwen2-1.5b-shape"
   local updates=6 game_updates=3
   # (--variable 0: random weights almost never sample EOS, so their lengths do not vary)
-  local decoders=(--batch 64 256 --lengths 256 --variable 0 --models "random:$qwen05" "random:$qwen15")
+  local decoders=(--batch 64 256 --lengths 256 --variable 0 --growing 512 --models "random:$qwen05" "random:$qwen15")
   # continuous batching: EOS forced at a rate whose mean length over the limit (0.6) is about the default task's
   local continuous=(--batch 64 --variable 256 --episodes 128 --eos-rate 0.0035 --models "random:$qwen05" --decoders
                     --baselines --variable-runs generate compiled continuous continuous-compiled)
   if [[ -n "${GPU_CHECK_SMALL:-}" ]]; then
-    decoders=(--batch 4 --lengths 8 --variable 8 --episodes 8 --models "random:$GPU_DIR/tiny" --decoders dynamic static
+    decoders=(--batch 4 --lengths 8 --variable 8 --episodes 8 --growing 16 --models "random:$GPU_DIR/tiny" --decoders dynamic static
               --baselines generate --variable-runs generate dynamic kept static continuous continuous-static)
     continuous=(--batch 4 --variable 8 --episodes 8 --eos-rate 0.2 --models "random:$GPU_DIR/tiny" --decoders
                 --baselines --variable-runs generate continuous-static)

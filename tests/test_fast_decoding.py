@@ -9,10 +9,14 @@ from test_generate import V, tiny_llama
 from test_multi_turn import PROMPTS, Echo, chat_tokenizer
 from textrl.envs.toy import target_token_env, tiny_gpt2
 
+import textrl.lm.decoding as decoding_module
 import textrl.lm.static as static_module
 from textrl.config import SamplingConfig
 from textrl.lm.decoding import (
+    GROUP_PROMPT_MIN,
     CachedForward,
+    GrowingLayer,
+    chunk_order,
     full_attention,
     positions_from_mask,
     sequence_logprobs,
@@ -339,6 +343,69 @@ def test_admitting_every_row_at_once_is_a_fresh_prefill():
     torch.testing.assert_close(pool.next_logits, fresh.next_logits, atol=1e-5, rtol=0)
 
 
+def test_a_growing_layer_holds_what_a_dynamic_one_does_whatever_replaces_its_tensors():
+    """GrowingLayer appends into spare columns (no copy of the cache per step) and returns, bit for bit, what
+    DynamicLayer's concatenation does, also after its tensors were replaced (rows selected, columns sliced off
+    either end): those are copied into new buffers once."""
+    from transformers.cache_utils import DynamicLayer
+
+    g = torch.Generator(DEVICE).manual_seed(0)
+    grow, plain = GrowingLayer(), DynamicLayer()
+
+    def append(n: int) -> None:
+        rows = 4 if grow.keys is None else grow.keys.shape[0]
+        k, v = torch.randn(rows, 2, n, 8, generator=g), torch.randn(rows, 2, n, 8, generator=g)
+        out = [layer.update(k, v) for layer in (grow, plain)]
+        for mine, theirs in zip(*out, strict=True):
+            assert torch.equal(mine, theirs)
+        assert torch.equal(grow.keys, plain.keys) and torch.equal(grow.values, plain.values)
+
+    append(5)
+    append(1)
+    storage = grow.storage[0]
+    for n in (1, 2, 1):  # within the spare room: written in place, the same buffer
+        append(n)
+        assert grow.storage[0] is storage and grow.keys.data_ptr() == storage.data_ptr()
+    for change in (lambda layer: layer.batch_select_indices(torch.tensor([0, 2, 3])), lambda layer: layer.crop(-2),
+                   lambda layer: setattr(layer, "keys", layer.keys[..., 3:, :]) or
+                   setattr(layer, "values", layer.values[..., 3:, :])):
+        for layer in (grow, plain):
+            change(layer)
+        append(1)
+        append(70)  # past the spare room: a bigger buffer
+    assert grow.storage[0].shape[-2] >= grow.keys.shape[-2] + decoding_module.SPARE_COLUMNS
+
+
+def test_decoding_with_growing_layers_is_bitwise_that_with_dynamic_ones(monkeypatch):
+    """The decoder's cache layers grow in place (GrowingLayer) through prefills, ragged extends, retired rows and
+    admits, and its logits are bit for bit those of DynamicLayer's concatenating cache."""
+    class Concatenating(CachedForward):
+        def extend(self, tokens, mask):
+            with monkeypatch.context() as patch:
+                patch.setattr(decoding_module, "grow_in_place", lambda cache: None)
+                return super().extend(tokens, mask)
+
+    model = tiny_llama()
+    grown, plain = CachedForward(model), Concatenating(model)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    ids, mask = batch()
+    for forward in (grown, plain):
+        forward.prefill(ids, mask)
+    for step in range(8):
+        n = 2 if step == 3 else 1
+        tokens, live = torch.randint(3, V, (5, n), generator=g), torch.ones(5, n, dtype=torch.bool)
+        live[1, 0] = n == 1
+        for forward in (grown, plain):
+            if step == 2:
+                forward.retire(torch.arange(5) == 3)
+            if step == 5:
+                forward.admit(torch.tensor([3]), torch.tensor([[4, 5, 6]]), torch.ones(1, 3, dtype=torch.long))
+            forward.extend(tokens, live)
+        assert torch.equal(grown.next_logits, plain.next_logits), step
+    assert {type(layer) for layer in grown.cache.layers} == {GrowingLayer}
+    assert {type(layer).__name__ for layer in plain.cache.layers} == {"DynamicLayer"}
+
+
 def test_columns_that_no_held_row_attends_to_leave_the_cache():
     """When the row with the longest context leaves and a shorter prompt takes its place, the leading columns
     only the old row attended to are dropped (continuous batching would otherwise widen the cache by every
@@ -454,6 +521,79 @@ def test_the_sequence_pass_encodes_the_shared_beginning_once_but_not_under_a_sli
         assert (shapes[0] == (1, 32)) == shares, shapes
         if shares:  # chunks from the first column after the prefix (column 32 of row 3, the longest tail)
             assert shapes[1:] == [(2, 6), (2, 15), (1, 16)], shapes
+
+
+def grouped_batch(prompts: int = 4, k: int = 4, scattered: bool = False, lengths=(3, 9), prompt: int = 36,
+                  common: int = 0):
+    """k completions of each of ``prompts`` distinct prompts (``prompt`` to ``prompt`` + 3 tokens, left-padded to
+    end at column 40, the first ``common`` the same in all), completions of random lengths in ``lengths``; a
+    prompt's rows contiguous, or with ``scattered`` row r answering prompt r % prompts."""
+    g = torch.Generator(DEVICE).manual_seed(1)
+    B = prompts * k
+    ids, mask = torch.zeros(B, 40 + lengths[1], dtype=torch.long), torch.zeros(B, 40 + lengths[1], dtype=torch.long)
+    texts = [torch.randint(3, V, (prompt + p % 4,), generator=g) for p in range(prompts)]
+    for text in texts:
+        text[:common] = torch.arange(3, 3 + common)
+    for r in range(B):
+        text = texts[r % prompts if scattered else r // k]
+        n = int(torch.randint(*lengths, (1,), generator=g))
+        ids[r, 40 - len(text):40], mask[r, 40 - len(text):40] = text, 1
+        ids[r, 40:40 + n], mask[r, 40:40 + n] = torch.randint(3, V, (n,), generator=g), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("common", [0, 20])
+def test_the_reference_pass_encodes_each_prompt_of_a_group_once_per_chunk(common):
+    """k = 4 completions of each of 4 prompts (36-39 tokens): each chunk of 8 rows prefills its 2 distinct
+    prompts (but their last token) once, then runs its rows from the prompts' last column; with a beginning
+    all prompts share (``common`` tokens) that goes through the model once first, in one row. The log-probs
+    are the plain pass's, and the tokens encoded fewer."""
+    model = tiny_llama()
+    ids, mask = grouped_batch(common=common)
+    assert chunk_order(model, "cache", ids, mask, 40, ((ids != 0).cumsum(1).argmax(1)).tolist(), 8)[1]
+    counts = {}
+    for share in (True, False):
+        shapes = []
+        hook = record_input_shapes(model, shapes)
+        got = sequence_logprobs(model, ids, mask, 40, temperature=0.9, chunk_rows=8, share_prefix=share)
+        hook.remove()
+        counts[share] = (sum(b * n for b, n in shapes), shapes)
+        if share:
+            shared = got
+    torch.testing.assert_close(shared, got, atol=1e-5, rtol=0)
+    shapes = counts[True][1]
+    if common:
+        assert shapes[0] == (1, common), shapes
+        shapes = shapes[1:]
+    assert [shape[0] for shape in shapes[::2]] == [2, 2] and all(shape[0] == 8 for shape in shapes[1::2]), shapes
+    assert all(35 - common <= shape[1] <= 38 - common for shape in shapes[::2]), shapes  # (a chunk's widest head)
+    assert counts[True][0] < 0.6 * counts[False][0], counts
+
+
+def test_the_reference_pass_takes_whole_groups_per_chunk_when_that_is_cheaper():
+    """Rows of 8 prompts interleaved (row r answers prompt r % 8), completions of one length: chunks by length
+    would each hold 8 distinct prompts; the pass takes the rows by prompt instead (2 groups per chunk of 8)
+    and gives the plain pass's log-probs."""
+    model = tiny_llama()
+    ids, mask = grouped_batch(prompts=8, scattered=True, lengths=(5, 6))
+    ends = [int(m.nonzero().max()) for m in mask]
+    order, grouped = chunk_order(model, "cache", ids, mask, 40, ends, 8)
+    assert grouped and all(len({r % 8 for r in order[i:i + 8]}) == 2 for i in range(0, 32, 8)), order
+    torch.testing.assert_close(sequence_logprobs(model, ids, mask, 40, chunk_rows=8),
+                               sequence_logprobs(model, ids, mask, 40, chunk_rows=8, share_prefix=False),
+                               atol=1e-5, rtol=0)
+
+
+def test_the_reference_pass_keeps_one_forward_per_chunk_for_short_distinct_or_windowed_prompts():
+    """No prompt encoded apart where that does not pay or cannot be done: prompts shorter than GROUP_PROMPT_MIN
+    (the toy tasks'), prompts that all differ, and a sliding-window model (its window counts cache columns)."""
+    llama, ends = tiny_llama(), list(range(42, 58))
+    short = grouped_batch(prompt=GROUP_PROMPT_MIN - 8)
+    distinct = grouped_batch(prompts=16, k=1)
+    for model, (ids, mask) in ((llama, short), (llama, distinct), (sliding_mistral(), grouped_batch())):
+        order, grouped = chunk_order(model, "cache", ids, mask, 40, ends, 8)
+        assert not grouped and order == list(range(16))
+    assert chunk_order(llama, "cache", *grouped_batch(), 40, ends, 8)[1]
 
 
 def test_the_lora_reference_shows_its_config_so_its_pass_can_share():
