@@ -2,6 +2,8 @@
 step, and prompts shared by k completions prefilled once — the same tokens and log-probs (to 1e-5) as the
 dynamic cache, over ragged extends, ended rows, several batches, single- and multi-turn envs."""
 
+import copy
+
 import pytest
 import torch
 from helpers import DEVICE, rollout
@@ -374,6 +376,15 @@ def test_a_growing_layer_holds_what_a_dynamic_one_does_whatever_replaces_its_ten
         append(1)
         append(70)  # past the spare room: a bigger buffer
     assert grow.storage[0].shape[-2] >= grow.keys.shape[-2] + decoding_module.SPARE_COLUMNS
+    for layer in (grow, plain):
+        layer.batch_select_indices(torch.tensor([0, 1]))
+    assert grow.storage is None  # (the buffers of the rows let go are not held on to)
+    append(1)
+    twin = copy.copy(grow)  # a copy appends into buffers of its own
+    before = grow.keys.clone()
+    twin.update(torch.ones(2, 2, 1, 8), torch.ones(2, 2, 1, 8))
+    assert "storage" in twin.__dict__ and twin.storage[0] is not grow.storage[0]
+    assert torch.equal(grow.keys, before)
 
 
 def test_decoding_with_growing_layers_is_bitwise_that_with_dynamic_ones(monkeypatch):
@@ -524,38 +535,38 @@ def test_the_sequence_pass_encodes_the_shared_beginning_once_but_not_under_a_sli
 
 
 def grouped_batch(prompts: int = 4, k: int = 4, scattered: bool = False, lengths=(3, 9), prompt: int = 36,
-                  common: int = 0):
+                  common: int = 0, at: int = 40):
     """k completions of each of ``prompts`` distinct prompts (``prompt`` to ``prompt`` + 3 tokens, left-padded to
-    end at column 40, the first ``common`` the same in all), completions of random lengths in ``lengths``; a
+    end at column ``at``, the first ``common`` the same in all), completions of random lengths in ``lengths``; a
     prompt's rows contiguous, or with ``scattered`` row r answering prompt r % prompts."""
     g = torch.Generator(DEVICE).manual_seed(1)
     B = prompts * k
-    ids, mask = torch.zeros(B, 40 + lengths[1], dtype=torch.long), torch.zeros(B, 40 + lengths[1], dtype=torch.long)
+    ids, mask = torch.zeros(B, at + lengths[1], dtype=torch.long), torch.zeros(B, at + lengths[1], dtype=torch.long)
     texts = [torch.randint(3, V, (prompt + p % 4,), generator=g) for p in range(prompts)]
     for text in texts:
         text[:common] = torch.arange(3, 3 + common)
     for r in range(B):
         text = texts[r % prompts if scattered else r // k]
         n = int(torch.randint(*lengths, (1,), generator=g))
-        ids[r, 40 - len(text):40], mask[r, 40 - len(text):40] = text, 1
-        ids[r, 40:40 + n], mask[r, 40:40 + n] = torch.randint(3, V, (n,), generator=g), 1
+        ids[r, at - len(text):at], mask[r, at - len(text):at] = text, 1
+        ids[r, at:at + n], mask[r, at:at + n] = torch.randint(3, V, (n,), generator=g), 1
     return ids, mask
 
 
 @pytest.mark.parametrize("common", [0, 20])
 def test_the_reference_pass_encodes_each_prompt_of_a_group_once_per_chunk(common):
-    """k = 4 completions of each of 4 prompts (36-39 tokens): each chunk of 8 rows prefills its 2 distinct
-    prompts (but their last token) once, then runs its rows from the prompts' last column; with a beginning
-    all prompts share (``common`` tokens) that goes through the model once first, in one row. The log-probs
-    are the plain pass's, and the tokens encoded fewer."""
-    model = tiny_llama()
-    ids, mask = grouped_batch(common=common)
-    assert chunk_order(model, "cache", ids, mask, 40, ((ids != 0).cumsum(1).argmax(1)).tolist(), 8)[1]
+    """k = 4 completions of each of 4 prompts (36-39 tokens of their own): each chunk of 8 rows prefills its 2
+    distinct prompts (but their last token) once, then runs its rows from the prompts' last column; with a
+    beginning all prompts share (``common`` tokens) that goes through the model once first, in one row. The
+    log-probs are the plain pass's, and the tokens encoded fewer."""
+    model, at = tiny_llama(), 40 + common
+    ids, mask = grouped_batch(common=common, prompt=36 + common, at=at)
+    assert chunk_order(model, "cache", ids, mask, at, ((ids != 0).cumsum(1).argmax(1)).tolist(), 8)[1]
     counts = {}
     for share in (True, False):
         shapes = []
         hook = record_input_shapes(model, shapes)
-        got = sequence_logprobs(model, ids, mask, 40, temperature=0.9, chunk_rows=8, share_prefix=share)
+        got = sequence_logprobs(model, ids, mask, at, temperature=0.9, chunk_rows=8, share_prefix=share)
         hook.remove()
         counts[share] = (sum(b * n for b, n in shapes), shapes)
         if share:
@@ -566,7 +577,7 @@ def test_the_reference_pass_encodes_each_prompt_of_a_group_once_per_chunk(common
         assert shapes[0] == (1, common), shapes
         shapes = shapes[1:]
     assert [shape[0] for shape in shapes[::2]] == [2, 2] and all(shape[0] == 8 for shape in shapes[1::2]), shapes
-    assert all(35 - common <= shape[1] <= 38 - common for shape in shapes[::2]), shapes  # (a chunk's widest head)
+    assert all(35 <= shape[1] <= 38 for shape in shapes[::2]), shapes  # (a chunk's widest head, past the common part)
     assert counts[True][0] < 0.6 * counts[False][0], counts
 
 
@@ -586,11 +597,14 @@ def test_the_reference_pass_takes_whole_groups_per_chunk_when_that_is_cheaper():
 
 def test_the_reference_pass_keeps_one_forward_per_chunk_for_short_distinct_or_windowed_prompts():
     """No prompt encoded apart where that does not pay or cannot be done: prompts shorter than GROUP_PROMPT_MIN
-    (the toy tasks'), prompts that all differ, and a sliding-window model (its window counts cache columns)."""
+    (the toy tasks'), or with fewer tokens of their own past a beginning all share (encoded once anyway),
+    prompts that all differ, and a sliding-window model (its window counts cache columns)."""
     llama, ends = tiny_llama(), list(range(42, 58))
     short = grouped_batch(prompt=GROUP_PROMPT_MIN - 8)
+    after_common = grouped_batch(prompt=GROUP_PROMPT_MIN + 4, common=16)  # (their own parts: 20-23 tokens)
     distinct = grouped_batch(prompts=16, k=1)
-    for model, (ids, mask) in ((llama, short), (llama, distinct), (sliding_mistral(), grouped_batch())):
+    for model, (ids, mask) in ((llama, short), (llama, after_common), (llama, distinct),
+                               (sliding_mistral(), grouped_batch())):
         order, grouped = chunk_order(model, "cache", ids, mask, 40, ends, 8)
         assert not grouped and order == list(range(16))
     assert chunk_order(llama, "cache", *grouped_batch(), 40, ends, 8)[1]
