@@ -85,7 +85,8 @@ def stop_at_rate(model, eos: int, rate: float, temperature: float):
 
 
 def rollout_fn(policy, ref, tok, pad_id, B: int, n: int, decoder: str, device):
-    env = KLPenalty(TextGenVectorEnv(B, tok, PROMPTS, scorer, max_new_tokens=n, pad_token_id=pad_id, device=device),
+    env = KLPenalty(TextGenVectorEnv(B, tok, PROMPTS, scorer, max_new_tokens=n, pad_token_id=pad_id, device=device,
+                                     vocab_size=policy.config.vocab_size),
                     ref, reference_pass="sequence")
     generator = HFGenerator(policy, rng=torch.Generator(device=device).manual_seed(0), min_new_tokens=n,
                             stop_ids=(env.unwrapped.eos_token_id,), decoder=decoder)
@@ -138,7 +139,8 @@ def variable_lengths(policy, ref, tok, pad_id, B: int, n: int, episodes: int, re
     ``generate``'s reference forward is one plain forward over its sequences (no prefix shared, as after
     ``generate`` in TRL); ``reference``: its seconds, and those of textrl's pass over the last of the same
     sequences (the prefix all prompts share encoded once), timed apart (None without a ``generate`` run)."""
-    env = KLPenalty(cheerful_env(B, tok, max_new_tokens=n, scorer=scorer, pad_token_id=pad_id, device=device),
+    env = KLPenalty(cheerful_env(B, tok, max_new_tokens=n, scorer=scorer, pad_token_id=pad_id, device=device,
+                                 vocab_size=policy.config.vocab_size),
                     ref, reference_pass="sequence")
     eos = env.unwrapped.eos_token_id
     encs = []  # the prompts collect_tokens answers from seed 0 on, left-padded to column P
@@ -351,6 +353,37 @@ def system_prompt_line(policy, tok, B: int, reps: int, device, label: str, new: 
             f"(ratio {rs / ru:.2f})")
 
 
+def admit_line(policy, tok, B: int, reps: int, device, label: str) -> str:
+    """Continuous batching's admit of 1 and of 4 new prompts into a pool of ``B`` rows, every prompt after the same
+    long system prompt (:data:`SYSTEM`): starting from the beginning the pool's prefill encoded (what an admit
+    does), against encoding it again (what it did before: once among the admitted prompts, whole for one).
+    Median of ``reps``, each on a pool just prefilled (not timed)."""
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" ({i})"}]
+             for i in range(B + 4)]
+    enc = tok([tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats],
+              return_tensors="pt", padding=True).to(device)
+    ids, mask, sync, out = enc["input_ids"], enc["attention_mask"], synchronizer(device), []
+    for k in (1, 4):
+        times = {True: [], False: []}
+        for _ in range(reps + 1):  # (the first: a warm-up)
+            for reuse in (True, False):
+                pool = CachedForward(policy)
+                pool.prefill(ids[:B], mask[:B])
+                shared = pool.prefill_shared
+                if not reuse:
+                    pool.prefix = None  # (the admit finds and encodes the beginning its prompts share, if it pays)
+                sync()
+                t0 = time.perf_counter()
+                pool.admit(torch.arange(k, device=device), ids[B:B + k], mask[B:B + k])
+                sync()
+                times[reuse].append(time.perf_counter() - t0)
+        mine, again = (sorted(times[r][1:])[reps // 2] for r in (True, False))
+        out.append(f"{k} prompt{'s' if k > 1 else ''}: {mine * 1e3:.0f} ms against {again * 1e3:.0f} ms "
+                   f"({mine / again:.2f})")
+    return (f"admit into {B} slots after a {shared}-token system prompt ({label}, prompts of "
+            f"{ids.shape[1]} tokens, chat template), the beginning reused against encoded again: {'; '.join(out)}")
+
+
 def group_reference_line(policy, tok, B: int, k: int, reps: int, device, label: str, new: int = 64,
                          long: bool = False) -> str:
     """The reference pass (:func:`sequence_logprobs`) over ``B`` rows that are ``k`` completions of ``B/k`` chat
@@ -476,6 +509,7 @@ def main() -> None:
                   f"ratio {ts / tu:.2f} (1/8 = 0.125)", flush=True)
         if getattr(tok, "chat_template", None):
             print(system_prompt_line(policy, tok, rows, max(args.reps, 3), device, label), flush=True)
+            print(admit_line(policy, tok, rows, max(args.reps, 3), device, label), flush=True)
             for long in (False, True):
                 print(group_reference_line(policy, tok, rows, 8, max(args.reps, 3), device, label, long=long), flush=True)
         for prompt in args.growing:

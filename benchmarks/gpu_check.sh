@@ -63,7 +63,10 @@ for name, change in {"smollm2-135m": {}, "smollm2-1.7b": dict(
         "qwen2-1.5b-shape": dict(qwen, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                  num_attention_heads=12, num_key_value_heads=2, head_dim=128),
         "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=16)}.items():  # the dry run's
+                     num_key_value_heads=2, head_dim=16, vocab_size=2 * 49152)}.items():  # the dry run's
+    # (the Qwen2 shapes have 151936 logits for the 49152 tokens of SmolLM2's tokenizer, which the checks use, and
+    # random weights sample every id alike: the envs take the ids past the tokenizer's as actions that decode to
+    # nothing, as for a real Qwen2 (151665 tokens). Half the tiny shape's ids are such, so the dry run meets them too.)
     dst = out / name
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -114,7 +117,9 @@ run() {
   export PIP_DISABLE_PIP_VERSION_CHECK=1 TRANSFORMERS_VERBOSITY=error
   # GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1: a dry run of the steps on a machine without a GPU (CI-sized)
   local py=python3 shape135="$GPU_DIR/smollm2-135m" shape17="$GPU_DIR/smollm2-1.7b" dev="${GPU_CHECK_DEVICE:-cuda}"
-  local rows=64 tokens=64 lengths=(${GPU_CHECK_LENGTHS:-128 256}) tests=(tests) dtype=bf16 xdist=(-n 12) small_env=""
+  # (the decoder tests first: within the limit they run whatever else does not; pytest collects a file once)
+  local rows=64 tokens=64 lengths=(${GPU_CHECK_LENGTHS:-128 256}) dtype=bf16 xdist=(-n 12) small_env=""
+  local tests=(tests/test_fast_decoding.py tests/test_continuous_batching.py tests/test_generate.py tests)
   local turn=(--turns 4 --turn-tokens 16) qwen05="$GPU_DIR/qwen2-0.5b-shape" qwen15="$GPU_DIR/qwen2-1.5b-shape"
   local updates=6 game_updates=3
   # (--variable 0: random weights almost never sample EOS, so their lengths do not vary)
@@ -149,6 +154,8 @@ print('GPU:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else No
   cat "$OUT/env.log"
 
   $py -c "import xdist" 2>/dev/null || xdist=()
+  # (the decoder tests first, TEXTRL_TEST_FIRST: a suite cut short by the limit has run them)
+  TEXTRL_TEST_FIRST="tests/test_fast_decoding.py tests/test_continuous_batching.py tests/test_generate.py" \
   TEXTRL_TEST_SMOLLM2_TOKENIZER="$shape135" TEXTRL_TEST_DEVICE="$dev" step tests 240 $py -m pytest -v --tb=short --maxfail=20 -p no:cacheprovider -W ignore "${xdist[@]}" --durations=15 \
     --ignore=tests/test_distributed.py --ignore=tests/test_golden.py \
     --deselect tests/test_scorers_models.py::test_smollm2_offline_cached_logprobs_match_parallel_forward \

@@ -85,7 +85,7 @@ def main() -> None:
     K, turns = args.turn_tokens, args.turns
     # (b) first, to learn how many columns an episode fills: its replies' tokens are fixed by the template
     multi = Chatty(args.batch, tok, prompts, max_turns=turns, max_turn_tokens=K, max_new_tokens=turns * (K + 40),
-                   pad_token_id=pad, device=device, prompt_order="sequential")
+                   pad_token_id=pad, device=device, prompt_order="sequential", vocab_size=policy.config.vocab_size)
     stop = multi.stop_token_ids
 
     def rollout(env, n_agent):
@@ -97,7 +97,8 @@ def main() -> None:
     columns = int(ro.attention_mask[:, ro.response_start:].sum(1).max())
     agent = int(ro.action_mask.sum(1).max())
     single = TextGenVectorEnv(args.batch, tok, prompts, zero, max_new_tokens=columns, chat_template=True,
-                              pad_token_id=pad, device=device, prompt_order="sequential")
+                              pad_token_id=pad, device=device, prompt_order="sequential",
+                              vocab_size=policy.config.vocab_size)
     rollout(single, columns)  # warm-up
     times = {"single": [], "multi": []}
     for _ in range(args.reps):

@@ -111,7 +111,8 @@ def main() -> None:
         a_times = {}
         for n in args.lengths:
             env = KLPenalty(TextGenVectorEnv(B, tok, PROMPTS, scorer, max_new_tokens=n, pad_token_id=pad_id,
-                                             device=device), ref, reference_pass=args.reference_pass)
+                                             device=device, vocab_size=policy.config.vocab_size), ref,
+                            reference_pass=args.reference_pass)
             gen = torch.Generator(device=device).manual_seed(0)
 
             def run_a(env=env, n=n, gen=gen, policy=policy):

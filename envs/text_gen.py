@@ -67,6 +67,9 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         missing_eos_penalty: subtracted from the score of rows that hit max_new_tokens without EOS.
         score_clip, score_scale, score_bias: score → clip(scale·score + bias, ±clip).
         device: where the token buffers live (the model's device).
+        vocab_size: the policy's number of logits, where it is larger than ``len(tokenizer)`` (Qwen2 pads 151,665
+            tokens to 151,936): the ids in between are actions that decode to nothing (see :meth:`fit_vocabulary`).
+            Default: ``len(tokenizer)``.
         eval_prompts: held-out prompts (same forms as ``prompts``) for evaluation; not used for training.
         model: the default policy model of a registered env (read by ``textrl train``; unused here).
         chat_template: wrap each prompt as a user turn with the tokenizer's chat template (instruct models).
@@ -100,6 +103,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         shard: Shard | tuple[int, int] | None = None,
         render_mode: str | None = None,
         stop_token_ids: Any = None,
+        vocab_size: int | None = None,
     ):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
@@ -116,7 +120,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
                               max_prompt_tokens=max_prompt_tokens, context_length=context_length,
                               pad_token_id=pad_token_id, missing_eos_penalty=missing_eos_penalty,
                               score_clip=score_clip, score_scale=score_scale, score_bias=score_bias, device=device,
-                              chat_template=chat_template, stop_token_ids=stop_token_ids)
+                              chat_template=chat_template, stop_token_ids=stop_token_ids, vocab_size=vocab_size)
         self.default_model = model
         self.chat_template = chat_template
         # held-out prompts as rows that keep their columns (a verifiable task's answers), see with_prompts
@@ -130,6 +134,8 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self.eos_token_id, self.pad_token_id = self._special_ids(tokenizer, pad_token_id, self.stop_token_ids)
         self._stop_tensor = torch.tensor(self.stop_token_ids, dtype=torch.long, device=self.device)
         self.vocab_size = len(tokenizer)
+        if vocab_size is not None:
+            self.vocab_size = self._wider_vocabulary(vocab_size)
         self.prompts, self.columns = load_prompt_records(prompts)
         self.prompt_sampler = PromptSampler(len(self.prompts), num_envs, prompt_order, num_generations, shard)
         self._encode_prompts(max_prompt_tokens, context_length)
@@ -211,7 +217,20 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self._prompt_ids = self._prompt_ids.to(self.device)
         self._prompt_mask = self._prompt_mask.to(self.device)
 
-    def _make_spaces_and_buffers(self) -> None:
+    def _wider_vocabulary(self, vocab_size: Any) -> int:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size must be a positive integer (the policy's number of logits), got {vocab_size!r}")
+        return max(len(self.tokenizer), vocab_size)
+
+    def fit_vocabulary(self, vocab_size: int) -> None:
+        """Take every id below ``vocab_size`` (the policy's number of logits) as an action where the model's
+        output is wider than the tokenizer: Qwen2's 151,936 logits for 151,665 tokens. A sampled id in between is
+        then a token that decodes to nothing, not an error. ``textrl train`` and ``textrl eval`` call it with the
+        policy's ``config.vocab_size`` (also the ``vocab_size`` argument)."""
+        self.vocab_size = self._settings["vocab_size"] = self._wider_vocabulary(vocab_size)
+        self._make_spaces()
+
+    def _make_spaces(self) -> None:
         B, L = self.num_envs, self.max_prompt_tokens + self.max_new_tokens
         self.single_observation_space = gym.spaces.Dict({
             "input_ids": gym.spaces.Box(0, self.vocab_size - 1, (L,), np.int64),
@@ -220,6 +239,10 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self.single_action_space = gym.spaces.Discrete(self.vocab_size)
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, B)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, B)
+
+    def _make_spaces_and_buffers(self) -> None:
+        self._make_spaces()
+        B, L = self.num_envs, self.max_prompt_tokens + self.max_new_tokens
         self.input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long, device=self.device)
         self.attention_mask = torch.zeros((B, L), dtype=torch.long, device=self.device)
         self.prompt_index = torch.zeros(B, dtype=torch.long, device=self.device)
@@ -307,7 +330,9 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         outside = ((tokens < 0) | (tokens >= self.vocab_size)) & ~self.done
         if outside.any():  # one host sync per step
             bad = tokens[outside][0].item()
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size}): a model with more logits "
+                             f"than its tokenizer has tokens needs vocab_size=its config.vocab_size (textrl train and "
+                             f"eval pass it)")
         return tokens
 
     def with_prompts(self, prompts: Any, num_envs: int | None = None, shard: Shard | None = None) -> TextGenVectorEnv:

@@ -32,3 +32,14 @@ def run_readme_snippet(marker: str, folder, monkeypatch) -> dict:
     namespace: dict = {"__name__": f"readme_{marker.replace('-', '_')}"}
     exec(compile(snippet, "README.md", "exec"), namespace)
     return namespace
+
+
+#: metrics that differ between runs of one seed: wall-clock times, and a CUDA process's peak memory (a resumed
+#: run's process holds other caches and compiled graphs than the uninterrupted one's)
+UNREPRODUCIBLE = ("time/", "memory/")
+
+
+def reproducible(metrics: list[dict]) -> list[dict]:
+    """``metrics`` (a run's metrics.jsonl rows) without the :data:`UNREPRODUCIBLE` ones: what a resumed or
+    repeated run must equal."""
+    return [{k: v for k, v in m.items() if not k.startswith(UNREPRODUCIBLE)} for m in metrics]

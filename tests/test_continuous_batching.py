@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, reproducible
 from test_multi_turn import echo_env
 from test_text_env import PROMPTS, length_scorer
 from textrl.envs import KLPenalty, TextGenVectorEnv
@@ -159,8 +159,7 @@ def toy_run(path, *flags):
 def metrics_of(path):
     import json
 
-    return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")}
-            for x in (path / "metrics.jsonl").read_text().splitlines()]
+    return reproducible([json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()])
 
 
 @pytest.mark.learning

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import reproducible
 from safetensors.torch import load_file
 
 from textrl.checkpoint import recover_checkpoint, save_checkpoint, verify_checkpoint
@@ -200,8 +201,7 @@ def test_a_resume_with_settings_that_cannot_change_is_refused_before_anything_lo
 
 
 def _metrics(run_dir):
-    return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")}
-            for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return reproducible([json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()])
 
 
 @pytest.mark.parametrize("flags", [

@@ -514,6 +514,44 @@ def test_admitted_prompts_share_their_beginning_and_decode_as_if_prefilled_alone
         others.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("decoder", ["dynamic", "static"])
+@pytest.mark.parametrize(("kept", "own"), [(32, [38, 36]), (20, [37, 39, 38]), (10, [37, 39, 38])],
+                         ids=["whole", "first-20", "too-short"])
+def test_an_admit_starts_from_the_beginning_the_batch_shared_without_encoding_it_again(decoder, kept, own):
+    """The batch's prompts share :data:`PREFIX` (32 tokens, encoded once at the prefill). A row admitted on a
+    prompt that begins with all of it, or with its first 20 tokens, has only its own tokens encoded (the
+    beginning's cache is reused, cut to 20 columns); one that shares 10 (too few to share) is encoded whole.
+    Either way the row decodes as a cache of its prompt alone, and the other rows as before."""
+    model = tiny_llama()
+    ids, mask = prefixed_batch()
+    prompt = torch.tensor([PREFIX[:kept] + own])
+    pool, others, alone = POOLS[decoder](model), CachedForward(model), CachedForward(model, share_prefixes=False)
+    for forward in (pool, others):
+        forward.prefill(ids, mask)
+    assert pool.prefix.width == 32
+    close = lambda a, b: torch.testing.assert_close(torch.log_softmax(a, -1), torch.log_softmax(b, -1),  # noqa: E731
+                                                    atol=1e-5, rtol=0)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    for step in range(6):
+        tokens = torch.randint(3, V, (5, 1), generator=g)
+        if step == 2:
+            shapes = []
+            hook = record_input_shapes(model, shapes)
+            pool.admit(torch.tensor([3]), prompt, torch.ones_like(prompt))
+            hook.remove()
+            reused = kept if kept >= 20 else 0
+            assert shapes == [(1, prompt.shape[1] - reused)] and pool.prefill_shared == reused, shapes
+            assert pool.prefix.width == 32  # (kept whole for the next admits)
+            alone.prefill(prompt, torch.ones_like(prompt))
+        if step >= 2:
+            close(pool.next_logits[3:4], alone.next_logits)
+            alone.extend(tokens[3:4], torch.ones(1, 1, dtype=torch.bool))
+        for r in (0, 1, 2, 4):
+            close(pool.next_logits[r:r + 1], others.next_logits[r:r + 1])
+        pool.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
+        others.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
+
+
 def test_the_sequence_pass_encodes_the_shared_beginning_once_but_not_under_a_sliding_window():
     """The reference pass: the 32 tokens every prompt begins with go through the model once (one row), each
     chunk of rows after them; the log-probs are the unshared pass's. A sliding-window model's window counts

@@ -40,3 +40,20 @@ def test_the_floor_of_continuous_batching_refills_each_freed_row_at_once(monkeyp
     # a packing that knew the lengths (3 + 1 | 2 + 2) would take 4
     assert greedy_steps([3, 1, 2, 2], 2) == 5
     assert greedy_steps([5, 3, 2, 4], 2) == 9 and greedy_steps([1] * 8, 4) == 2 and greedy_steps([10], 3) == 10
+
+
+def test_the_tests_named_first_are_collected_first():
+    """TEXTRL_TEST_FIRST (tests/conftest.py): the GPU check runs the decoder tests before the rest, so a suite cut
+    short by its time limit has run them; the others keep their order."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "TEXTRL_TEST_FIRST": "tests/test_generate.py tests/test_fast_decoding.py::test_a_compiler"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "tests/test_advantages.py", "tests/test_fast_decoding.py", "tests/test_generate.py"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300).stdout.splitlines()
+    ids = [line for line in out if "::" in line]
+    files = [i.split("::")[0] for i in ids]
+    n = files.count("tests/test_generate.py")
+    assert n > 3 and set(files[:n]) == {"tests/test_generate.py"}, ids[:n + 2]
+    assert ids[n].startswith("tests/test_fast_decoding.py::test_a_compiler")
+    rest = [f for f in files[n:] if f != "tests/test_generate.py"]
+    assert rest[1:] == sorted(rest[1:], key=["tests/test_advantages.py", "tests/test_fast_decoding.py"].index)

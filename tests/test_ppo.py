@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import reproducible
 from safetensors.torch import load_file
 
 from textrl.cli import resolve_train_config
@@ -34,7 +35,7 @@ def test_same_seed_same_run(tmp_path):
     runs = []
     for name in ("a", "b"):
         train(cfg_for(tmp_path / name, "--total-steps", "768", "--seed", "7"), quiet=True)
-        runs.append([{k: v for k, v in m.items() if not k.startswith("time/")} for m in read_metrics(tmp_path / name)])
+        runs.append(reproducible(read_metrics(tmp_path / name)))
     assert runs[0] == runs[1]
     assert len(runs[0]) == 3 and runs[0][-1]["global_step"] == 768
 

@@ -142,10 +142,12 @@ def test_tasks_are_registered_gymnasium_envs(env_id, smol_tokenizer):
     check_env(env.unwrapped, skip_render_check=True)
 
 
-def _tiny_model_dir(tmp_path):
+def _tiny_model_dir(tmp_path, extra: int = 0):
+    """A tiny chat model saved as a folder; ``extra`` logits past the tokenizer's tokens (Qwen2 pads its
+    vocabulary so: a random model samples them, which the env takes as actions that decode to nothing)."""
     folder = tmp_path / "tiny"
     tok = chat_tokenizer()
-    tiny_gpt2(len(tok), n_positions=512).save_pretrained(folder)  # (the game's prompt is ~170 characters)
+    tiny_gpt2(len(tok) + extra, n_positions=512).save_pretrained(folder)  # (the game's prompt is ~170 characters)
     tok.save_pretrained(folder)
     assert load_tokenizer(str(folder)).chat_template == CHAT_TEMPLATE
     return folder
@@ -153,7 +155,7 @@ def _tiny_model_dir(tmp_path):
 
 def test_textrl_eval_writes_its_report_and_a_trained_run_evaluates(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model = _tiny_model_dir(tmp_path)
+    model = _tiny_model_dir(tmp_path, extra=16)  # (ids past the tokenizer's, sampled in eval and train alike)
     common = ["--env", "textrl/GuessNumber-v0", "--num-samples", "2", "--max-prompts", "3", "--device", "cpu"]
     assert main(["eval", *common, "--model", str(model), "--output-dir", "base"]) == 0
     report = json.loads((tmp_path / "base" / "eval.json").read_text())

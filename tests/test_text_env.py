@@ -218,6 +218,7 @@ def test_prompt_rows_with_columns_and_chat_messages_reach_the_scorer():
         ({"context_length": 16}, "exceeds the model's context_length=16"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"scorer": 42}, "scorer must be callable"),
+        ({"vocab_size": 0}, "vocab_size must be a positive integer .*number of logits.*got 0"),
         ({"scorer": "no colon"}, "scorer: expected 'module:attribute', got 'no colon'"),
     ],
 )
@@ -230,7 +231,7 @@ def test_bad_construction(tok, kwargs, match):
 @pytest.mark.parametrize(
     "action, match",
     [
-        (torch.tensor([0, 1, 2, 999]), "token id 999 is outside the vocabulary \\[0, 34\\)"),
+        (torch.tensor([0, 1, 2, 999]), "token id 999 is outside the vocabulary \\[0, 34\\).*vocab_size=its config"),
         (torch.tensor([0, 1, -1, 2]), "token id -1"),
         (torch.tensor([1, 2]), "shape \\(4,\\)"),
         (torch.tensor([1.0, 2.0, 3.0, 4.0]), "integer token ids"),
@@ -241,6 +242,30 @@ def test_bad_actions(tok, action, match):
     env.reset(seed=0)
     with pytest.raises((ValueError, TypeError), match=match):
         env.step(action)
+
+
+def test_a_model_with_more_logits_than_tokens_acts_with_every_id_it_can_sample(tok):
+    """Qwen2 pads its 151,665 tokens to 151,936 logits; here a tiny GPT-2 has 16 logits past the 34 tokens. Its
+    samples land there about a third of the time: with ``vocab_size`` (what ``textrl train`` and ``eval`` pass,
+    see ``fit_vocabulary``) they are actions that decode to nothing; the spaces say so, and so do the env's copies."""
+    policy = tiny_gpt2(len(tok) + 16, seed=0)
+    seen = []
+    env = make_env(tok, B=6, T=12, scorer=lambda p, c: (seen.extend(c), length_scorer(p, c))[1])
+    with pytest.raises(ValueError, match="outside the vocabulary \\[0, 34\\)"):
+        text_rollout(env, policy, seed=0)
+    env.fit_vocabulary(len(tok) + 16)
+    assert env.single_action_space.n == 50 and env.single_observation_space["input_ids"].high.max() == 49
+    assert env.with_prompts(PROMPTS[:2]).vocab_size == 50
+    assert make_env(tok, B=6, T=12, vocab_size=20).vocab_size == len(tok)  # (never narrower than the tokenizer)
+    seen.clear()
+    ro = text_rollout(env, policy, seed=0)
+    P = ro.prompt_ids.shape[1]
+    response = ro.input_ids[:, P:][ro.action_mask]
+    assert (response >= len(tok)).any() and (response < len(tok)).any()
+    ids = ro.input_ids[:, P:].tolist()
+    kept = [tok.decode([i for i, m in zip(row, mask, strict=True) if m and i < len(tok)], skip_special_tokens=True)
+            for row, mask in zip(ids, ro.action_mask.tolist(), strict=True)]
+    assert sorted(seen) == sorted(kept)  # (the padded ids decode to nothing)
 
 
 @pytest.mark.parametrize(

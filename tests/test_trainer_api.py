@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from textrl.envs.scorers import WeightedRewards, call_scorer
-from textrl.envs.toy import char_tokenizer, tiny_model
+from textrl.envs.toy import char_tokenizer, tiny_gpt2, tiny_model
 
 from textrl.api import PPO, Trainer, reward_scorer
 from textrl.config import TrainConfig
@@ -76,6 +76,20 @@ def test_trainer_trains_a_model_object_in_place_with_weighted_rewards(tmp_path):
     assert again.scores == pytest.approx(result.after.scores)
     with pytest.raises(RuntimeError, match="trained already"):
         trainer.train()
+
+
+def test_a_model_with_more_logits_than_its_tokenizer_has_tokens_trains_and_evaluates(tmp_path):
+    """Qwen2's case (151,936 logits for 151,665 tokens), small: 16 logits past the 34 tokens, sampled about a third
+    of the time by a random model. The run's env takes them as actions (the policy's config.vocab_size)."""
+    tokenizer = char_tokenizer()
+    model = tiny_gpt2(len(tokenizer) + 16, seed=3)
+    trainer = Trainer(model, reward_funcs=[share_of_e], train_dataset=PROMPTS, eval_dataset=PROMPTS[:2],
+                      tokenizer=tokenizer, quiet=True,
+                      args=TrainConfig(total_steps=128, num_envs=8, output_dir=str(tmp_path / "run"),
+                                       env_kwargs={"max_new_tokens": 8}))
+    result = trainer.train()
+    assert result.updates == 2 and result.after is not None and len(result.after.scores) == 2
+    assert trainer.run.base.vocab_size == len(tokenizer) + 16
 
 
 def test_trainer_save_pretrained_merges_lora_into_a_loadable_model(tmp_path):

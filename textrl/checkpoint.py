@@ -89,6 +89,15 @@ def save_checkpoint(
     return final
 
 
+def _indexed(device: str | torch.device) -> str:
+    """``device`` with its index: safetensors reads a bare "cuda" as GPU 0, torch as the current GPU (a run on
+    ``--device cuda:1`` would load its weights onto GPU 0 first)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
 def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict]:
     """Returns ``(agent_state, trainer_state)`` and restores the global RNG states."""
     ckpt = Path(run_dir) / CHECKPOINT_DIR
@@ -97,7 +106,7 @@ def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         agent_state = {
-            "model": load_file(str(ckpt / "model.safetensors"), device=str(device)),
+            "model": load_file(str(ckpt / "model.safetensors"), device=_indexed(device)),
             "optimizer": torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True),
             **state.pop("agent_extra", {}),
         }

@@ -154,13 +154,15 @@ def reward_model_scorer(item: Any, device: torch.device | str) -> Any:
 
 def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str, num_envs: int | None = None,
                    shard: Shard | None = None, num_generations: int | None = None, scorer: Any = None,
-                   generation_eos_ids: Any = (), context_length: int | None = None) -> gym.vector.VectorEnv:
+                   generation_eos_ids: Any = (), context_length: int | None = None,
+                   vocab_size: int | None = None) -> gym.vector.VectorEnv:
     """The run's text env: ``cfg.env`` with ``cfg.env_kwargs``, ``num_envs`` rows (default ``cfg.num_envs``),
     the rows ``shard`` of a data-parallel batch, k = ``num_generations`` rows per prompt (None: as
     ``env_kwargs`` says; an agent that needs k sets it), and ``scorer`` (e.g. a loaded reward model)
     replacing the env's own; ``generation_eos_ids`` (the policy's ``generation_config.eos_token_id``) join a
     multi-turn env's default stop ids; ``context_length`` (the policy's) is checked against the env's prompt
-    and response budget when the env is a :class:`~textrl.envs.text_gen.TextGenVectorEnv` class."""
+    and response budget when the env is a :class:`~textrl.envs.text_gen.TextGenVectorEnv` class; ``vocab_size`` (the
+    policy's number of logits) widens the env's actions where it exceeds the tokenizer's (``fit_vocabulary``)."""
     kwargs = dict(cfg.env_kwargs)
     if num_generations is not None:
         given = kwargs.pop("num_generations", num_generations)
@@ -194,6 +196,8 @@ def build_text_env(cfg: TrainConfig, tokenizer: Any, device: torch.device | str,
     if not isinstance(envs.unwrapped, TextGenVectorEnv):
         raise TypeError(f"env: {cfg.env} is not a textrl text env (got {type(envs.unwrapped).__name__}); text runs "
                         "need a TextGenVectorEnv or a subclass of it (see textrl.envs)")
+    if vocab_size:
+        envs.unwrapped.fit_vocabulary(vocab_size)
     return envs
 
 
@@ -214,6 +218,12 @@ def context_length_of(config: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def vocab_size_of(config: Any) -> int | None:
+    """A model config's number of logits (``vocab_size``), or None."""
+    value = getattr(config, "vocab_size", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def build_kl_env(envs: gym.vector.VectorEnv, reference: Any, kl: KLConfig, temperature: float,

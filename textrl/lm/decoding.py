@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -112,13 +112,31 @@ def shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
     """How many leading real tokens all rows of ``ids``/``mask`` ``[b, n]`` have in common (counting real tokens
     only, wherever padding or masked slots put them), at most the shortest row's length − 1, so that every row
     keeps a token of its own to predict from; 0 for a single row."""
-    real = mask.bool()
-    most = int(real.sum(1).min()) - 1
+    most = int(mask.bool().sum(1).min()) - 1
     if ids.shape[0] < 2 or most <= 0:
         return 0
-    order = torch.argsort((~real).int(), dim=1, stable=True)[:, :most]  # each row's first real columns
-    aligned = ids.gather(1, order)
-    same = (aligned == aligned[:1]).all(0)
+    aligned = _first_real(ids, mask, most)
+    return _agreeing(aligned == aligned[:1], most)
+
+
+def common_beginning(ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> int:
+    """How many of ``tokens`` ``[n]`` every row of ``ids``/``mask`` ``[b, L]`` begins with (in real tokens, as
+    :func:`shared_prefix` counts them), at most the shortest row's length − 1."""
+    most = min(int(mask.bool().sum(1).min()) - 1, tokens.shape[0])
+    if most <= 0:
+        return 0
+    return _agreeing(_first_real(ids, mask, most) == tokens[:most], most)
+
+
+def _first_real(ids: torch.Tensor, mask: torch.Tensor, most: int) -> torch.Tensor:
+    """``[b, most]``: each row's first ``most`` real tokens."""
+    order = torch.argsort((~mask.bool()).int(), dim=1, stable=True)[:, :most]
+    return ids.gather(1, order)
+
+
+def _agreeing(equal: torch.Tensor, most: int) -> int:
+    """The leading columns of ``equal`` ``[b, most]`` that are True in every row."""
+    same = equal.all(0)
     return most if bool(same.all()) else int((~same).int().argmax())
 
 
@@ -187,6 +205,14 @@ def grow_in_place(cache: Any) -> None:
             layer.__class__ = GrowingLayer
 
 
+def hold(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make ``layer`` hold ``keys``/``values`` (a :class:`GrowingLayer` lets go of its buffers now, not at its
+    next append)."""
+    layer.keys, layer.values = keys, values
+    if isinstance(layer, GrowingLayer):
+        layer.storage = None
+
+
 def plain_layers(cache: Any, width: int) -> bool:
     """Whether every layer of ``cache`` is a plain dynamic full-attention layer holding ``width`` columns (a
     sliding-window or otherwise indexed layer keeps other columns: nothing may be moved or shared in it)."""
@@ -194,8 +220,44 @@ def plain_layers(cache: Any, width: int) -> bool:
                and layer.keys.shape[-2] == width for layer in cache.layers)
 
 
-def encode_prefix(model: Any, cache_kwarg_name: str, tokens: torch.Tensor) -> DynamicCache | None:
-    """The KV cache of one row of ``tokens`` ``[n]`` (positions 0..n-1), or None where the model's cache is not
+class Prefix:
+    """Tokens every row of a batch begins with (``tokens`` ``[n]``: a system prompt, a chat template's header)
+    and their KV cache, one row (``cache``), encoded once: each prefill of rows that begin with them starts
+    from it (:func:`prefill_shared`) — the batch's, and in continuous batching each admit's after it."""
+
+    def __init__(self, tokens: torch.Tensor, cache: DynamicCache):
+        self.tokens, self.cache = tokens, cache
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[0]
+
+    def covering(self, ids: torch.Tensor, mask: torch.Tensor) -> Prefix | None:
+        """The part of this prefix every row of ``ids``/``mask`` ``[b, L]`` begins with, leaving each row a token of
+        its own, where it is :data:`SHARED_PREFIX_MIN` tokens or more (it costs no forward now); else None."""
+        n = common_beginning(ids, mask, self.tokens)
+        if n < SHARED_PREFIX_MIN:
+            return None
+        if n == self.width:
+            return self
+        cache = DynamicCache()  # (a full-attention layer's first n columns are the cache of the first n tokens)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        return Prefix(self.tokens[:n], cache)
+
+    def expanded(self, rows: int) -> DynamicCache:
+        """A cache whose every row starts with this prefix's keys and values: views (the forward's first append
+        copies them into each row), in layers of its own (this one stays as it is, to be used again)."""
+        cache = DynamicCache()
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
+        return cache
+
+
+def encode_prefix(model: Any, cache_kwarg_name: str, tokens: torch.Tensor) -> Prefix | None:
+    """``tokens`` ``[n]`` (positions 0..n-1) with their one-row KV cache, or None where the model's cache is not
     made of plain full-attention layers (see :func:`plain_layers`) or its forward takes no cache."""
     if not _takes(model, cache_kwarg_name):
         return None
@@ -205,13 +267,12 @@ def encode_prefix(model: Any, cache_kwarg_name: str, tokens: torch.Tensor) -> Dy
                 position_ids=torch.arange(ids.shape[1], device=ids.device).unsqueeze(0), use_cache=True,
                 **{cache_kwarg_name: cache})
     cache = getattr(out, cache_kwarg_name, None) or cache
-    return cache if isinstance(cache, DynamicCache) and plain_layers(cache, ids.shape[1]) else None
+    return Prefix(tokens, cache) if isinstance(cache, DynamicCache) and plain_layers(cache, ids.shape[1]) else None
 
 
-def encode_shared_prefix(model: Any, cache_kwarg_name: str, ids: torch.Tensor,
-                         mask: torch.Tensor) -> DynamicCache | None:
-    """The one-row KV cache of the beginning all rows of ``ids``/``mask`` ``[b, n]`` share (its width: the shared
-    tokens), where encoding it once pays (:func:`worth_sharing`) on a full-attention model; None otherwise."""
+def encode_shared_prefix(model: Any, cache_kwarg_name: str, ids: torch.Tensor, mask: torch.Tensor) -> Prefix | None:
+    """The beginning all rows of ``ids``/``mask`` ``[b, n]`` share, encoded (:func:`encode_prefix`), where encoding
+    it once pays (:func:`worth_sharing`) on a full-attention model; None otherwise."""
     if ids.shape[1] <= SHARED_PREFIX_MIN:  # (too short to share anything: no device sync)
         return None
     shared = shared_prefix(ids, mask)
@@ -229,16 +290,30 @@ def after_prefix(mask: torch.Tensor, shared: int) -> tuple[int, torch.Tensor]:
     return start, rest[:, start:].to(mask.dtype)
 
 
+class Prefilled(NamedTuple):
+    """What :func:`prefill_shared` returns."""
+
+    cache: Any  # the new dynamic cache, a row per row given
+    mask: torch.Tensor  # [B, C] its attention mask (cache layout)
+    logits: torch.Tensor  # [B, V] each row's next-token logits (float32)
+    rows: int  # rows encoded (the distinct ones)
+    prefix: Prefix | None  # the beginning every row shares, encoded once (None: none was)
+
+    @property
+    def shared(self) -> int:
+        return 0 if self.prefix is None else self.prefix.width
+
+
 def prefill_shared(model: Any, cache_kwarg_name: str, ids: torch.Tensor, mask: torch.Tensor,
-                   share: bool = True, prefix: DynamicCache | None = None) -> tuple[Any, torch.Tensor, torch.Tensor, int, int]:
-    """Prefill trimmed prefixes ``ids``/``mask`` ``[B, n]`` into a new dynamic cache; returns ``(cache, cache_mask
-    [B, C], logits [B, V], rows encoded, shared tokens)``. With ``share``: rows that repeat another (k completions
-    per prompt) are encoded once and gathered back; then, where the distinct rows begin with the same tokens
-    (a system prompt, a chat template's header: see :func:`worth_sharing`), those are encoded once in one row
-    and the cache of that row is the first columns of every row's, the rest of each row after them. The cache
-    mask then differs in layout from ``mask`` (the rows' own tokens after the shared columns, their padding
-    between) and may be narrower; positions come from it, so the tokens' positions are the same. ``prefix``:
-    that one-row cache, encoded already (of real tokens every row begins with, leaving each row one at least)."""
+                   share: bool = True, prefix: Prefix | None = None) -> Prefilled:
+    """Prefill trimmed prefixes ``ids``/``mask`` ``[B, n]`` into a new dynamic cache (see :class:`Prefilled`). With
+    ``share``: rows that repeat another (k completions per prompt) are encoded once and gathered back; then,
+    where the distinct rows begin with the same tokens (a system prompt, a chat template's header: see
+    :func:`worth_sharing`), those are encoded once in one row and the cache of that row is the first columns
+    of every row's, the rest of each row after them. The cache mask then differs in layout from ``mask`` (the
+    rows' own tokens after the shared columns, their padding between) and may be narrower; positions come
+    from it, so the tokens' positions are the same. ``prefix``: that beginning, encoded already (tokens every
+    row begins with, leaving each row one at least: see :meth:`Prefix.covering`)."""
     distinct, inverse = distinct_rows(ids * mask, mask) if share else (None, None)
     if distinct is not None:
         ids, mask = ids[distinct], mask[distinct]
@@ -248,7 +323,7 @@ def prefill_shared(model: Any, cache_kwarg_name: str, ids: torch.Tensor, mask: t
     if prefix is None:
         cache, shared = DynamicCache(), 0
     else:
-        cache, shared = expanded(prefix, b), prefix.layers[0].keys.shape[-2]
+        cache, shared = prefix.expanded(b), prefix.width
         start, rest = after_prefix(mask, shared)
         ids, mask = ids[:, start:], torch.cat([mask.new_ones(b, shared), rest], dim=1)
     out, logits = last_logits(model, cache_kwarg_name, cache, ids, mask[:, shared:], shared)
@@ -256,17 +331,20 @@ def prefill_shared(model: Any, cache_kwarg_name: str, ids: torch.Tensor, mask: t
     if distinct is not None:  # back to one row per completion
         cache.batch_select_indices(inverse)
         logits, mask = logits[inverse], mask[inverse]
-    return cache, mask, logits, b, shared
+    return Prefilled(cache, mask, logits, b, prefix)
 
 
-def expanded(prefix: DynamicCache, rows: int) -> DynamicCache:
-    """A cache whose every row starts with the one-row ``prefix``'s keys and values: views (the forward's first
-    append copies them into each row), in layers of its own (``prefix`` stays as it is, to be used again)."""
-    cache = DynamicCache()
-    cache.layers = [copy.copy(layer) for layer in prefix.layers]
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
-    return cache
+def admitted(forward: Any, ids: torch.Tensor, mask: torch.Tensor) -> Prefilled:
+    """Prefill an admit's trimmed prompts ``ids``/``mask`` ``[k, n]`` for ``forward`` (a :class:`CachedForward` or a
+    :class:`~textrl.lm.static.StaticForward`; continuous batching): from ``forward.prefix``, the beginning its
+    batch's prompts share, encoded at its prefill, where every new prompt begins with it (or
+    :data:`SHARED_PREFIX_MIN` tokens of it) too, so a system prompt is encoded once per batch, not once per admit.
+    A beginning the new prompts share is kept for the next admits when the batch had none."""
+    known = forward.prefix.covering(ids, mask) if forward.prefix is not None and forward.share_prefixes else None
+    done = prefill_shared(forward.model, forward.cache_kwarg, ids, mask, forward.share_prefixes, prefix=known)
+    if forward.prefix is None:
+        forward.prefix = done.prefix
+    return done
 
 
 def logits_after_last(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -307,6 +385,7 @@ class CachedForward:
         self.model, self.cache_kwarg, self.share_prefixes = model, cache_kwarg(model), share_prefixes
         self.prefill_rows = 0  # rows the last prefill encoded (fewer than the batch when prefixes repeat)
         self.prefill_shared = 0  # tokens of the last prefill's prefix shared by every row and encoded once
+        self.prefix: Prefix | None = None  # the beginning the batch's prompts share, encoded once (admits use it)
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (B, C) cache-layout attention mask
         self.next_logits: torch.Tensor | None = None  # (B, V)
@@ -318,9 +397,9 @@ class CachedForward:
         another row's prefix (k completions per prompt) are encoded once and their cache shared, and so is a
         long enough beginning that every prefix shares (a system prompt): see :func:`prefill_shared`."""
         _, ids, mask = trim_padding(input_ids, attention_mask)
-        self.cache, self.mask, self.next_logits, rows, self.prefill_shared = prefill_shared(
-            self.model, self.cache_kwarg, ids, mask, self.share_prefixes)
-        self.rows, self.prefill_rows = None, rows
+        done = prefill_shared(self.model, self.cache_kwarg, ids, mask, self.share_prefixes)
+        self.cache, self.mask, self.next_logits = done.cache, done.mask, done.logits
+        self.rows, self.prefill_rows, self.prefill_shared, self.prefix = None, done.rows, done.shared, done.prefix
         return self.next_logits
 
     def retire(self, ended: torch.Tensor) -> None:
@@ -354,13 +433,12 @@ class CachedForward:
         """Start batch rows ``rows`` ``[k]`` on new left-padded prefixes ``[k, L]`` while the other rows keep
         decoding — the cache side of continuous batching. Whatever the cache still holds of those rows (an
         ended episode not yet retired) is dropped; the new rows are prefilled on their own (repeated prefixes
-        once) and joined to the cache, the narrower side left-padded with masked columns. Returns the
-        next-token logits ``[B, V]``."""
+        once, and the beginning the batch's prompts share not again: :func:`admitted`) and joined to the cache,
+        the narrower side left-padded with masked columns. Returns the next-token logits ``[B, V]``."""
         assert self.mask is not None, "prefill first"
         rows = torch.as_tensor(rows, device=self.mask.device).long()
         held = self.rows if self.rows is not None else torch.arange(self.next_logits.shape[0], device=rows.device)
-        new = CachedForward(self.model, self.share_prefixes)
-        logits = new.prefill(input_ids, attention_mask)
+        new = admitted(self, *trim_padding(input_ids, attention_mask)[1:])
         stay = ~torch.isin(held, rows)  # rows still cached from their last episode restart: drop their old part
         if not stay.any():  # every cached row restarts: the new cache is the cache
             self.cache, self.mask, self.rows = new.cache, new.mask, rows
@@ -371,14 +449,12 @@ class CachedForward:
             width = max(self.mask.shape[1], new.mask.shape[1])
             pad = lambda x: torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0))  # noqa: E731 - [b, h, c, d]
             for mine, theirs in zip(self.cache.layers, new.cache.layers, strict=True):
-                mine.keys = torch.cat([pad(mine.keys), pad(theirs.keys)])
-                mine.values = torch.cat([pad(mine.values), pad(theirs.values)])
-                mine.__dict__.pop("storage", None)  # (a GrowingLayer's old buffers: not its tensors any more)
+                hold(mine, torch.cat([pad(mine.keys), pad(theirs.keys)]), torch.cat([pad(mine.values), pad(theirs.values)]))
             left = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
             self.mask, self.rows = torch.cat([left(self.mask), left(new.mask)]), torch.cat([held, rows])
             self._drop_empty_columns()
-        self.next_logits = self.next_logits.index_copy(0, rows, logits.to(self.next_logits.dtype))
-        self.prefill_rows, self.prefill_shared = new.prefill_rows, new.prefill_shared
+        self.next_logits = self.next_logits.index_copy(0, rows, new.logits.to(self.next_logits.dtype))
+        self.prefill_rows, self.prefill_shared = new.rows, new.shared
         return self.next_logits
 
     @torch.no_grad()
@@ -507,20 +583,21 @@ def chunk_order(model: Any, name: str, ids: torch.Tensor, mask: torch.Tensor, re
 
 
 def _grouped_chunk_inputs(model: Any, ids: torch.Tensor, mask: torch.Tensor, response_start: int,
-                          prefix: DynamicCache | None, name: str) -> tuple[torch.Tensor, dict]:
+                          prefix: Prefix | None, name: str) -> tuple[torch.Tensor, dict]:
     """A reference-pass chunk's ``(input_ids, forward keywords)`` when its prompts repeat: the prompts but their
     last token prefilled with each distinct one encoded once (:func:`prefill_shared`, after the batch's shared
     beginning ``prefix`` if any), the chunk's forward from the prompts' last column on, from that cache."""
     head = response_start - 1
     _, head_ids, head_mask = trim_padding(ids[:, :head], mask[:, :head])
-    cache, cache_mask, *_ = prefill_shared(model, name, head_ids, head_mask, prefix=prefix)
+    done = prefill_shared(model, name, head_ids, head_mask, prefix=prefix)
+    cache, cache_mask = done.cache, done.mask
     full = torch.cat([cache_mask, mask[:, head:]], dim=1)
     return ids[:, head:], {"attention_mask": full, "position_ids": positions_from_mask(full)[:, cache_mask.shape[1]:],
                            name: cache, "use_cache": True}
 
 
 def _chunk_inputs(model: Any, ids: torch.Tensor, mask: torch.Tensor, response_start: int,
-                  prefix: DynamicCache | None, name: str) -> tuple[torch.Tensor, dict]:
+                  prefix: Prefix | None, name: str) -> tuple[torch.Tensor, dict]:
     """A reference-pass chunk's ``(input_ids, forward keywords)``: its columns from the first that
     is real in some row (at the latest the column before the response, which predicts its first token), or,
     after a shared ``prefix`` (its cache, one row), from the first real column past it, with that cache."""
@@ -528,9 +605,9 @@ def _chunk_inputs(model: Any, ids: torch.Tensor, mask: torch.Tensor, response_st
         start = min(trim_padding(ids, mask)[0], response_start - 1)
         ids, mask = ids[:, start:], mask[:, start:]
         return ids, {"attention_mask": mask, "position_ids": positions_from_mask(mask)}
-    b, shared = ids.shape[0], prefix.layers[0].keys.shape[-2]
+    b, shared = ids.shape[0], prefix.width
     start, rest = after_prefix(mask, shared)
-    cache = expanded(prefix, b)
+    cache = prefix.expanded(b)
     full = torch.cat([rest.new_ones(b, shared), rest], dim=1)
     return ids[:, start:], {"attention_mask": full, "position_ids": positions_from_mask(full)[:, shared:], name: cache,
                             "use_cache": True}

@@ -22,7 +22,7 @@ from textrl.config import KLConfig, SamplingConfig, TrainConfig, from_dict
 from textrl.envs.prompts import load_prompt_records, prompt_rows
 from textrl.envs.text_gen import TextGenVectorEnv
 from textrl.imports import env_spec
-from textrl.lm.build import builds, context_length_of
+from textrl.lm.build import builds, context_length_of, vocab_size_of
 from textrl.lm.evaluate import EvalResult, evaluate_heldout
 from textrl.lm.models import check_model_source, disable_dropout, load_causal_lm, load_tokenizer
 from textrl.lm.policy import AdaptersOff
@@ -125,6 +125,9 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> tuple[EvalResult, Path]:
     env = gym.make_vec(env_id, num_envs=1, tokenizer=tokenizer, device=device, **env_kwargs).unwrapped
     if not isinstance(env, TextGenVectorEnv):
         raise TypeError(f"env: {env_id} is not a textrl text env (got {type(env).__name__})")
+    vocab = vocab_size_of(getattr(policy, "config", None))
+    if vocab:  # (a model with more logits than tokens, Qwen2's: the ids between are actions too)
+        env.fit_vocabulary(vocab)
     prompts = env.eval_prompts if cfg.split == "eval" else prompt_rows(env.prompts, env.columns)
     if not prompts:
         raise ValueError(f"split: env {env_id} has no {cfg.split} prompts; use --split train or give eval_prompts")

@@ -29,6 +29,7 @@ from textrl.lm.build import (
     context_length_of,
     load_reward_model,
     policy_model_name,
+    vocab_size_of,
 )
 from textrl.lm.collect import collect_episodes, collect_tokens
 from textrl.lm.evaluate import EvalResult, evaluate_heldout, summary_line
@@ -148,6 +149,8 @@ class LMRun(Run):
         # CPU, NCCL on GPUs) and the run becomes data-parallel, each process stepping its shard of the env
         accelerator = make_accelerator(want)
         self.device = accelerator.device if want.type != "cpu" else want
+        if self.device.type == "cuda":  # memory/gpu_peak_mb: this run's peak, not an earlier one's in the process
+            torch.cuda.reset_peak_memory_stats(self.device)
         # the process count from torch.distributed (under DeepSpeed on CPU accelerate's own state reports 1)
         self.world, self.main = world_size(), is_main()
         self._plan()
@@ -210,7 +213,8 @@ class LMRun(Run):
         eos = getattr(getattr(self.policy.lm, "generation_config", None), "eos_token_id", None)
         self.envs = build_text_env(cfg, self.tokenizer, self.device, self.env_rows, self.shard, k, scorer,
                                    generation_eos_ids=[eos] if isinstance(eos, int) else list(eos or ()),
-                                   context_length=context_length_of(getattr(self.policy.lm, "config", None)))
+                                   context_length=context_length_of(getattr(self.policy.lm, "config", None)),
+                                   vocab_size=vocab_size_of(getattr(self.policy.lm, "config", None)))
         self.base = self.envs.unwrapped
         cls.check_env(self.envs, agent_cfg)
         self.agent = cls(agent_cfg, self.policy, kl_coef=cfg.kl.coef if cls.kl_in == "loss" else 0.0)
@@ -333,7 +337,7 @@ class LMRun(Run):
         out.update({"reward/kl_coef": self.kl_env.kl_coef, "time/tokens_per_s": self.tokens_seen / elapsed})
         if hasattr(self.base.scorer, "take_means"):  # several reward functions: each one's mean (this process's rows)
             out.update({f"reward/{name}": v for name, v in self.base.scorer.take_means().items()})
-        if self.device.type == "cuda":  # this process's peak since the run started (weights, caches, optimiser)
+        if self.device.type == "cuda":  # this run's peak so far (weights, caches, optimiser)
             out["memory/gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if stats.get("policy/approx_kl", 0) > 0.1 or stats.get("policy/clipfrac", 0) > 0.3:
             self.warn_streak += 1

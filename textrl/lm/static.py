@@ -33,7 +33,14 @@ from typing import Any
 import torch
 from transformers import StaticCache
 
-from textrl.lm.decoding import cache_kwarg, full_attention, logits_after_last, prefill_shared, trim_padding
+from textrl.lm.decoding import (
+    admitted,
+    cache_kwarg,
+    full_attention,
+    logits_after_last,
+    prefill_shared,
+    trim_padding,
+)
 from textrl.logprobs import token_logprobs
 
 __all__ = ["StaticForward", "BUCKET", "full_attention"]
@@ -95,6 +102,7 @@ class StaticForward:
         self.next_logits: torch.Tensor | None = None  # (B, V)
         self.prefill_rows = 0  # (as CachedForward's)
         self.prefill_shared = 0
+        self.prefix = None  # (as CachedForward's)
         self._step = None  # the (compiled) one-column step of the current cache
         self.fallback: str | None = None  # why the compiled step gave way to the eager one (None: it did not)
         self.ended: torch.Tensor | None = None  # (B,) rows retired and not admitted since (None: none)
@@ -130,13 +138,19 @@ class StaticForward:
         eager step then, as for the old cache)."""
         return self._compiled_step() if self.compile and self.fallback is None else self._forward
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor]:
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor,
+                admit: bool = False) -> tuple[list, torch.Tensor, torch.Tensor]:
         """Prefill ``[b, n]`` trimmed prefixes in a scratch dynamic cache (repeated prefixes and a shared
-        beginning once: :func:`~textrl.lm.decoding.prefill_shared`): per layer ``(keys, values)`` ``[b, h, c, d]``,
-        their mask ``[b, c]`` (``c ≤ n``) and the next-token logits ``[b, V]``."""
-        scratch, mask, logits, self.prefill_rows, self.prefill_shared = prefill_shared(
-            self.model, self.cache_kwarg, ids, mask, self.share_prefixes)
-        return [(done.keys, done.values) for done in scratch.layers], mask, logits
+        beginning once: :func:`~textrl.lm.decoding.prefill_shared`; an ``admit``'s from the batch's shared
+        beginning: :func:`~textrl.lm.decoding.admitted`): per layer ``(keys, values)`` ``[b, h, c, d]``, their mask
+        ``[b, c]`` (``c ≤ n``) and the next-token logits ``[b, V]``."""
+        if admit:
+            done = admitted(self, ids, mask)
+        else:
+            done = prefill_shared(self.model, self.cache_kwarg, ids, mask, self.share_prefixes)
+            self.prefix = done.prefix
+        self.prefill_rows, self.prefill_shared = done.rows, done.shared
+        return [(layer.keys, layer.values) for layer in done.cache.layers], done.mask, done.logits
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -164,7 +178,7 @@ class StaticForward:
         rows = torch.as_tensor(rows, device=self.mask.device).long()
         _, ids, mask = trim_padding(input_ids, attention_mask)
         self._grow(_bucketed(input_ids.shape[1] + 1) + BUCKET)  # the widest live row + a bucket
-        kv, mask, logits = self._encode(ids, mask)
+        kv, mask, logits = self._encode(ids, mask, admit=True)
         n = mask.shape[1]
         if n > self.used:  # a prompt wider than the columns so far: every row moves right to make room
             self._shift(n - self.used)
@@ -281,16 +295,15 @@ class StaticForward:
         step = torch.compile(self._one_column, mode=mode, dynamic=False, fullgraph=False)
 
         def run(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            counted = _counts_columns(self.cache.layers[0])
-            written = [layer.cumulative_length.clone() for layer in self.cache.layers] if counted else []
             try:  # CUDA graphs reuse their output buffers at the next replay: keep a copy
                 return step(tokens, mask, positions, self._where(1)).clone()
             except Exception as err:  # noqa: BLE001 - any compiler failure: the eager step computes the same
                 if self.fallback is not None:
                     raise
                 self.fallback = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                for layer, n in zip(self.cache.layers, written, strict=False):
-                    layer.cumulative_length.copy_(n)  # undo a partial write before the eager step redoes it
+                for layer in self.cache.layers:  # undo a partial write before the eager step redoes it: a layer's
+                    if _counts_columns(layer):  # count is the columns written, `used` less this step's one
+                        layer.cumulative_length.fill_(self.used - 1)
                 self._step = self._forward
                 return self._forward(tokens, mask, positions)
         return run
