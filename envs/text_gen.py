@@ -120,7 +120,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
                               max_prompt_tokens=max_prompt_tokens, context_length=context_length,
                               pad_token_id=pad_token_id, missing_eos_penalty=missing_eos_penalty,
                               score_clip=score_clip, score_scale=score_scale, score_bias=score_bias, device=device,
-                              chat_template=chat_template, stop_token_ids=stop_token_ids, vocab_size=vocab_size)
+                              chat_template=chat_template, stop_token_ids=stop_token_ids)
         self.default_model = model
         self.chat_template = chat_template
         # held-out prompts as rows that keep their columns (a verifiable task's answers), see with_prompts
@@ -226,8 +226,8 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         """Take every id below ``vocab_size`` (the policy's number of logits) as an action where the model's
         output is wider than the tokenizer: Qwen2's 151,936 logits for 151,665 tokens. A sampled id in between is
         then a token that decodes to nothing, not an error. ``textrl train`` and ``textrl eval`` call it with the
-        policy's ``config.vocab_size`` (also the ``vocab_size`` argument)."""
-        self.vocab_size = self._settings["vocab_size"] = self._wider_vocabulary(vocab_size)
+        policy's number of logits (also the ``vocab_size`` argument); it never narrows the actions."""
+        self.vocab_size = max(self.vocab_size, self._wider_vocabulary(vocab_size))
         self._make_spaces()
 
     def _make_spaces(self) -> None:
@@ -341,7 +341,10 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         the rows of a data-parallel batch): the held-out evaluation env. Subclasses whose constructor takes
         other arguments override it."""
         rows = num_envs if num_envs is not None else len(load_prompts(prompts))
-        return type(self)(rows, prompts=prompts, prompt_order="sequential", shard=shard, **self._settings)
+        env = type(self)(rows, prompts=prompts, prompt_order="sequential", shard=shard, **self._settings)
+        if self.vocab_size > env.vocab_size:  # (a model with more logits than tokens: see fit_vocabulary)
+            env.fit_vocabulary(self.vocab_size)
+        return env
 
     @property
     def num_generations(self) -> int:
@@ -358,7 +361,15 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         if self.render_mode is None:
             return None
         ids, mask = self.input_ids.cpu(), self.attention_mask.cpu().bool()
-        return tuple(self.tokenizer.batch_decode([row[m].tolist() for row, m in zip(ids, mask, strict=True)]))
+        return tuple(self.decode([row[m].tolist() for row, m in zip(ids, mask, strict=True)], skip_special_tokens=False))
+
+    def decode(self, rows: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """The texts of token id lists (the tokenizer's ``batch_decode``); ids past the tokenizer's (a model with
+        more logits than tokens: :meth:`fit_vocabulary`) are nothing, whatever the tokenizer does with them."""
+        if self.vocab_size > len(self.tokenizer):
+            n = len(self.tokenizer)
+            rows = [[i for i in row if i < n] for row in rows]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
 
     def completion_ids(self, rows: torch.Tensor) -> list[list[int]]:
         P = self.max_prompt_tokens
@@ -368,11 +379,15 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
 
     def _score(self, rows: torch.Tensor) -> torch.Tensor:
         if isinstance(self.scorer, TokenScorer) and getattr(self.scorer, "token_level", False):
-            raw = self.scorer(self.input_ids[rows], self.attention_mask[rows])
+            ids, mask = self.input_ids[rows], self.attention_mask[rows]
+            if self.vocab_size > len(self.tokenizer):  # ids past the tokenizer's are nothing, as in the texts
+                past = ids >= len(self.tokenizer)
+                ids, mask = ids.masked_fill(past, self.pad_token_id), mask.masked_fill(past, 0)
+            raw = self.scorer(ids, mask)
         else:
             which = self.prompt_index[rows].tolist()
             prompts = [self.prompts[i] for i in which]
-            completions = self.tokenizer.batch_decode(self.completion_ids(rows), skip_special_tokens=True)
+            completions = self.decode(self.completion_ids(rows))
             columns = {name: [values[i] for i in which] for name, values in self.columns.items()}
             try:
                 raw = call_scorer(self.scorer, prompts, completions, columns)

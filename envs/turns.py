@@ -234,8 +234,7 @@ class MultiTurnEnv(TextGenVectorEnv):
         """Ask :meth:`respond` about each row's finished turn; pay, end, or queue the reply's tokens."""
         starts, ends = self.turn_start[rows].tolist(), self.num_generated[rows].tolist()
         P = self.max_prompt_tokens
-        texts = self.tokenizer.batch_decode([self.input_ids[b, P + s:P + e].tolist()
-                                             for b, s, e in zip(rows, starts, ends, strict=True)], skip_special_tokens=True)
+        texts = self.decode([self.input_ids[b, P + s:P + e].tolist() for b, s, e in zip(rows, starts, ends, strict=True)])
         for b, text, end in zip(rows, texts, ends, strict=True):
             reply = self._check_reply(self.respond(self.state[b], text), b)
             self.turns[b] += 1

@@ -552,6 +552,39 @@ def test_an_admit_starts_from_the_beginning_the_batch_shared_without_encoding_it
         others.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("decoder", ["dynamic", "static"])
+def test_admits_one_after_another_reuse_the_beginning_and_leave_it_as_it_was(decoder):
+    """Admits use the batch's encoded beginning again and again: a row on a prompt with its first 20 tokens (the
+    cache cut to 20 columns), then two rows on one prompt (a group: encoded once) with all 32. The beginning's
+    keys and values stay bit for bit what the prefill made, and every admitted row decodes as its prompt alone."""
+    model = tiny_llama()
+    pool = POOLS[decoder](model)
+    pool.prefill(*prefixed_batch())
+    kept = [(layer.keys.clone(), layer.values.clone()) for layer in pool.prefix.cache.layers]
+    g = torch.Generator(DEVICE).manual_seed(0)
+    close = lambda a, b: torch.testing.assert_close(torch.log_softmax(a, -1), torch.log_softmax(b, -1),  # noqa: E731
+                                                    atol=1e-5, rtol=0)
+    for rows, prompt, own in (([3], PREFIX[:20] + [37, 39, 38], 3), ([0, 2], PREFIX + [36, 37], 2)):
+        pool.extend(torch.randint(3, V, (5, 1), generator=g), torch.ones(5, 1, dtype=torch.bool))
+        ids = torch.tensor([prompt] * len(rows))
+        shapes = []
+        hook = record_input_shapes(model, shapes)
+        pool.admit(torch.tensor(rows), ids, torch.ones_like(ids))
+        hook.remove()
+        assert shapes == [(1, own)], shapes  # (the group's prompt once, its own tokens only)
+        alone = CachedForward(model, share_prefixes=False)
+        alone.prefill(ids[:1], torch.ones_like(ids[:1]))
+        for _ in range(3):
+            for r in rows:
+                close(pool.next_logits[r:r + 1], alone.next_logits)
+            tokens = torch.randint(3, V, (5, 1), generator=g)
+            tokens[rows] = tokens[rows[0]].clone()
+            pool.extend(tokens, torch.ones(5, 1, dtype=torch.bool))
+            alone.extend(tokens[rows[:1]], torch.ones(1, 1, dtype=torch.bool))
+    assert all(torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+               for layer, (k, v) in zip(pool.prefix.cache.layers, kept, strict=True))
+
+
 def test_the_sequence_pass_encodes_the_shared_beginning_once_but_not_under_a_sliding_window():
     """The reference pass: the 32 tokens every prompt begins with go through the model once (one row), each
     chunk of rows after them; the log-probs are the unshared pass's. A sliding-window model's window counts

@@ -255,7 +255,6 @@ def test_a_model_with_more_logits_than_tokens_acts_with_every_id_it_can_sample(t
         text_rollout(env, policy, seed=0)
     env.fit_vocabulary(len(tok) + 16)
     assert env.single_action_space.n == 50 and env.single_observation_space["input_ids"].high.max() == 49
-    assert env.with_prompts(PROMPTS[:2]).vocab_size == 50
     assert make_env(tok, B=6, T=12, vocab_size=20).vocab_size == len(tok)  # (never narrower than the tokenizer)
     seen.clear()
     ro = text_rollout(env, policy, seed=0)
@@ -266,6 +265,21 @@ def test_a_model_with_more_logits_than_tokens_acts_with_every_id_it_can_sample(t
     kept = [tok.decode([i for i, m in zip(row, mask, strict=True) if m and i < len(tok)], skip_special_tokens=True)
             for row, mask in zip(ids, ro.action_mask.tolist(), strict=True)]
     assert sorted(seen) == sorted(kept)  # (the padded ids decode to nothing)
+    assert env.with_prompts(PROMPTS[:2]).vocab_size == 50
+    env.fit_vocabulary(40)
+    assert env.vocab_size == 50  # (never narrowed)
+
+    class TokenLevel:  # a token-level scorer (a reward model reading ids) is not handed the ids past the tokenizer's
+        token_level, most = True, 0
+
+        def __call__(self, ids, mask):
+            self.most = max(self.most, int(ids[mask.bool()].max()))
+            return mask.sum(1).float()
+
+    scorer = TokenLevel()
+    env = make_env(tok, B=6, T=12, scorer=scorer, vocab_size=len(tok) + 16)
+    ro = text_rollout(env, policy, seed=1)
+    assert (ro.input_ids[:, P:][ro.action_mask] >= len(tok)).any() and 0 < scorer.most < len(tok)
 
 
 @pytest.mark.parametrize(

@@ -220,9 +220,14 @@ def context_length_of(config: Any) -> int | None:
     return None
 
 
-def vocab_size_of(config: Any) -> int | None:
-    """A model config's number of logits (``vocab_size``), or None."""
-    value = getattr(config, "vocab_size", None)
+def vocab_size_of(model: Any) -> int | None:
+    """A causal LM's number of logits: its output embedding's rows, else its config's ``vocab_size`` (a config
+    that nests it, a partitioned ZeRO-3 weight); None when neither says."""
+    get = getattr(model, "get_output_embeddings", None)
+    weight = getattr(get() if callable(get) else None, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] > 0:
+        return int(weight.shape[0])
+    value = getattr(getattr(model, "config", None), "vocab_size", None)
     return value if isinstance(value, int) and value > 0 else None
 
 

@@ -125,7 +125,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False) -> tuple[EvalResult, Path]:
     env = gym.make_vec(env_id, num_envs=1, tokenizer=tokenizer, device=device, **env_kwargs).unwrapped
     if not isinstance(env, TextGenVectorEnv):
         raise TypeError(f"env: {env_id} is not a textrl text env (got {type(env).__name__})")
-    vocab = vocab_size_of(getattr(policy, "config", None))
+    vocab = vocab_size_of(policy)
     if vocab:  # (a model with more logits than tokens, Qwen2's: the ids between are actions too)
         env.fit_vocabulary(vocab)
     prompts = env.eval_prompts if cfg.split == "eval" else prompt_rows(env.prompts, env.columns)

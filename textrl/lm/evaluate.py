@@ -84,15 +84,17 @@ def summary_line(before: EvalResult | None, after: EvalResult) -> str:
     return line
 
 
-def decode_completions(tokenizer: Any, ro: TokenRollout) -> list[str]:
+def decode_completions(source: Any, ro: TokenRollout) -> list[str]:
     """Each row's response, decoded: the agent's tokens (special tokens skipped) of a single-turn episode; the
-    whole exchange after the prompt, the env's messages and the chat markup included, of a multi-turn one."""
+    whole exchange after the prompt, the env's messages and the chat markup included, of a multi-turn one.
+    ``source``: the text env (:meth:`~textrl.envs.text_gen.TextGenVectorEnv.decode`, which also reads the ids
+    past its tokenizer's as nothing) or a tokenizer."""
+    decode = source.decode if hasattr(source, "fit_vocabulary") else source.batch_decode
     tokens, mask = ro.tokens.cpu(), ro.action_mask.cpu()
     seen = ro.attention_mask[:, ro.response_start:].cpu().bool()
     if bool((seen & ~mask).any()):  # env tokens between turns
-        return tokenizer.batch_decode([t[m].tolist() for t, m in zip(tokens, seen, strict=True)])
-    return tokenizer.batch_decode([t[m].tolist() for t, m in zip(tokens, mask, strict=True)],
-                                  skip_special_tokens=True)
+        return decode([t[m].tolist() for t, m in zip(tokens, seen, strict=True)], skip_special_tokens=False)
+    return decode([t[m].tolist() for t, m in zip(tokens, mask, strict=True)], skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -101,7 +103,7 @@ def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, prompts:
                      progress: bool = False) -> EvalResult | None:
     """Answer every held-out prompt ``generations`` times with the causal LM ``policy`` (sequential order,
     sampling stream seeded ``seed + 12345``, rows of at most 64, envs made by the text env ``env``'s
-    ``with_prompts``, on its device, decoded with its tokenizer). A prompt's score is the mean of its answers; the result is the mean over prompts ± the
+    ``with_prompts``, on its device, decoded by it). A prompt's score is the mean of its answers; the result is the mean over prompts ± the
     standard error of that mean (prompts are the independent units); ``samples`` prompts keep their first answer.
 
     Data-parallel runs call it on every process: each takes a contiguous share of every chunk of rows (its
@@ -109,7 +111,7 @@ def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, prompts:
     one-process result. ``progress``: a progress bar over the answers."""
     if not prompts:
         return None
-    tokenizer, device, k = env.tokenizer, env.device, generations
+    device, k = env.device, generations
     rows = [p for p in prompts for _ in range(k)]
     per_prompt = torch.zeros(len(prompts), dtype=torch.float64)
     quoted, kl_sum, counts = [], 0.0, []
@@ -133,7 +135,7 @@ def evaluate_heldout(env: Any, policy: torch.nn.Module, reference: Any, prompts:
             episode = [dict(zip(ro.episode_stats, row, strict=True))
                       for row in zip(*(v.tolist() for v in ro.episode_stats.values()), strict=True)] \
                 if ro.episode_stats else [{}] * len(ro.scores)
-            mine = list(zip(ro.scores.tolist(), ro.kl.sum(1).tolist(), decode_completions(tokenizer, ro), episode,
+            mine = list(zip(ro.scores.tolist(), ro.kl.sum(1).tolist(), decode_completions(env, ro), episode,
                             strict=True))
         else:  # no rows here (a chunk smaller than the process count): keep the sampler in step
             TokenSampler(rng=rng, shard=shard).sync(0, device)

@@ -214,7 +214,7 @@ class LMRun(Run):
         self.envs = build_text_env(cfg, self.tokenizer, self.device, self.env_rows, self.shard, k, scorer,
                                    generation_eos_ids=[eos] if isinstance(eos, int) else list(eos or ()),
                                    context_length=context_length_of(getattr(self.policy.lm, "config", None)),
-                                   vocab_size=vocab_size_of(getattr(self.policy.lm, "config", None)))
+                                   vocab_size=vocab_size_of(self.policy.lm))
         self.base = self.envs.unwrapped
         cls.check_env(self.envs, agent_cfg)
         self.agent = cls(agent_cfg, self.policy, kl_coef=cfg.kl.coef if cls.kl_in == "loss" else 0.0)
