@@ -27,6 +27,8 @@
 #      of as many response columns, random weights of the 135M shape); logged into rollout.log;
 #      rollout: benchmarks/rollout_vs_generate.py on cuda in bf16 (textrl's env rollout with the sequence
 #      reference pass vs `generate` + reference forward, random weights of the 135M and 1.7B shapes);
+#      kl_bias: benchmarks/bf16_kl.py on cuda (does sampling in bf16 bias the k1 KL? policy = reference, random
+#      weights of the Qwen2-0.5B shape, fp32 then bf16, the decoder `auto` picks); logged into rollout.log;
 #   4. train_lora, train_full: `textrl train` end to end on cuda (random-weight 135M shape, LoRA r16; then
 #      full fine-tuning with bf16 autocast): seconds per update, tokens/s, peak GPU memory (OUT/figures.md);
 #      train_lora_1.7b: LoRA on the 1.7B shape (the four models of RLHF in one copy);
@@ -36,7 +38,7 @@
 #      completions through half as many env rows and KV-cache rows; `device: auto`'s compiled decoder);
 #   5. ppo_vs_trl: benchmarks/ppo_vs_trl.py on cuda (textrl PPO vs TRL's PPOTrainer, same random weights);
 #   and writes OUT/summary.md (OUT defaults to $OUT, else gpu_check_out/). STEP names pick steps (default:
-#   tests decoders train_lora, about 9 minutes; continuous, multi_turn, rollout, train_full, ppo_vs_trl,
+#   tests decoders train_lora, about 9 minutes; continuous, multi_turn, rollout, kl_bias, train_full, ppo_vs_trl,
 #   train_lora_1.7b, train_multi_turn and train_slots run only when named: each is 1-2 minutes more). The tests read the SmolLM2 tokenizer from .gpu (TEXTRL_TEST_SMOLLM2_TOKENIZER).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -95,7 +97,7 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to OUT/NAME.lo
   [[ " $STEPS " == *" $name "* ]] || return 0
   local start=$SECONDS log="$OUT/$name.log"
   [[ $name == train_* ]] && log="$OUT/train.log"  # one file for the train runs: 8 files come back at most
-  [[ $name == multi_turn || $name == decoders || $name == continuous ]] && log="$OUT/rollout.log"
+  [[ $name == multi_turn || $name == decoders || $name == continuous || $name == kl_bias ]] && log="$OUT/rollout.log"
   echo "== $name (limit ${limit}s)" | tee -a "$log"
   timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
@@ -121,7 +123,7 @@ run() {
   local rows=64 tokens=64 lengths=(${GPU_CHECK_LENGTHS:-128 256}) dtype=bf16 xdist=(-n 12) small_env=""
   local tests=(tests/test_fast_decoding.py tests/test_continuous_batching.py tests/test_generate.py tests)
   local turn=(--turns 4 --turn-tokens 16) qwen05="$GPU_DIR/qwen2-0.5b-shape" qwen15="$GPU_DIR/qwen2-1.5b-shape"
-  local updates=6 game_updates=3
+  local updates=6 game_updates=3 kl_model="$GPU_DIR/qwen2-0.5b-shape"
   # (--variable 0: random weights almost never sample EOS, so their lengths do not vary)
   local decoders=(--batch 64 256 --lengths 256 --variable 0 --growing 512 --models "random:$qwen05" "random:$qwen15")
   # continuous batching: EOS forced at a rate whose mean length over the limit (0.6) is about the default task's
@@ -132,7 +134,7 @@ run() {
               --baselines generate --variable-runs generate dynamic kept static continuous continuous-static)
     continuous=(--batch 4 --variable 8 --episodes 8 --eos-rate 0.2 --models "random:$GPU_DIR/tiny" --decoders
                 --baselines --variable-runs generate continuous-static)
-    shape135="$GPU_DIR/tiny"
+    shape135="$GPU_DIR/tiny"; kl_model="$GPU_DIR/tiny"
     rows=4; tokens=8; lengths=(8); tests=(tests/test_generate.py); shape17="$shape135"; dtype=fp32; xdist=()
     turn=(--turns 2 --turn-tokens 4); updates=3; game_updates=2
     small_env=", eval_prompts: ['Say hi.', 'Name a colour.']"
@@ -177,6 +179,9 @@ print('GPU:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else No
 
   step rollout 100 $py benchmarks/rollout_vs_generate.py --device "$dev" --dtype $dtype --batch $rows \
     --lengths "${lengths[@]}" --reps 1 --reference-pass sequence --models "random:$shape135" "random:$shape17"
+
+  step kl_bias 90 $py benchmarks/bf16_kl.py --device "$dev" --model "random:$kl_model" --tokenizer "$shape135" \
+    --rows $rows --tokens $tokens --reps 2
 
   # random-weight checkpoints of the shapes for `textrl train` (it loads models with from_pretrained)
   save_random() {
@@ -226,6 +231,8 @@ EOF
     [[ -f "$OUT/rollout.log" ]] && { echo "## Rollouts: textrl's decoders and generate ($dtype)"; grep -E "^\||^prefill|^step bound|^variable lengths|fell back" "$OUT/rollout.log"; echo; }
     [[ -f "$OUT/rollout.log" ]] && { echo "## Multi-turn vs single-turn rollout ($dtype, batch $rows)"
       grep -E "^(model|\(a\)|\(b\))" "$OUT/rollout.log"; echo; }
+    [[ -f "$OUT/rollout.log" ]] && { echo "## Sampling in bf16 and the KL (policy = reference: the true KL is 0)"
+      grep -E "^\| (dtype|fp32|bf16) \|" "$OUT/rollout.log"; echo; }
     echo "## textrl train on $dev (random-weight SmolLM2 shapes, $rows rows x $tokens tokens; lora: r16, fp32;"
     echo "full: full fine-tuning with bf16 autocast; PPO defaults: 4 epochs x 4 minibatches)"
     echo "| run | updates | collect (s, median) | update (s, median) | agent tokens/s | peak GPU MiB |"
@@ -241,7 +248,7 @@ dry_run() {  # the steps on this machine's CPU, tiny sizes, the shapes in a temp
   GPU_DIR="$(mktemp -d)"
   shapes "${PYTHON:-.venv/bin/python}" > /dev/null
   GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 run "${1:-${OUT:-gpu_check_out}}" tests decoders continuous multi_turn rollout \
-    train_lora train_full train_multi_turn train_slots ${GPU_CHECK_DRY_EXTRA:-}
+    kl_bias train_lora train_full train_multi_turn train_slots ${GPU_CHECK_DRY_EXTRA:-}
   rm -rf "$GPU_DIR"
 }
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"tests", "decoders", "continuous", "multi_turn", "rollout", "train_lora", "train_full",
+STEPS = {"tests", "decoders", "continuous", "multi_turn", "rollout", "kl_bias", "train_lora", "train_full",
          "train_multi_turn", "train_slots"}
 
 
@@ -28,6 +28,7 @@ def test_the_gpu_check_dry_run_runs_its_steps_and_writes_its_summary(tmp_path):
     assert "| 4 | 8 | textrl continuous, static (4 slots) |" in summary  # the static cache through slots, twice
     assert "EOS at a rate of 0.2 per step" in summary  # the continuous step (random weights stop at that rate)
     assert "prefill of 8 rows" in summary and "passed" in summary  # the shared-prefix ratio; the tests ran
+    assert "| fp32 | " in summary and "| bf16 | " in summary  # sampling in bf16 and the KL
     figures = (tmp_path / "figures.md").read_text().splitlines()
     assert len(figures) == 4 and all(line.startswith("| ") for line in figures), figures  # the 4 train runs
 
