@@ -133,9 +133,8 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self.stop_token_ids = self._stop_ids(stop_token_ids, tokenizer)
         self.eos_token_id, self.pad_token_id = self._special_ids(tokenizer, pad_token_id, self.stop_token_ids)
         self._stop_tensor = torch.tensor(self.stop_token_ids, dtype=torch.long, device=self.device)
-        self.vocab_size = len(tokenizer)
-        if vocab_size is not None:
-            self.vocab_size = self._wider_vocabulary(vocab_size)
+        self.tokenizer_size = len(tokenizer)  # (ids from here to vocab_size are a model's extra logits' ones)
+        self.vocab_size = self.tokenizer_size if vocab_size is None else self._checked_vocabulary(vocab_size)
         self.prompts, self.columns = load_prompt_records(prompts)
         self.prompt_sampler = PromptSampler(len(self.prompts), num_envs, prompt_order, num_generations, shard)
         self._encode_prompts(max_prompt_tokens, context_length)
@@ -217,17 +216,18 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self._prompt_ids = self._prompt_ids.to(self.device)
         self._prompt_mask = self._prompt_mask.to(self.device)
 
-    def _wider_vocabulary(self, vocab_size: Any) -> int:
+    def _checked_vocabulary(self, vocab_size: Any) -> int:
+        """``vocab_size`` checked, and at least the tokenizer's."""
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
             raise ValueError(f"vocab_size must be a positive integer (the policy's number of logits), got {vocab_size!r}")
-        return max(len(self.tokenizer), vocab_size)
+        return max(self.tokenizer_size, vocab_size)
 
     def fit_vocabulary(self, vocab_size: int) -> None:
         """Take every id below ``vocab_size`` (the policy's number of logits) as an action where the model's
         output is wider than the tokenizer: Qwen2's 151,936 logits for 151,665 tokens. A sampled id in between is
         then a token that decodes to nothing, not an error. ``textrl train`` and ``textrl eval`` call it with the
         policy's number of logits (also the ``vocab_size`` argument); it never narrows the actions."""
-        self.vocab_size = max(self.vocab_size, self._wider_vocabulary(vocab_size))
+        self.vocab_size = max(self.vocab_size, self._checked_vocabulary(vocab_size))
         self._make_spaces()
 
     def _make_spaces(self) -> None:
@@ -331,7 +331,7 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         if outside.any():  # one host sync per step
             bad = tokens[outside][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size}): a model with more logits "
-                             f"than its tokenizer has tokens needs vocab_size=its config.vocab_size (textrl train and "
+                             f"than its tokenizer has tokens needs vocab_size=its number of logits (textrl train and "
                              f"eval pass it)")
         return tokens
 
@@ -366,8 +366,8 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
     def decode(self, rows: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
         """The texts of token id lists (the tokenizer's ``batch_decode``); ids past the tokenizer's (a model with
         more logits than tokens: :meth:`fit_vocabulary`) are nothing, whatever the tokenizer does with them."""
-        if self.vocab_size > len(self.tokenizer):
-            n = len(self.tokenizer)
+        if self.vocab_size > self.tokenizer_size:
+            n = self.tokenizer_size
             rows = [[i for i in row if i < n] for row in rows]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
 
@@ -380,8 +380,8 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
     def _score(self, rows: torch.Tensor) -> torch.Tensor:
         if isinstance(self.scorer, TokenScorer) and getattr(self.scorer, "token_level", False):
             ids, mask = self.input_ids[rows], self.attention_mask[rows]
-            if self.vocab_size > len(self.tokenizer):  # ids past the tokenizer's are nothing, as in the texts
-                past = ids >= len(self.tokenizer)
+            if self.vocab_size > self.tokenizer_size:  # ids past the tokenizer's are nothing, as in the texts
+                past = ids >= self.tokenizer_size
                 ids, mask = ids.masked_fill(past, self.pad_token_id), mask.masked_fill(past, 0)
             raw = self.scorer(ids, mask)
         else:

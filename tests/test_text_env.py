@@ -231,7 +231,7 @@ def test_bad_construction(tok, kwargs, match):
 @pytest.mark.parametrize(
     "action, match",
     [
-        (torch.tensor([0, 1, 2, 999]), "token id 999 is outside the vocabulary \\[0, 34\\).*vocab_size=its config"),
+        (torch.tensor([0, 1, 2, 999]), "token id 999 is outside the vocabulary \\[0, 34\\).*vocab_size=its number of logits"),
         (torch.tensor([0, 1, -1, 2]), "token id -1"),
         (torch.tensor([1, 2]), "shape \\(4,\\)"),
         (torch.tensor([1.0, 2.0, 3.0, 4.0]), "integer token ids"),

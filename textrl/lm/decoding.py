@@ -240,20 +240,22 @@ class Prefix:
             return None
         if n == self.width:
             return self
-        cache = DynamicCache()  # (a full-attention layer's first n columns are the cache of the first n tokens)
-        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
-        return Prefix(self.tokens[:n], cache)
+        # (a full-attention layer's first n columns are the cache of the first n tokens)
+        return Prefix(self.tokens[:n], _viewed(self.cache, lambda t: t[..., :n, :]))
 
     def expanded(self, rows: int) -> DynamicCache:
         """A cache whose every row starts with this prefix's keys and values: views (the forward's first append
         copies them into each row), in layers of its own (this one stays as it is, to be used again)."""
-        cache = DynamicCache()
-        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
-        return cache
+        return _viewed(self.cache, lambda t: t.expand(rows, -1, -1, -1))
+
+
+def _viewed(cache: DynamicCache, view: Any) -> DynamicCache:
+    """A cache of its own whose layers hold ``view(tensor)`` of ``cache``'s keys and values (``cache`` unchanged)."""
+    out = DynamicCache()
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in out.layers:
+        layer.keys, layer.values = view(layer.keys), view(layer.values)
+    return out
 
 
 def encode_prefix(model: Any, cache_kwarg_name: str, tokens: torch.Tensor) -> Prefix | None:
